@@ -1,0 +1,226 @@
+"""Shared benchmark harness: timing, memory, environment stamp, CSV results, plots.
+
+Every benchmark in ``bench/`` uses it so that results are comparable and land in one format:
+one CSV row per (benchmark, case, competitor, mode), stamped with the device, driver, torch and
+triton versions, the commit and the date.
+
+Timing rules: CUDA events through ``triton.testing.do_bench`` (warm-up first, median of the
+repeats, L2 flushed between repeats); compile happens in the warm-up, never in the timed part;
+inputs are random, never zeros.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Result:
+    bench: str  # which benchmark script, e.g. "attention"
+    case: str  # the shape/config, e.g. "global-4096 B8 h12 d64 bf16"
+    impl: str  # the competitor, e.g. "triton", "sdpa-bias", "flex"
+    mode: str  # "fwd", "bwd", "fwd+bwd"
+    ms: Optional[float] = None  # median time per call, milliseconds
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    peak_mem_mb: Optional[float] = None  # peak allocated during one call, above the inputs
+    status: str = "ok"  # "ok", or "skipped: <reason>", or "failed: <error>"
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+            stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment() -> Dict[str, str]:
+    """The stamp each result row carries."""
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+        "driver": "",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda or ""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            env["driver"] = drv.decode() if isinstance(drv, bytes) else drv
+        except Exception:
+            env["driver"] = "unknown (nvidia-ml-py missing)"
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return env
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of ``fn()``: device events on CUDA, wall clock elsewhere."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up (and compile, if any)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Peak CUDA memory allocated by one call above what was live before it (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(bench: str, case: str, impl: str, mode: str, fn: Optional[Callable[[], object]],
+             flops: Optional[float] = None, bytes_moved: Optional[float] = None,
+             skip_reason: Optional[str] = None, **extra) -> Result:
+    """Time one competitor; a missing competitor is a row with its reason, never a silent gap."""
+    r = Result(bench=bench, case=case, impl=impl, mode=mode, extra=dict(extra))
+    if skip_reason is not None or fn is None:
+        r.status = f"skipped: {skip_reason or 'not available'}"
+        return r
+    try:
+        r.ms = bench_ms(fn)
+        r.peak_mem_mb = peak_memory_mb(fn)
+    except torch.cuda.OutOfMemoryError:
+        r.status = "failed: out of memory"
+        torch.cuda.empty_cache()
+        return r
+    except Exception as e:  # a competitor that breaks is reported, not fatal to the table
+        r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return r
+    if flops is not None:
+        r.tflops = flops / (r.ms * 1e-3) / 1e12
+    if bytes_moved is not None:
+        r.gbps = bytes_moved / (r.ms * 1e-3) / 1e9
+    return r
+
+
+CSV_FIELDS = ["date", "commit", "device", "driver", "torch", "triton", "bench", "case", "impl",
+              "mode", "ms", "tflops", "gbps", "peak_mem_mb", "status", "extra"]
+
+
+def append_csv(results: Iterable[Result], path: Optional[str] = None) -> str:
+    """Append rows (with the environment stamp) to ``bench/results/<bench>.csv``."""
+    results = list(results)
+    if not results:
+        raise ValueError("append_csv: no results to write")
+    path = path or os.path.join(RESULTS_DIR, f"{results[0].bench}.csv")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    env = environment()
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in results:
+            row = {**env, **asdict(r)}
+            row["extra"] = ";".join(f"{k}={v}" for k, v in r.extra.items())
+            for k in ("ms", "tflops", "gbps", "peak_mem_mb"):
+                if row[k] is not None:
+                    row[k] = f"{row[k]:.4g}"
+            w.writerow(row)
+    return path
+
+
+def read_csv(path: str) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def format_table(results: Iterable[Result], baseline: Optional[str] = None) -> str:
+    """A plain-text table; with ``baseline``, a column of speed-up over that impl per case/mode."""
+    results = list(results)
+    base = {(r.case, r.mode): r.ms for r in results if r.impl == baseline and r.ms}
+    header = ["case", "mode", "impl", "ms", "TFLOP/s", "GB/s", "peak MB", "speed-up" if baseline else "", "status"]
+    rows = []
+    for r in results:
+        b = base.get((r.case, r.mode))
+        rows.append([
+            r.case, r.mode, r.impl,
+            f"{r.ms:.3f}" if r.ms else "-",
+            f"{r.tflops:.1f}" if r.tflops else "-",
+            f"{r.gbps:.0f}" if r.gbps else "-",
+            f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-",
+            f"{b / r.ms:.2f}x" if (b and r.ms and baseline) else "",
+            r.status,
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plot_csv(path: str, out_png: Optional[str] = None, metric: str = "ms", last_commit_only: bool = True) -> Optional[str]:
+    """Bar chart of ``metric`` per case and impl from a results CSV (latest commit by default)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in read_csv(path) if r["status"] == "ok" and r[metric]]
+    if not rows:
+        return None
+    if last_commit_only:
+        last = rows[-1]["date"]
+        rows = [r for r in rows if r["date"] == last]
+    cases = list(dict.fromkeys(f"{r['case']} {r['mode']}" for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) * max(1, len(impls)) / 3), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for j, impl in enumerate(impls):
+        vals = {f"{r['case']} {r['mode']}": float(r[metric]) for r in rows if r["impl"] == impl}
+        xs = [i + j * width for i, c in enumerate(cases) if c in vals]
+        ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{rows[0]['bench']} on {rows[0]['device']} ({rows[0]['commit']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = out_png or path.rsplit(".", 1)[0] + f"_{metric}.png"
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,88 @@
+"""Build for fastsamclip.
+
+``kernels/`` is installed as ``fastsamclip.kernels`` (package_dir mapping; works for regular and
+editable installs). CUDA C++ sources in ``kernels/csrc/*.cu`` are built by ``CMakeLists.txt``
+into a torch-free shared library when ``nvcc`` and ``cmake`` are found; set
+``FASTSAMCLIP_NO_CUDA=1`` to skip that step (the same functions then run in plain torch).
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_sources():
+    return sorted(glob.glob(os.path.join(HERE, "kernels", "csrc", "*.cu")))
+
+
+class BuildWithCMake(build_py):
+    """Run CMake for the CUDA part, then the ordinary Python build."""
+
+    def run(self):
+        super().run()
+        self._build_cuda()
+
+    def _build_cuda(self):
+        if os.environ.get("FASTSAMCLIP_NO_CUDA", "0") == "1":
+            print("fastsamclip: FASTSAMCLIP_NO_CUDA=1, skipping the CUDA C++ build")
+            return
+        if not _cuda_sources():
+            return
+        nvcc, cmake = shutil.which("nvcc"), shutil.which("cmake")
+        if nvcc is None or cmake is None:
+            print(f"fastsamclip: CUDA C++ build skipped (nvcc: {nvcc}, cmake: {cmake}); "
+                  "plain-torch fallbacks will be used")
+            return
+        build_dir = os.path.join(HERE, "build", "cmake")
+        out_dir = os.path.join(HERE, "kernels", "lib")
+        os.makedirs(build_dir, exist_ok=True)
+        subprocess.check_call([cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                               f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DFASTSAMCLIP_LIB_DIR={out_dir}"])
+        subprocess.check_call([cmake, "--build", build_dir, "-j", str(os.cpu_count() or 2)])
+        # Regular installs: copy the built library next to the installed kernels package.
+        target = os.path.join(self.build_lib, "fastsamclip", "kernels", "lib")
+        if os.path.isdir(out_dir) and not self.editable_mode:
+            shutil.copytree(out_dir, target, dirs_exist_ok=True)
+
+
+setup(
+    name="fastsamclip",
+    version="0.1.0",
+    description="SAM-CLIP (one ViT for promptable masks and image-text semantics) with fused "
+    "Triton attention and distillation kernels",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastsamclip", "fastsamclip.modeling", "fastsamclip.kernels", "fastsamclip.bench"],
+    package_dir={"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels",
+                 "fastsamclip.bench": "bench"},
+    package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"]},
+    install_requires=[
+        "torch>=2.5",
+        "torchvision",
+        "numpy",
+        "pillow",
+        "packaging",
+        "safetensors>=0.4",
+        "open_clip_torch>=2.24",
+        "segment-anything>=1.0",
+        "scikit-image",
+        "tqdm",
+    ],
+    extras_require={
+        "train": ["webdataset>=0.2", "pycocotools", "tensorboard"],
+        "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib"],
+        # Optional baselines for the kernel benchmarks; both need a CUDA torch.
+        "baselines": ["xformers", "flash-attn"],
+    },
+    entry_points={"console_scripts": ["fastsamclip=fastsamclip.cli:main"]},
+    cmdclass={"build_py": BuildWithCMake},
+)
