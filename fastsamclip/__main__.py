@@ -1,0 +1,5 @@
+import sys
+
+from fastsamclip.cli import main
+
+sys.exit(main())
