@@ -81,13 +81,14 @@ class SkipCounter(Counter):
     :meth:`log_summary` reports the totals, e.g. at the end of an epoch.
     """
 
-    def __init__(self, source: str = ""):
+    def __init__(self, source: str = "", quiet: bool = False):
         super().__init__()
         self.source = source  # the data path, named in the warnings
+        self.quiet = quiet  # count without logging (start-up probes report through their error)
 
     def record(self, reason: str, item: str, detail: str = "") -> None:
         self[reason] += 1
-        if self[reason] == 1:
+        if self[reason] == 1 and not self.quiet:
             logger.warning(
                 "%s: skipped %s (%s%s); running count: %d for this reason, %d in total. "
                 "Further '%s' skips are counted in .skipped without a warning.",
@@ -99,7 +100,7 @@ class SkipCounter(Counter):
             logger.warning("%s: skipped samples so far: %s", self.source, dict(self))
 
     def __reduce__(self):  # keep `source` when pickled into DataLoader workers
-        return (self.__class__, (self.source,), None, None, iter(self.items()))
+        return (self.__class__, (self.source, self.quiet), None, None, iter(self.items()))
 
 
 def _decode_rgb(data: bytes | str | os.PathLike) -> Image.Image:
@@ -154,7 +155,8 @@ class ClipImageFolder(Dataset):
     ``key`` is the path relative to ``root`` without extension. ``dataset[i]`` returns ``None``
     for an unreadable file (counted in ``skipped``); :func:`collate_clip` drops those.
     ``dataset[(i, r)]`` returns ``(key, image, r)``: the form :class:`MultiResolutionBatchSampler`
-    asks for, so the collate knows the batch's resolution.
+    asks for, so the collate knows the batch's resolution; an unreadable file then gives
+    ``(key, None, r)``, so that even a batch of only unreadable files still names its resolution.
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
@@ -194,13 +196,13 @@ class ClipImageFolder(Dataset):
         if isinstance(index, tuple):
             index, res = index
         image = self.load(index)
-        if image is None:
-            return None
-        return (self.key(index), image) if res is None else (self.key(index), image, res)
+        if res is not None:
+            return self.key(index), image, res
+        return None if image is None else (self.key(index), image)
 
     def validate(self, probe_samples: int = 8) -> int:
         """Decode the first ``probe_samples`` files; raise if none is readable. Returns the count read."""
-        probe = SkipCounter(self.root + " (probe)")
+        probe = SkipCounter(self.root + " (probe)", quiet=True)
         ok = sum(self.load(i, probe) is not None for i in range(min(probe_samples, len(self))))
         if ok == 0:
             raise RuntimeError(
@@ -289,7 +291,8 @@ class ClipWebDataset(IterableDataset):
         where = f"{sample.get('__url__', '?')}:{key}"
         suffix = next((s for s in WDS_IMAGE_SUFFIXES if s in sample), None)
         if suffix is None:
-            skipped.record("missing_image", where, f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+            members = sorted(k for k in sample if not k.startswith("__"))
+            skipped.record("missing_image", where, f"members: {members}")
             return None
         try:
             return _decode_rgb(sample[suffix])
@@ -314,7 +317,7 @@ class ClipWebDataset(IterableDataset):
 
     def validate(self, probe_samples: int = 8) -> int:
         """Read the first ``probe_samples`` records of the first shard(s); raise if none decodes."""
-        probe = SkipCounter(self.spec + " (probe)")
+        probe = SkipCounter(self.spec + " (probe)", quiet=True)
         ok = seen = 0
         samples = self._raw_samples(self.shards, probe)
         for sample in samples:
@@ -702,8 +705,8 @@ class SA1BDataset(Dataset):
             try:
                 m = decode_rle(ann["segmentation"], shape)
             except (KeyError, TypeError, ValueError) as e:
-                skipped.record("bad_rle", f"{jpath} annotation {ann.get('id', j) if isinstance(ann, dict) else j}",
-                               repr(e)[:200])
+                ann_id = ann.get("id", j) if isinstance(ann, dict) else j
+                skipped.record("bad_rle", f"{jpath} annotation {ann_id}", repr(e)[:200])
                 continue
             if m.any():  # an empty mask has no box and no point to prompt with
                 masks.append(m)
@@ -736,7 +739,7 @@ class SA1BDataset(Dataset):
 
     def validate(self, probe_samples: int = 16) -> int:
         """Load up to ``probe_samples`` images until one has masks; raise naming the folder if none."""
-        probe = SkipCounter(self.root + " (probe)")
+        probe = SkipCounter(self.root + " (probe)", quiet=True)
         n = min(probe_samples, len(self))
         for i in range(n):
             if self.load_raw(i, probe) is not None:
@@ -858,12 +861,14 @@ class MultiResolutionBatchSampler(torch.utils.data.Sampler):
                 "seed": self.config.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("num_samples", "world_size", "seed"):
-            if state[name] != getattr(self, name, None if name != "seed" else self.config.seed):
+        mine = {"num_samples": self.num_samples, "world_size": self.world_size,
+                "seed": self.config.seed}
+        for name, value in mine.items():
+            if state[name] != value:  # the plan depends on all three; another one is another run
                 raise ValueError(
                     f"cannot resume exactly: the saved sampler had {name}={state[name]}, this one "
-                    f"has {getattr(self, name, self.config.seed)}; resume with the same dataset, "
-                    "world size and seed, or start a fresh epoch")
+                    f"has {value}; resume with the same dataset, world size and seed, or start a "
+                    "fresh epoch")
         self.epoch, self._start, self._position = state["epoch"], state["batch_index"], state["batch_index"]
 
 
@@ -891,6 +896,11 @@ class MultiResolutionBatcher(IterableDataset):
     batch index, so the remaining batches equal the uninterrupted run's. The count lives in the
     process that iterates: iterate in the training process (DataLoader ``num_workers=0``), or
     give each worker its own batcher state.
+
+    DDP: batch k has the same resolution on every rank, but ranks read different shards and may
+    reach the end of their stream at different batch counts; write shards of equal size or stop
+    every rank at the smallest count (an all-reduce of "has a batch"), else the last collective
+    waits forever.
     """
 
     def __init__(self, source: ClipWebDataset, config: MultiResolutionConfig | None = None,
@@ -937,7 +947,8 @@ class MultiResolutionBatcher(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.config.seed:
             raise ValueError(f"cannot resume exactly: saved seed {state['seed']} != {self.config.seed}")
-        self.epoch, self._consumed, self._batches = state["epoch"], state["samples_consumed"], state["batches"]
+        self.epoch = state["epoch"]
+        self._consumed, self._batches = state["samples_consumed"], state["batches"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,19 +958,20 @@ class MultiResolutionBatcher(IterableDataset):
 
 def collate_clip(samples: Sequence, resolution: int | None = None,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """List of ``(key, image)`` or ``(key, image, r)`` (``None`` = skipped) -> (B, 3, r, r) float32.
+    """List of ``(key, image)`` or ``(key, image, r)`` -> (B, 3, r, r) float32.
 
-    ``resolution`` defaults to the ``r`` carried by the samples (what
-    :class:`MultiResolutionBatchSampler` gives :class:`ClipImageFolder`). B counts the readable
-    samples only; it can be 0 when a whole batch was unreadable.
+    A sample that is ``None`` or has image ``None`` was unreadable and is dropped, so B counts
+    the readable samples only; it is 0 when a whole batch was unreadable (the training loop
+    should skip such a batch). ``resolution`` defaults to the ``r`` carried by the samples (what
+    :class:`MultiResolutionBatchSampler` gives :class:`ClipImageFolder`).
     """
-    good = [s for s in samples if s is not None]
     if resolution is None:
-        rs = {s[2] for s in good if len(s) > 2}
+        rs = {s[2] for s in samples if s is not None and len(s) > 2}
         if len(rs) != 1:
             raise ValueError(f"collate_clip needs one resolution for the batch; samples carry {rs or 'none'}"
                              " (pass resolution= or index the dataset with (index, resolution))")
         resolution = rs.pop()
+    good = [s for s in samples if s is not None and s[1] is not None]
     if not good:
         return torch.zeros(0, 3, resolution, resolution)
     return torch.stack([preprocess_clip_image(s[1], resolution, mean, std) for s in good])
@@ -1036,7 +1048,7 @@ def load_sample_images(names: Sequence[str] = SAMPLE_IMAGE_NAMES, max_side: int 
         a = np.ascontiguousarray(a[:, :, :3].astype(np.uint8))
         if max_side is not None and max(a.shape[:2]) > max_side:
             h, w = get_preprocess_shape(*a.shape[:2], max_side)
-            a = np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR))
+            a = np.array(Image.fromarray(a).resize((w, h), Image.BILINEAR))  # writable copy
         out[name] = a
     return out
 
