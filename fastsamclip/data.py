@@ -37,6 +37,7 @@ Conventions (all written down here because the paper is silent on them):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,16 +54,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+# The normalisation constants live with the teachers they belong to (SAM's in 0..255 units,
+# OpenAI CLIP's in 0..1 units); re-exported here as the preprocessing defaults.
+from fastsamclip.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
 logger = logging.getLogger(__name__)
 
-# SAM's image normalisation (segment_anything/modeling/sam.py), in 0..255 units.
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 SAM_IMAGE_SIZE = 1024  # SAM's input side (ResizeLongestSide target and pad size)
 SAM_LOWRES_SIZE = 256  # side of the mask decoder's low-resolution logits
-# OpenAI CLIP's normalisation (also open_clip's OPENAI_DATASET_MEAN / STD), in 0..1 units.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Member suffixes img2dataset may use for the image, in order of preference.
 WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -121,6 +120,12 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 # ---------------------------------------------------------------------------------------------
 
 
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker running this code; (0, 1) outside one."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
 
@@ -128,14 +133,15 @@ def _is_local(url: str) -> bool:
 def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
     """Expand a brace shard spec (``/data/cc3m/{00000..00099}.tar``) into existing shard paths.
 
-    Uses webdataset's expansion (``::`` separates several specs, braces via braceexpand).
-    Local paths that do not exist are dropped with one warning; remote URLs (``s3://``,
-    ``pipe:``) cannot be checked and are kept. Raises ``FileNotFoundError`` naming the spec if
-    nothing is left.
+    Uses webdataset's expansion (``::`` separates several specs, braces via braceexpand); a
+    list of specs is expanded element by element. Local paths that do not exist are dropped
+    with one warning; remote URLs (``s3://``, ``pipe:``) cannot be checked and are kept.
+    Raises ``FileNotFoundError`` naming the spec if nothing is left.
     """
     from webdataset.shardlists import expand_urls  # optional dependency (extra "train")
 
-    urls = list(spec) if not isinstance(spec, str) else expand_urls(spec)
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for s in specs for u in expand_urls(s)]
     kept = [u for u in urls if not _is_local(u) or os.path.isfile(u.removeprefix("file://"))]
     if not kept:
         raise FileNotFoundError(
@@ -248,17 +254,19 @@ class ClipWebDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shards_for_process(self) -> list[str]:
-        """This epoch's shards for this rank and DataLoader worker."""
+    def shards_for_process(self, worker: tuple[int, int] | None = None) -> list[str]:
+        """This epoch's shards for this rank and DataLoader worker.
+
+        ``worker``: (worker id, number of workers) whose share to give; default: the DataLoader
+        worker running this code ((0, 1) outside one).
+        """
         order = list(self.shards)
         if self.shuffle_shards:
             perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
             order = [order[i] for i in perm]
         mine = order[self.rank::self.world_size]
-        info = torch.utils.data.get_worker_info()
-        if info is not None and info.num_workers > 1:
-            mine = mine[info.id::info.num_workers]
-        return mine
+        worker, num_workers = _worker() if worker is None else worker
+        return mine[worker::num_workers]
 
     def _raw_samples(self, shards: list[str], skipped: SkipCounter) -> Iterator[dict]:
         from webdataset import tarfile_samples
@@ -269,11 +277,12 @@ class ClipWebDataset(IterableDataset):
 
         yield from tarfile_samples([dict(url=u) for u in shards], handler=handler)
 
-    def _shuffled(self, samples: Iterator[dict]) -> Iterator[dict]:
+    def _shuffled(self, samples: Iterator[dict], worker: int, pass_index: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        # Per rank, worker and pass: each process shuffles its own stream, reproducibly.
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, pass_index, 1])
         buf: list[dict] = []
         for s in samples:
             if len(buf) < self.shuffle_buffer:
@@ -300,15 +309,28 @@ class ClipWebDataset(IterableDataset):
             skipped.record("decode_error", where, repr(e))
             return None
 
-    def records(self, start: int = 0, skipped: SkipCounter | None = None
-                ) -> Iterator[tuple[str, Image.Image | None]]:
-        """Every record of this process's stream for the epoch, from record ``start`` on."""
+    def records(self, start: int = 0, skipped: SkipCounter | None = None, repeat: bool = False,
+                worker: tuple[int, int] | None = None) -> Iterator[tuple[str, Image.Image | None]]:
+        """Every record of this process's stream for the epoch, from record ``start`` on.
+
+        ``repeat``: after the last record start another pass over the same shards (shuffle
+        buffer reseeded per pass), endlessly; ``start`` then counts across passes. A process
+        whose shards hold no record at all ends after one pass even so. ``worker``: as in
+        :meth:`shards_for_process`.
+        """
         skipped = self.skipped if skipped is None else skipped
-        samples = self._shuffled(self._raw_samples(self.shards_for_process(), skipped))
-        for i, sample in enumerate(samples):
-            if i < start:  # resume: skip without decoding
-                continue
-            yield sample.get("__key__", "?"), self._decode(sample, skipped)
+        worker = _worker() if worker is None else worker
+        shards, i = self.shards_for_process(worker), 0
+        for pass_index in itertools.count():
+            in_pass = 0
+            for sample in self._shuffled(self._raw_samples(shards, skipped), worker[0], pass_index):
+                in_pass += 1
+                i += 1
+                if i <= start:  # resume: skip without decoding
+                    continue
+                yield sample.get("__key__", "?"), self._decode(sample, skipped)
+            if not repeat or in_pass == 0:
+                return
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
         for key, image in self.records():
@@ -568,8 +590,8 @@ def preprocess_sam_image(image, long_side: int = SAM_IMAGE_SIZE,
     return F.pad(x, (0, long_side - w, 0, long_side - h)), (h, w)
 
 
-def preprocess_clip_image(image, resolution: int, mean: Sequence[float] = CLIP_MEAN,
-                          std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def preprocess_clip_image(image, resolution: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                          std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
     """CLIP's convention: uint8 (H, W, 3) (numpy, torch or PIL) -> (3, r, r) float32.
 
     Resize the shortest side to ``r`` (bicubic on the PIL image, longest side
@@ -876,79 +898,149 @@ class MultiResolutionBatchSampler(torch.utils.data.Sampler):
 class ClipBatch:
     """A batch from :class:`MultiResolutionBatcher`."""
 
-    images: torch.Tensor  # (B, 3, r, r) float32, CLIP-normalised
+    images: torch.Tensor  # (B, 3, r, r) float32, CLIP-normalised; B = 0 when no record was readable
     keys: list[str]  # sample keys, B of them
     resolution: int  # r
-    batch_index: int  # index of this batch in the epoch (counts empty batches that were skipped)
+    batch_index: int  # global index of this batch in the epoch (r was drawn for it)
+    worker: int = 0  # stream that made it: batch indices worker, worker + num_workers, ... (0 in-process)
+    num_workers: int = 1  # DataLoader workers sharing this rank's stream (1 in-process)
+    records_end: int = 0  # records of that stream read once this batch was taken
+    worker_batches: int = 0  # batch indices that stream had used once this batch was taken
 
 
 class MultiResolutionBatcher(IterableDataset):
     """Groups a :class:`ClipWebDataset` stream into variable-size batches at per-batch resolutions.
 
-    Batch k of an epoch draws r (:meth:`MultiResolutionConfig.draw_resolution`), takes the next
-    ``batch_size(r)`` records of this process's stream and collates the readable ones
+    The stream counterpart of :class:`MultiResolutionBatchSampler`, with the same contract:
+    deterministic given (seed, epoch), disjoint across DDP ranks (the source splits shards by
+    rank), the same resolution for batch k on every rank, and an exact resume.
+
+    Batch k draws r (:meth:`MultiResolutionConfig.draw_resolution`), takes the next
+    ``batch_size(r)`` records of its process's stream and collates the readable ones
     (:func:`collate_clip`) into a :class:`ClipBatch`; a batch whose records are all unreadable is
-    not yielded (its index is still used). At the end of the stream the short batch is dropped
-    with ``drop_last``.
+    still yielded, with B = 0 (skip it in the training loop). Under a DataLoader with W workers,
+    worker w reads its own shards (:meth:`ClipWebDataset.shards_for_process`) and makes the
+    global batches w, w + W, w + 2W, ...; the DataLoader hands them out round-robin, i.e. in
+    batch-index order. Without ``batches_per_epoch`` the workers' streams end at different
+    points, after which the order of the remaining batches follows the DataLoader's scheduling
+    (the batches themselves do not change); give ``batches_per_epoch`` for a fixed order.
 
-    Resume: :meth:`state_dict` = (epoch, records consumed, batches); after
-    :meth:`load_state_dict` the stream restarts at that record (skipping without decoding) and
-    batch index, so the remaining batches equal the uninterrupted run's. The count lives in the
-    process that iterates: iterate in the training process (DataLoader ``num_workers=0``), or
-    give each worker its own batcher state.
+    Epoch length: by default a process's stream ending ends its epoch (``drop_last`` drops the
+    short final batch). Ranks reading different shards then end at different step counts and
+    the last DDP collective waits forever; ``batches_per_epoch=N`` instead gives exactly N
+    batches per rank and epoch, a stream that runs out starting another pass over its shards
+    (webdataset's ``repeat().with_epoch(N)`` idiom).
 
-    DDP: batch k has the same resolution on every rank, but ranks read different shards and may
-    reach the end of their stream at different batch counts; write shards of equal size or stop
-    every rank at the smallest count (an all-reduce of "has a batch"), else the last collective
-    waits forever.
+    Resume: :meth:`state_dict` holds, per worker, the records read and batch indices used;
+    after :meth:`load_state_dict` each stream restarts at that record (skipping without
+    decoding), so the remaining batches equal the uninterrupted run's. Iterated in the training
+    process the position follows the iteration; with DataLoader workers the main process cannot
+    see the workers' copies, so call :meth:`mark_consumed` on every batch the loop finishes, and
+    resume with the same number of workers (the shard split depends on it). Workers must not be
+    persistent (``persistent_workers=False``), or they keep the state of the epoch they started in.
     """
 
     def __init__(self, source: ClipWebDataset, config: MultiResolutionConfig | None = None,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
+                 batches_per_epoch: int | None = None):
+        if batches_per_epoch is not None and batches_per_epoch <= 0:
+            raise ValueError(f"batches_per_epoch must be positive or None, got {batches_per_epoch}")
         self.source = source
         self.config = config or MultiResolutionConfig()
-        self.mean, self.std = mean, std
+        self.mean, self.std = mean, std  # CLIP normalisation (0..1 units) of the student's teacher
+        # Exact batches per rank and epoch (None: until the stream ends).
+        self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
-        self._consumed = 0  # records of this epoch's stream consumed so far
-        self._batches = 0  # batch indices of this epoch used so far
+        self._num_workers: int | None = None  # workers of the run the positions belong to (None: no progress)
+        self._positions: list[tuple[int, int]] = []  # per worker: (records read, batch indices used)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self._consumed, self._batches = epoch, 0, 0
+            self.epoch, self._num_workers, self._positions = epoch, None, []
+
+    def _check_workers(self, num_workers: int) -> None:
+        if self._num_workers is not None and self._num_workers != num_workers:
+            raise ValueError(
+                f"cannot resume exactly: the saved position is for {self._num_workers} DataLoader "
+                f"worker(s), this run uses {num_workers}; each worker reads its own shards, so use "
+                f"num_workers={self._num_workers if self._num_workers > 1 else 0}, or start a fresh epoch")
+
+    def _advance(self, worker: int, num_workers: int, records: int, batches: int) -> None:
+        self._check_workers(num_workers)
+        if self._num_workers is None:
+            self._num_workers, self._positions = num_workers, [(0, 0)] * num_workers
+        self._positions[worker] = (records, batches)
+
+    def _stream_for(self, physical: int, num_workers: int) -> tuple[int, int, int]:
+        """(stream, records read, batches used) that DataLoader worker ``physical`` continues.
+
+        Streams are numbered by the batch indices they make (stream w: w, w + W, ...). A fresh
+        epoch maps worker p to stream p. On resume the DataLoader again starts with worker 0,
+        so worker p takes the stream with the p-th smallest next batch index: the round-robin
+        then continues the uninterrupted run's order.
+        """
+        self._check_workers(num_workers)
+        if self._num_workers is None:
+            return physical, 0, 0
+        pos = self._positions
+        order = sorted(range(num_workers), key=lambda w: pos[w][1] * num_workers + w)
+        w = order[physical]
+        return w, pos[w][0], pos[w][1]
 
     def __iter__(self) -> Iterator[ClipBatch]:
+        physical, num_workers = _worker()
+        w, consumed, local = self._stream_for(physical, num_workers)
         self.source.set_epoch(self.epoch)
-        stream = self.source.records(start=self._consumed)
-        done = False
-        while not done:
-            res = self.config.draw_resolution(self.epoch, self._batches)
+        repeat = self.batches_per_epoch is not None
+        limit = None if not repeat else len(range(w, self.batches_per_epoch, num_workers))
+        if repeat and limit and not self.source.shards_for_process((w, num_workers)):
+            raise ValueError(
+                f"rank {self.source.rank}, DataLoader worker {w} of {num_workers} has no shard "
+                f"of {len(self.source.shards)} to read, so it cannot make its share of the "
+                f"{self.batches_per_epoch} batches; use fewer workers or more, smaller shards")
+        stream = self.source.records(start=consumed, repeat=repeat, worker=(w, num_workers))
+        while limit is None or local < limit:
+            k = local * num_workers + w  # global batch index (round-robin over workers)
+            res = self.config.draw_resolution(self.epoch, k)
             want = self.config.batch_size(res)
-            got = []
-            for _ in range(want):
-                item = next(stream, None)
-                if item is None:
-                    done = True
-                    break
-                got.append(item)
-            if not got or (done and len(got) < want and self.config.drop_last):
+            got = list(itertools.islice(stream, want))
+            if not got or (len(got) < want and self.config.drop_last):
+                if limit is not None:  # only an empty stream ends a repeating one
+                    logger.warning("%s: rank %d worker %d ran out of records after %d of its %d "
+                                   "batches; this rank's epoch is short", self.source.spec,
+                                   self.source.rank, w, local, limit)
                 return
-            self._consumed += len(got)
-            self._batches += 1
-            good = [(k, im) for k, im in got if im is not None]
-            if good:
-                yield ClipBatch(images=collate_clip(good, res, self.mean, self.std),
-                                keys=[k for k, _ in good], resolution=res,
-                                batch_index=self._batches - 1)
+            consumed, local = consumed + len(got), local + 1
+            self._advance(w, num_workers, consumed, local)
+            # Yielded even when every record was unreadable (B = 0): a DataLoader's round-robin
+            # over workers stays in batch-index order only if every index yields once.
+            good = [(key, im) for key, im in got if im is not None]
+            yield ClipBatch(images=collate_clip(good, res, self.mean, self.std),
+                            keys=[key for key, _ in good], resolution=res, batch_index=k,
+                            worker=w, num_workers=num_workers, records_end=consumed,
+                            worker_batches=local)
+
+    def mark_consumed(self, batch: ClipBatch) -> None:
+        """Record that the training loop finished ``batch``: the position :meth:`state_dict` saves.
+
+        Needed with DataLoader workers; harmless (a no-op) when iterating in-process.
+        """
+        self._advance(batch.worker, batch.num_workers, batch.records_end, batch.worker_batches)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples_consumed": self._consumed, "batches": self._batches,
-                "seed": self.config.seed}
+        return {"epoch": self.epoch, "seed": self.config.seed,
+                "batches_per_epoch": self.batches_per_epoch, "num_workers": self._num_workers,
+                "positions": [list(p) for p in self._positions]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.config.seed:
-            raise ValueError(f"cannot resume exactly: saved seed {state['seed']} != {self.config.seed}")
-        self.epoch = state["epoch"]
-        self._consumed, self._batches = state["samples_consumed"], state["batches"]
+        mine = {"seed": self.config.seed, "batches_per_epoch": self.batches_per_epoch}
+        for name, value in mine.items():
+            if state[name] != value:  # both change which records form which batch
+                raise ValueError(
+                    f"cannot resume exactly: the saved batcher had {name}={state[name]}, this one "
+                    f"has {value}; resume with the same settings, or start a fresh epoch")
+        self.epoch, self._num_workers = state["epoch"], state["num_workers"]
+        self._positions = [(int(r), int(b)) for r, b in state["positions"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,7 +1049,8 @@ class MultiResolutionBatcher(IterableDataset):
 
 
 def collate_clip(samples: Sequence, resolution: int | None = None,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+                 mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                 std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
     """List of ``(key, image)`` or ``(key, image, r)`` -> (B, 3, r, r) float32.
 
     A sample that is ``None`` or has image ``None`` was unreadable and is dropped, so B counts

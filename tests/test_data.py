@@ -435,9 +435,10 @@ def test_sam_image_preprocessing_matches_segment_anything(name, images):
 @pytest.mark.parametrize("res", [224, 448, 97])
 def test_clip_preprocessing_matches_torchvision_clip_transform(res, images):
     import torchvision.transforms as T
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # an independent source
 
     ref_tf = T.Compose([T.Resize(res, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(res),
-                        T.ToTensor(), T.Normalize(D.CLIP_MEAN, D.CLIP_STD)])
+                        T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
     a = images["rocket"]
     ref = ref_tf(Image.fromarray(a))
     for inp in (a, torch.from_numpy(a)):
@@ -603,6 +604,116 @@ def test_batcher_variable_batches_and_exact_resume(stream_shards, buffer):
     other = make()
     other.set_epoch(2)
     assert [k for _, _, k, _ in _run(other)] != [k for _, _, k, _ in full]
+
+
+def _loader_run(batcher, limit=None, mark=False):
+    """Batches through a 2-worker DataLoader, as (index, r, keys, pixel sum) rows."""
+    loader = torch.utils.data.DataLoader(batcher, batch_size=None, num_workers=2)
+    out = []
+    for b in loader:
+        out.append((b.batch_index, b.resolution, tuple(b.keys), b.images.sum().item()))
+        if mark:
+            batcher.mark_consumed(b)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+@pytest.mark.parametrize("per_epoch", [None, 9])
+def test_batcher_with_dataloader_workers_resumes_exactly(stream_shards, per_epoch):
+    cfg = D.MultiResolutionConfig(resolutions=(32, 64), base_batch=8, base_res=32, seed=4, drop_last=False)
+    make = lambda: D.MultiResolutionBatcher(  # noqa: E731
+        D.ClipWebDataset(stream_shards, seed=1), cfg, batches_per_epoch=per_epoch)
+    # Without batches_per_epoch the order of the batches after the first worker's stream ends
+    # follows the DataLoader's scheduling: compare in batch-index order then.
+    canon = (lambda rows: rows) if per_epoch else sorted  # noqa: E731
+    full = canon(_loader_run(make()))
+    if per_epoch is None:
+        assert len({k for k, _, _, _ in full}) == len(full)  # every batch index once
+        keys = [k for _, _, ks, _ in full for k in ks]
+        assert len(keys) == 47 and len(set(keys)) == 47  # the two workers read disjoint shards
+    else:
+        assert [k for k, _, _, _ in full] == list(range(per_epoch))  # in batch-index order
+    # Batch k's resolution is the one drawn for k, whichever worker made it.
+    assert all(r == cfg.draw_resolution(0, k) and len(ks) <= cfg.batch_size(r) for k, r, ks, _ in full)
+    assert canon(_loader_run(make())) == canon(full)  # same workers, same batches
+    first = make()
+    head = _loader_run(first, limit=5, mark=True)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["num_workers"] == 2 and state["positions"][0][1] == 3 and state["positions"][1][1] == 2
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert canon(head + _loader_run(resumed)) == full
+    # The shard split depends on the worker count: resuming with another one is refused.
+    other = make()
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved position is for 2 DataLoader worker"):
+        next(iter(other))
+
+
+def test_batcher_batches_per_epoch_keeps_ddp_ranks_in_step(tmp_path):
+    pics = list(D.load_sample_images(max_side=40).values())
+    D.write_clip_shards(tmp_path, pics * 2, shard_size=5)  # 24 samples: shards of 5, 5, 5, 5, 4
+    spec = str(tmp_path / "{00000..00004}.tar")
+    cfg = D.MultiResolutionConfig(resolutions=(32, 64), base_batch=4, base_res=32, seed=6)
+    make = lambda rank: D.MultiResolutionBatcher(  # noqa: E731
+        D.ClipWebDataset(spec, rank=rank, world_size=2, seed=2, shuffle_buffer=4), cfg, batches_per_epoch=9)
+    runs = [_run(make(r)) for r in range(2)]
+    # Rank 0 has 3 shards, rank 1 two, yet both run 9 steps at the same resolutions: their
+    # streams start another pass over their own shards when they run out.
+    assert [len(r) for r in runs] == [9, 9]
+    drawn = [(k, cfg.draw_resolution(0, k)) for k in range(9)]
+    assert [x[:2] for x in runs[0]] == [x[:2] for x in runs[1]] == drawn
+    keys = [{k for _, _, ks, _ in r for k in ks} for r in runs]
+    assert not keys[0] & keys[1]
+    assert sum(len(x[2]) for x in runs[1]) > 10  # rank 1 (10 samples) wrapped around
+    # Resume across the wrap-around point.
+    first = make(1)
+    head = _run(first, limit=6)
+    resumed = make(1)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + _run(resumed) == runs[1]
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        D.MultiResolutionBatcher(make(1).source, cfg).load_state_dict(first.state_dict())
+
+
+def test_shard_spec_list_and_remote_urls(tmp_path, images):
+    D.write_clip_shards(tmp_path / "a", [images["coins"]] * 3, shard_size=1)
+    D.write_clip_shards(tmp_path / "b", [images["camera"]], shard_size=1)
+    got = D.expand_shard_spec([str(tmp_path / "a" / "{00000..00002}.tar"), str(tmp_path / "b" / "00000.tar")])
+    want = [str(tmp_path / "a" / f"0000{i}.tar") for i in range(3)] + [str(tmp_path / "b" / "00000.tar")]
+    assert got == want
+    # Remote shards cannot be checked for existence here and are kept as given.
+    assert D.expand_shard_spec("s3://bucket/cc3m/{00000..00001}.tar") == [
+        "s3://bucket/cc3m/00000.tar", "s3://bucket/cc3m/00001.tar"]
+
+
+def test_normalisation_constants_are_the_teachers(images):
+    import inspect
+
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from segment_anything.modeling import Sam
+
+    sig = inspect.signature(Sam.__init__).parameters
+    assert list(D.SAM_PIXEL_MEAN) == sig["pixel_mean"].default
+    assert list(D.SAM_PIXEL_STD) == sig["pixel_std"].default
+    assert D.OPENAI_CLIP_MEAN == tuple(OPENAI_DATASET_MEAN) and D.OPENAI_CLIP_STD == tuple(OPENAI_DATASET_STD)
+
+
+@pytest.mark.parametrize("size", [128, 1024])
+def test_demo_sam_input_is_the_data_preprocessing(size, images):
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from fastsamclip.demo import sam_input
+
+    a = images["astronaut"][:150]  # not square: the padding is exercised
+    x, (h, w) = sam_input(a, size)
+    ref = ResizeLongestSide(size).apply_image(a)
+    assert x.shape == (1, 3, size, size) and (h, w) == ref.shape[:2]
+    ref_t = (torch.from_numpy(ref).permute(2, 0, 1).float() - torch.tensor(D.SAM_PIXEL_MEAN).view(3, 1, 1)) \
+        / torch.tensor(D.SAM_PIXEL_STD).view(3, 1, 1)
+    assert torch.equal(x[0, :, :h, :w], ref_t) and (x[0, :, h:] == 0).all() and (x[0, :, :, w:] == 0).all()
+    assert torch.equal(x[0], D.preprocess_sam_image(a, size)[0])
 
 
 def test_sa1b_through_dataloader_workers(sa1b):
