@@ -85,6 +85,9 @@ class AttentionBackend:
     ``check(q, k, v, rel_h, rel_w, needs_grad) -> list[str]`` returns the reasons the backend
     cannot take these inputs (empty: it can). ``is_available() -> str | None`` says why the
     backend cannot run at all on this install (None: it can), independent of any input.
+    ``auto_check(q, k, v, rel_h, rel_w, needs_grad) -> list[str]`` returns reasons the backend,
+    although able, should not be picked automatically (e.g. a Triton kernel on CPU runs only in
+    the slow interpreter); forcing the backend by name ignores them.
     """
 
     name: str
@@ -92,6 +95,7 @@ class AttentionBackend:
     description: str
     check: Callable[..., List[str]] = field(default=lambda *a, **k: [])
     is_available: Callable[[], Optional[str]] = field(default=lambda: None)
+    auto_check: Callable[..., List[str]] = field(default=lambda *a, **k: [])
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -205,7 +209,7 @@ def select_backend(q, k, v, rel_h, rel_w, needs_grad: bool = False, backend: Opt
     refused = []
     for i, candidate in enumerate(PRIORITY):
         be = _BACKENDS[candidate]
-        why = _reasons(be, args, needs_grad)
+        why = _reasons(be, args, needs_grad) or list(be.auto_check(*args, needs_grad))
         if not why:
             if refused and not torch.compiler.is_compiling():
                 key = (be.name, tuple(n for n, _ in refused), q.device.type, q.dtype, q.shape[-1], needs_grad)
@@ -275,5 +279,8 @@ def backend_table(device: Optional[str] = None, dtype: torch.dtype = torch.float
     for name in PRIORITY:
         be = _BACKENDS[name]
         why = _reasons(be, probe, needs_grad)
-        rows.append(dict(name=name, ok=not why, why="; ".join(why), description=be.description))
+        not_auto = [] if why else list(be.auto_check(*probe, needs_grad))
+        rows.append(dict(name=name, ok=not why and not not_auto,
+                         why="; ".join(why or [f"not chosen automatically: {w}" for w in not_auto]),
+                         forced_ok=not why, description=be.description))
     return rows
