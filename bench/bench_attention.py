@@ -35,7 +35,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from bench.harness import append_csv, format_table, plot_csv, run_case
+from .harness import append_csv, format_table, plot_csv, run_case
 from fastsamclip.kernels import attention as attn
 
 BENCH = "attention"
