@@ -1,4 +1,4 @@
-"""The ``fastsamclip`` command: ``info``, ``demo``, ``merge``."""
+"""The ``fastsamclip`` command: ``info``, ``demo``, ``merge``, ``distill``, ``cache-teachers``."""
 
 from __future__ import annotations
 
@@ -46,13 +46,108 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from fastsamclip.demo import run_demo
+    if args.merge_only:
+        from fastsamclip.demo import run_demo
 
-    report = run_demo(out_dir=args.out, sam_type=args.sam_type)
-    ok = report["reload_identical"] and report["text_equals_teacher"] and report["mask_max_abs_diff_vs_sam"] < 1e-4
-    if not ok:
-        print("demo: the merged model does not match its teachers (see above)", file=sys.stderr)
-    return 0 if ok else 1
+        report = run_demo(out_dir=args.out, sam_type=args.sam_type)
+        ok = report["reload_identical"] and report["text_equals_teacher"] and report["mask_max_abs_diff_vs_sam"] < 1e-4
+        if not ok:
+            print("demo: the merged model does not match its teachers (see above)", file=sys.stderr)
+        return 0 if ok else 1
+    from fastsamclip.demo import run_distill_demo
+
+    report = run_distill_demo(out_dir=args.out, sam_type=args.sam_type)
+    if not report["distillation_worked"]:
+        print("demo: distillation did not raise the student-teacher CLIP agreement (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_config_from_args(args):
+    """Defaults < --config file < options given on the command line."""
+    from fastsamclip.train import config_from_dict, load_config_file
+
+    given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+    base = load_config_file(args.config) if args.config else {}
+    return config_from_dict({**base, **given})
+
+
+def cmd_distill(args) -> int:
+    import logging
+
+    from fastsamclip.train import TrainingStopped, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = _train_config_from_args(args)
+    try:
+        report = train(cfg)
+    except TrainingStopped as e:
+        print(f"distill: {e}", file=sys.stderr)
+        return 2
+    if "eval" in report:
+        ev = report["eval"]
+        print("held-out agreement with the teachers: CLIP cosine "
+              + ", ".join(f"{r}px {v:.4f}" for r, v in ev["clip_cosine"].items())
+              + f"; mask IoU {ev['mask_iou']:.4f}; merged model {report['merged']}")
+    return 0
+
+
+def cmd_cache_teachers(args) -> int:
+    import logging
+
+    from fastsamclip.train import cache_teachers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = _train_config_from_args(args)
+    path = cache_teachers(cfg, out=args.cache_out, batch_size=args.batch_size)
+    print(f"teacher cache written to {path}; train with --teacher-cache {path}")
+    return 0
+
+
+def _add_train_options(s) -> None:
+    """One option per TrainConfig field (--stage2-lr, --clip-resolutions 224,448, ...); absent
+    options keep the config file's or the default value."""
+    import dataclasses
+
+    from fastsamclip.train import TrainConfig
+
+    comments = _field_comments()
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")
+        if f.name == "resume":
+            s.add_argument("--resume", action="store_const", const=True, default=None, help=help_text)
+            continue
+        s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
+                       help=help_text)
+    s.add_argument("--config", default=None, help="JSON or YAML file of the same options (command line wins)")
+
+
+def _field_comments() -> dict:
+    """The comment after each TrainConfig field, for --help."""
+    import inspect
+    import re
+
+    from fastsamclip.train import TrainConfig
+
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _train_fields() -> set:
+    import dataclasses
+
+    from fastsamclip.train import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+_TRAIN_FIELDS: set = set()
 
 
 def cmd_merge(args) -> int:
@@ -79,9 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head-dim", type=int, default=64)
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("demo", help="merge small teachers, save, reload, run on a sample picture")
+    s = sub.add_parser("demo", help="distil small teachers into one student on CPU (all three stages) and "
+                                      "print the agreement table; --merge-only: merge, save, reload, run")
     s.add_argument("--out", default=None, help="output folder (default ./fastsamclip-demo)")
     s.add_argument("--sam-type", default="vit_tiny")
+    s.add_argument("--merge-only", action="store_true",
+                   help="only merge small teachers, save, reload and run on a sample picture (no training)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("merge", help="initialise the merged model from a SAM and a CLIP teacher")
@@ -92,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head-hidden", type=int, default=None, help="CLIP head MLP width (default: backbone width)")
     s.add_argument("--out", required=True, help="merged .safetensors file to write")
     s.set_defaults(fn=cmd_merge)
+
+    _TRAIN_FIELDS.update(_train_fields())
+    s = sub.add_parser("distill", help="train the merged model: the paper's three stages (torchrun for many GPUs)")
+    _add_train_options(s)
+    s.set_defaults(fn=cmd_distill)
+
+    s = sub.add_parser("cache-teachers", help="run the teachers once over the data and store their outputs "
+                                              "(train with --teacher-cache FOLDER)")
+    _add_train_options(s)
+    s.add_argument("--cache-out", default=None, help="cache folder (default: --teacher-cache, else OUT/teacher-cache)")
+    s.add_argument("--batch-size", type=int, default=32, help="images per teacher forward pass")
+    s.set_defaults(fn=cmd_cache_teachers)
     return p
 
 

@@ -1,0 +1,156 @@
+"""Teacher outputs computed once and read back during training.
+
+The two teachers are frozen, so their outputs for a given input never change. Per step they cost
+about as much as the student's forward pass (the CLIP teacher is a ViT-L/14 in the paper, the SAM
+teacher's image encoder a ViT-B at 1024 px); reading them from disk removes that cost. What is
+stored:
+
+- CLIP: the teacher's image embedding (E,) per (image key, CLIP-stream resolution r). The teacher
+  sees exactly what the student sees at resolution r (the r x r crop, resized to the teacher's own
+  input size when r differs), so one entry per resolution.
+- SAM: the teacher's image embedding (C, g, g) per SA-1B image at the student's SAM input size.
+  Teacher masks for any prompt then come from the teacher's mask decoder on that embedding, which
+  is cheap next to the image encoder (and prompts change every epoch, so masks are not stored).
+
+Layout of a cache folder: chunk files ``clip-00000.safetensors``, ``sam-00000.safetensors`` (each
+up to ``chunk_size`` entries, tensor name = entry name) and ``index.json`` (which file holds which
+entry, plus the teachers' fingerprints and the preprocessing it was made with). Every file is
+written atomically and ``index.json`` last, so an interrupted run leaves either the previous cache
+or none, never a cache that points at missing data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from fastsamclip.checkpoint import atomic_write
+
+FORMAT = "fastsamclip.teacher_cache"
+FORMAT_VERSION = 1
+INDEX = "index.json"
+
+
+def clip_entry(key: str, resolution: int) -> str:
+    return f"{key}@{int(resolution)}"
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's weights: a cache made with other teacher weights must not be used.
+
+    Hashes every tensor's bytes (a ViT-L/14 CLIP teacher is ~1.7 GB: a few seconds, once per run).
+    """
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TeacherCacheWriter:
+    """Accumulates entries and writes them in chunk files; :meth:`close` writes the index."""
+
+    def __init__(self, root: str, meta: dict, chunk_size: int = 4096, dtype: torch.dtype = torch.float32):
+        self.root = root
+        self.meta = dict(meta)
+        self.chunk_size = chunk_size  # entries per chunk file (SAM ViT-B entries are 4 MB each in fp32)
+        self.dtype = dtype  # float32 keeps cached training identical to live; bfloat16 halves the disk
+        self.entries: Dict[str, Dict[str, str]] = {"clip": {}, "sam": {}}
+        self._pending: Dict[str, Dict[str, torch.Tensor]] = {"clip": {}, "sam": {}}
+        self._chunks = {"clip": 0, "sam": 0}
+        os.makedirs(root, exist_ok=True)
+
+    def add(self, kind: str, name: str, tensor: torch.Tensor) -> None:
+        self._pending[kind][name] = tensor.detach().to("cpu", self.dtype).contiguous().clone()
+        if len(self._pending[kind]) >= self.chunk_size:
+            self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        from safetensors.torch import save_file
+
+        pending = self._pending[kind]
+        if not pending:
+            return
+        fname = f"{kind}-{self._chunks[kind]:05d}.safetensors"
+        atomic_write(os.path.join(self.root, fname), lambda tmp: save_file(pending, tmp))
+        for name in pending:
+            self.entries[kind][name] = fname
+        self._chunks[kind] += 1
+        self._pending[kind] = {}
+
+    def close(self) -> str:
+        for kind in self._pending:
+            self._flush(kind)
+        index = {"format": FORMAT, "version": FORMAT_VERSION, **self.meta, "entries": self.entries}
+        path = os.path.join(self.root, INDEX)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(index, f)
+
+        atomic_write(path, write)
+        return path
+
+
+class TeacherCache:
+    """Read side: ``clip(key, r)`` and ``sam(key)`` give the stored tensor or None when absent."""
+
+    def __init__(self, root: str):
+        path = os.path.join(root, INDEX)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"teacher cache {root!r} has no {INDEX}; build it with `fastsamclip cache-teachers` "
+                "(an interrupted build leaves no index) or drop --teacher-cache to use live teachers")
+        with open(path) as f:
+            index = json.load(f)
+        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a fastsamclip teacher cache of version {FORMAT_VERSION} "
+                             f"(format {index.get('format')!r}, version {index.get('version')!r}); rebuild it")
+        self.root = root
+        self.meta = {k: v for k, v in index.items() if k != "entries"}
+        self.entries: Dict[str, Dict[str, str]] = index["entries"]
+        self._handles: Dict[str, object] = {}
+
+    def check_compatible(self, expected: dict) -> None:
+        """Raise naming every field where the cache differs from this run (teachers, sizes)."""
+        bad = [f"{k}: cache has {self.meta.get(k)!r}, this run {v!r}" for k, v in expected.items()
+               if self.meta.get(k) != v]
+        if bad:
+            raise ValueError(f"teacher cache {self.root!r} was built for another set-up ("
+                             + "; ".join(bad) + "); rebuild it with `fastsamclip cache-teachers` "
+                             "for these teachers and sizes, or drop --teacher-cache")
+
+    def _get(self, kind: str, name: str) -> Optional[torch.Tensor]:
+        fname = self.entries[kind].get(name)
+        if fname is None:
+            return None
+        h = self._handles.get(fname)
+        if h is None:
+            from safetensors import safe_open
+
+            # safe_open maps the file and reads only the asked tensor: chunk files stay on disk.
+            h = self._handles[fname] = safe_open(os.path.join(self.root, fname), framework="pt")
+        return h.get_tensor(name).float()
+
+    def clip(self, key: str, resolution: int) -> Optional[torch.Tensor]:
+        return self._get("clip", clip_entry(key, resolution))
+
+    def sam(self, key: str) -> Optional[torch.Tensor]:
+        return self._get("sam", key)
+
+    def clip_batch(self, keys: Iterable[str], resolution: int) -> Optional[torch.Tensor]:
+        """(B, E) for all keys, or None if any is missing (the caller then runs the teacher)."""
+        out = [self.clip(k, resolution) for k in keys]
+        return None if any(t is None for t in out) else torch.stack(out)
+
+    def sam_batch(self, keys: Iterable[str]) -> Optional[torch.Tensor]:
+        out = [self.sam(k) for k in keys]
+        return None if any(t is None for t in out) else torch.stack(out)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.entries.values())
