@@ -23,8 +23,11 @@ Caveats (torch 2.14 as installed here; GPU claims from the torch source, verifie
   materialises the scores like the reference (compiled CPU forward works for fp32/fp16/bf16 but
   costs seconds of C++ compile per shape). ``relpos_attention_flex(..., compiled=False)`` still
   runs the forward on CPU, which the tests use to check the ``score_mod``.
-* The first call per new shape recompiles on CUDA; dynamo's recompile limit (8 per code object)
-  then falls back to dynamic shapes, which flex supports.
+* A new shape recompiles on CUDA; after the first recompile dynamo marks the changed sizes
+  dynamic (automatic dynamic shapes), which flex supports. The grid width ``W`` is a Python int
+  in the ``score_mod`` closure: one compile per distinct width (SAM: 14 and 64, or 28 at 448px).
+* Gradients to rel_h/rel_w need flex's captured-buffer backward (torch 2.6 and later); older
+  torch is refused for ``needs_grad``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from packaging.version import Version
 
 from .attention import AttentionBackend, register_backend
 
@@ -47,6 +51,8 @@ __all__ = ["relpos_attention_flex", "BACKEND"]
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Flex's Triton template needs head dim >= 16 (tl.dot's K); 256 is its largest head dim.
+# Gradients of captured buffers (rel_h/rel_w read inside score_mod) arrived in torch 2.6.
+_CAPTURED_GRADS = Version(torch.__version__.split("+")[0]) >= Version("2.6")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 _compiled = None
@@ -100,13 +106,15 @@ def _check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
         why.append(f"dtype {q.dtype} (flex's kernel takes float16, bfloat16, float32)")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         why.append(f"head dim {d} (flex's kernel takes {MIN_HEAD_DIM}..{MAX_HEAD_DIM})")
+    if needs_grad and not _CAPTURED_GRADS:
+        why.append(f"backward with torch {torch.__version__} (rel_h/rel_w gradients need torch >= 2.6)")
     return why
 
 
 BACKEND = AttentionBackend(
     name="flex",
     fn=relpos_attention_flex,
-    description="torch FlexAttention, bias as score_mod (compiled on cuda; cpu fwd only, eager)",
+    description="torch FlexAttention, bias read in score_mod, compiled (cuda only)",
     check=_check,
     is_available=_is_available,
 )

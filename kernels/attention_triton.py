@@ -12,7 +12,8 @@ size N x N is ever allocated, forward or backward.
 How the bias is added. Key tiles are whole rows of the key grid: a tile holds ``BH`` grid rows of
 ``W_PAD = next_pow2(max(W, 16))`` columns, so key ``j`` of a tile sits at
 ``(kh0 + j // W_PAD, j % W_PAD)`` and is masked when the row is past ``H`` or the column past
-``W``. Then
+``W`` (columns through a -inf in the loop-invariant rel_w tile, rows by a select in the one
+tile that has rows past ``H``). Then
 
 * ``rel_w[q, kw(j)]`` depends on the query block only: it is loaded once per program, before
   the key loop (``BH == 1``: the ``(BLOCK_M, W_PAD)`` tile itself; ``BH > 1``: the same tile
@@ -40,8 +41,11 @@ Caveats
   ``GPUTarget``), every kernel lowers to wgmma with no spills in fp16/bf16 at the tuned configs
   (170-255 registers, d = 80 at the top of that range); run times are a GPU's to measure.
 * Double backward is not supported (the backward op has no autograd formula).
-* On CPU it runs only under ``TRITON_INTERPRET=1`` (slow; for tests). In the Triton interpreter,
-  bf16 arithmetic is wrong, so bf16 is verified on a GPU only.
+* On CPU it runs only under ``TRITON_INTERPRET=1`` (~1000x slower than sdpa; for tests), and
+  the chooser never picks it there (``auto_check``): force it with ``backend="triton"`` or
+  ``use_backend("triton")``. In the Triton interpreter bf16 arithmetic is wrong, so bf16 is
+  verified on a GPU only.
+* Multi-GPU: launches switch to the inputs' device; no other device handling.
 * Backward runs two kernels (dk/dv over query blocks; dq + d rel_h + d rel_w over key tiles)
   after a small ``delta = rowsum(dO * O)`` kernel, recomputing ``Q K^T`` twice, as the
   deterministic flash-attention 2 backward does.
@@ -49,6 +53,7 @@ Caveats
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, Optional
 
@@ -103,10 +108,10 @@ def _config_space(kind: str):
     Kept to 8 per kernel: each costs a ~3-4 s compile per (N, H, W, d, dtype) key on first use.
     Chosen from ptxas register counts for sm_90a (fp16, d = 64, stages 2, Triton 3.8, inputs
     16-byte aligned as Triton specialises them), windows 14 x 14 / global 64 x 64 grid:
-      fwd   BM 64 / 4 warps, BN 64: 181 / 179 regs; BM 128 / 8 warps, BN 64: 194 / 172;
-            BM 128 / 4 warps: 241-255 regs (spills at BN 128), so 128-row tiles get 8 warps.
-      dq    BM 64 / 4 warps, BN 32: 177 regs; BM 64 / 8 warps, BN 64: 190 / 185;
-            BM 64 / 4 warps, BN 64 on the 64-wide grid: 244 (no spill, low occupancy).
+      fwd   BM 64 / 4 warps, BN 64: 176 / 168 regs; BM 128 / 8 warps, BN 64: 192 / 159;
+            BM 128 / 4 warps: 239-255 regs (spills at BN 128), so 128-row tiles get 8 warps.
+      dq    BM 64 / 4 warps, BN 32: 167 regs; BM 64 / 8 warps, BN 64: 178 / 229;
+            BM 64 / 4 warps, BN 64 on the 64-wide grid: 247 (no spill, low occupancy).
       dkdv  BM 32 / 4 warps, BN 64: 184 / 179; BM 64 / 8 warps, BN 64: 228 / 211.
     """
     if INTERPRET:
@@ -222,6 +227,10 @@ if triton is not None:
         # rel_w[m, kw(j)] is the same for every key tile: loaded once, in log2 units.
         bias_w = tl.load(RW_rows[:, None] + jc[None, :], mask=m_mask[:, None] & (jc[None, :] < W),
                          other=0.0).to(tl.float32) * LOG2E
+        # Padded grid columns (kw >= W) are masked here, once, through the loop-invariant bias:
+        # the loop then spends a select per score only in the one tile that holds grid rows
+        # past H (BH > 1 and H % BH != 0).
+        bias_w = tl.where(jc[None, :] < W, bias_w, float("-inf"))
 
         K_base = K + b * skb + h * skh
         V_base = V + b * svb + h * svh
@@ -238,7 +247,9 @@ if triton is not None:
             v = tl.load(V_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias_w
             s += _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W, BLOCK_M, BH, W_PAD, DOT_PREC) * LOG2E
-            s = tl.where(k_valid[None, :], s, float("-inf"))
+            if BH > 1:
+                if kh0 + BH > H:
+                    s = tl.where((kh < H)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -386,6 +397,10 @@ if triton is not None:
         RW_rows = RW + b * srwb + h * srwh + offs_m * srwn
         bias_w = tl.load(RW_rows[:, None] + jc[None, :], mask=m_mask[:, None] & (jc[None, :] < W),
                          other=0.0).to(tl.float32) * LOG2E
+        # As in the forward: padded columns masked once (p = 0 there, so dS = 0 and the bias
+        # gradient sums gain nothing). Padded query rows need no mask: q = dO = 0 there, so
+        # dS = p * (0 - 0) = 0, and none of their values is stored.
+        bias_w = tl.where(jc[None, :] < W, bias_w, float("-inf"))
 
         K_base = K + b * skb + h * skh
         V_base = V + b * svb + h * svh
@@ -402,8 +417,10 @@ if triton is not None:
             v = tl.load(V_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias_w
             s += _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W, BLOCK_M, BH, W_PAD, DOT_PREC) * LOG2E
+            if BH > 1:
+                if kh0 + BH > H:
+                    s = tl.where((kh < H)[None, :], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
-            p = tl.where(k_valid[None, :] & m_mask[:, None], p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])  # dL/dS, fp32, (BLOCK_M, BLOCK_N)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -457,6 +474,11 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Host launchers
 # --------------------------------------------------------------------------------------------
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device: inputs on another GPU need it switched.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _new_output(shape, dtype, device) -> torch.Tensor:
     """Every kernel output is allocated here (tests replace it with a NaN-filling allocator
     so that an element a kernel forgets to write fails the comparison)."""
@@ -535,7 +557,8 @@ def _launch_bwd(do, q, k, v, rel_h, rel_w, o, lse, scale: float):
 def relpos_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
                          rel_w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, heads, N, d), lse (B, heads, N) fp32, base-2 log-sum-exp of each score row)."""
-    return _launch_fwd(q, k, v, rel_h, rel_w, scale)
+    with _on_device_of(q):
+        return _launch_fwd(q, k, v, rel_h, rel_w, scale)
 
 
 @relpos_attention_fwd.register_fake
@@ -549,7 +572,8 @@ def relpos_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          rel_h: torch.Tensor, rel_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d rel_h, d rel_w), shaped and typed like the inputs."""
-    return _launch_bwd(do, q, k, v, rel_h, rel_w, out, lse, scale)
+    with _on_device_of(q):
+        return _launch_bwd(do, q, k, v, rel_h, rel_w, out, lse, scale)
 
 
 @relpos_attention_bwd.register_fake

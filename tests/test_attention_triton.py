@@ -354,3 +354,19 @@ def test_bench_attention_quick_writes_rows(tmp_path, capsys):
     assert "1.00x" in capsys.readouterr().out  # the sdpa-bias baseline against itself
     bench_attention.main(["--quick", "--modes", "fwd", "--impls", "sdpa-bias", "--out", str(out), "--no-plot"])
     assert len(read_csv(str(out))) == len(rows) + n_cases  # appends, never overwrites
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU's tile shapes, checked in the interpreter (which otherwise runs one 64 x 64 config)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not attention_triton.INTERPRET, reason="on a GPU, autotune picks the tiles")
+@pytest.mark.parametrize("block_m,block_n", [(32, 32), (128, 128), (32, 128), (128, 32)])
+@pytest.mark.parametrize("H,W", [(14, 14), (3, 40)], ids=["window14x14", "grid3x40"])
+def test_triton_tilings_of_the_gpu_configs(block_m, block_n, H, W, monkeypatch, poisoned_outputs):
+    """Every BLOCK_M and grid-rows-per-tile (BH = BLOCK_N // W_PAD: 2, 8 on 14 x 14; 1, 2 on a
+    64-padded row) the autotune space can pick, forward and backward."""
+    cfg = [attention_triton.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+    for tuned in (attention_triton._fwd_tuned, attention_triton._dkdv_tuned, attention_triton._dq_tuned):
+        monkeypatch.setattr(tuned, "configs", cfg)
+    inputs = make_inputs(1, 1, H, W, 16, torch.float32)
+    check_against_reference(inputs, attention_triton.relpos_attention_triton, torch.float32)
