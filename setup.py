@@ -23,11 +23,21 @@ def _cuda_sources():
 
 
 class BuildWithCMake(build_py):
-    """Run CMake for the CUDA part, then the ordinary Python build."""
+    """Build the CUDA library with CMake, then the ordinary Python build.
+
+    CMake writes the library into ``kernels/lib/`` of the source tree, where the package is
+    imported from in editable installs (``pip install -e .`` maps ``fastsamclip.kernels`` to
+    ``kernels/``); for regular installs it is also copied into the build tree.
+    """
 
     def run(self):
-        super().run()
         self._build_cuda()
+        super().run()
+        out_dir = os.path.join(HERE, "kernels", "lib")
+        if os.path.isdir(out_dir) and not getattr(self, "editable_mode", False):
+            # package_data's lib/*.so glob may have been expanded before the library existed.
+            shutil.copytree(out_dir, os.path.join(self.build_lib, "fastsamclip", "kernels", "lib"),
+                            dirs_exist_ok=True)
 
     def _build_cuda(self):
         if os.environ.get("FASTSAMCLIP_NO_CUDA", "0") == "1":
@@ -43,14 +53,16 @@ class BuildWithCMake(build_py):
         build_dir = os.path.join(HERE, "build", "cmake")
         out_dir = os.path.join(HERE, "kernels", "lib")
         os.makedirs(build_dir, exist_ok=True)
-        subprocess.check_call([cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
-                               f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DFASTSAMCLIP_LIB_DIR={out_dir}"])
-        subprocess.check_call([cmake, "--build", build_dir, "-j", str(os.cpu_count() or 2)])
-        # Regular installs: copy the built library next to the installed kernels package.
-        target = os.path.join(self.build_lib, "fastsamclip", "kernels", "lib")
-        if os.path.isdir(out_dir) and not self.editable_mode:
-            shutil.copytree(out_dir, target, dirs_exist_ok=True)
-
+        try:
+            subprocess.check_call([cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                                   f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                                   f"-DFASTSAMCLIP_LIB_DIR={out_dir}"])
+            subprocess.check_call([cmake, "--build", build_dir, "-j", str(os.cpu_count() or 2)])
+        except subprocess.CalledProcessError as e:
+            # A broken toolchain should not silently give a CPU-only install: fail, and say how
+            # to opt out.
+            raise RuntimeError(f"fastsamclip: the CUDA C++ build failed ({e}); set "
+                               "FASTSAMCLIP_NO_CUDA=1 to install without it") from e
 
 setup(
     name="fastsamclip",
