@@ -30,9 +30,15 @@ is covered; ``classify`` uses CLIP's geometry (resize the shortest side, centre 
 SAM geometry at ``resolution`` (default 448, the paper's setting). The backbone always sees
 SAM-normalised pixels, as in training.
 
-The backbone runs eagerly. ``compile=True`` wraps the model's forward with
-``torch.compile(fullgraph=True, dynamic=False)``, one compiled function per input resolution
-(static shapes, so each resolution compiles once and never recompiles).
+The backbone runs eagerly (what the CPU uses). ``compile=True`` wraps the model's forward with
+``torch.compile(fullgraph=True, dynamic=False)``, one compiled function per input resolution and
+batch size (static shapes, so each compiles once and never recompiles); on CUDA the default mode
+is "reduce-overhead" (CUDA graphs: static shapes make them safe). ``warmup(resolutions,
+batch_sizes)`` compiles ahead of the first request and reports the seconds each took;
+``cache_dir`` points Inductor's on-disk cache somewhere persistent, so a second process starts
+warm. ``gpu_preprocess=True`` resizes and normalises on the GPU with the CUDA C++ kernel
+(``fastsamclip.kernels.preprocess``; bilinear without antialias, so downscaled inputs differ
+slightly from the PIL path used otherwise).
 """
 
 from __future__ import annotations
@@ -215,8 +221,18 @@ class SAMCLIPPredictor:
     """
 
     def __init__(self, model_or_checkpoint_path: Union[SAMCLIP, str, "os.PathLike"], device=None,
-                 compile: bool = False, compile_backend: str = "inductor") -> None:
+                 compile: bool = False, compile_backend: str = "inductor", compile_mode: Optional[str] = None,
+                 cache_dir: Optional[str] = None, gpu_preprocess: bool = False) -> None:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cache_dir is not None:
+            # Inductor reads its cache location when it first compiles; set it before that.
+            os.makedirs(cache_dir, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache_dir)
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fx_graph_cache = True
+        if gpu_preprocess and device.type != "cuda":
+            raise ValueError("gpu_preprocess=True needs a CUDA device; the CPU path is used otherwise")
         if isinstance(model_or_checkpoint_path, SAMCLIP):
             model = model_or_checkpoint_path.to(device).eval()
         else:
@@ -227,6 +243,10 @@ class SAMCLIPPredictor:
         self.patch_size = int(model.config.sam.backbone.patch_size)
         self.compile = compile
         self.compile_backend = compile_backend
+        # CUDA graphs ("reduce-overhead") replay the whole static-shape graph with one launch.
+        self.compile_mode = compile_mode or ("reduce-overhead" if device.type == "cuda" and
+                                             compile_backend == "inductor" else None)
+        self.gpu_preprocess = gpu_preprocess
         self._compiled: Dict[Tuple[int, int], Callable] = {}
         self._text_cache: Dict[tuple, torch.Tensor] = {}
         self.reset_image()
@@ -236,7 +256,7 @@ class SAMCLIPPredictor:
         """``model.forward`` on SAM-normalised (B, 3, H, W), compiled per (H, W) when asked."""
         if not self.compile:
             return self.model(x, clip=clip, sam=sam, clip_patches=clip_patches)
-        key = (tuple(x.shape[-2:]), clip, sam, clip_patches)
+        key = (tuple(x.shape), clip, sam, clip_patches)
         fn = self._compiled.get(key)
         if fn is None:
             model = self.model
@@ -244,9 +264,47 @@ class SAMCLIPPredictor:
             def run(t):
                 return model(t, clip=clip, sam=sam, clip_patches=clip_patches)
 
-            fn = torch.compile(run, fullgraph=True, dynamic=False, backend=self.compile_backend)
+            kw = {"mode": self.compile_mode} if self.compile_mode else {}
+            fn = torch.compile(run, fullgraph=True, dynamic=False, backend=self.compile_backend, **kw)
             self._compiled[key] = fn
-        return fn(x)
+        out = fn(x)
+        if self.compile_mode == "reduce-overhead":
+            # CUDA-graph outputs live in memory the next replay overwrites: keep copies.
+            out = {k: v.clone() for k, v in out.items()}
+        return out
+
+    @torch.no_grad()
+    def warmup(self, resolutions: Optional[Sequence[int]] = None, batch_sizes: Sequence[int] = (1,),
+               outputs: Sequence[str] = ("set_image",)) -> Dict[str, float]:
+        """Run (and, with ``compile=True``, compile) every (resolution, batch) ahead of requests.
+
+        resolutions: input sides (default: the native size); outputs: "set_image" (both heads
+        and per-patch CLIP, what ``set_image`` runs), "embed" (``embed_images``: pooled CLIP and
+        SAM), "clip" (``classify``: pooled CLIP only). Returns seconds per case; the first
+        call of a case includes its compile, so these are the cold start costs.
+        """
+        import time
+
+        heads = {"set_image": dict(clip=True, sam=True, clip_patches=True),
+                 "embed": dict(clip=True, sam=True, clip_patches=False),
+                 "clip": dict(clip=True, sam=False, clip_patches=False)}
+        unknown = set(outputs) - set(heads)
+        if unknown:
+            raise ValueError(f"warmup outputs must be among {sorted(heads)}, got {sorted(unknown)}")
+        dtype = next(self.model.parameters()).dtype
+        times: Dict[str, float] = {}
+        for res in resolutions or (self.img_size,):
+            if res % self.patch_size:
+                raise ValueError(f"warmup resolution {res} is not a multiple of {self.patch_size}")
+            for b in batch_sizes:
+                for name in outputs:
+                    x = torch.randn(b, 3, res, res, device=self.device, dtype=dtype)
+                    t0 = time.perf_counter()
+                    self._forward(x, **heads[name])
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    times[f"{name} {res}px batch {b}"] = time.perf_counter() - t0
+        return times
 
     # ---------------------------------------------------------------- image state
     def reset_image(self) -> None:
@@ -272,8 +330,18 @@ class SAMCLIPPredictor:
         if min(get_preprocess_shape(h, w, self.img_size)) < 1:
             raise ValueError(f"image of {w}x{h} (WxH) is too elongated: its short side would resize "
                              f"to 0 pixels at {self.img_size}")
-        x, input_size = preprocess_sam_image(rgb, self.img_size)
-        out = self._forward(x[None].to(self.device), clip=True, sam=True, clip_patches=True)
+        if self.gpu_preprocess:
+            from fastsamclip.kernels.preprocess import preprocess
+
+            img = torch.from_numpy(rgb).to(self.device, non_blocking=True)
+            # The same launch writes a CLIP crop too; set_image needs none, so ask for the
+            # smallest one (a patch) rather than a second code path.
+            x, input_size, _ = preprocess(img, sam_side=self.img_size, clip_side=self.patch_size)
+            x = x[None]
+        else:
+            x, input_size = preprocess_sam_image(rgb, self.img_size)
+            x = x[None].to(self.device)
+        out = self._forward(x, clip=True, sam=True, clip_patches=True)
         self.reset_image()
         self.image = rgb
         self.original_size = (h, w)

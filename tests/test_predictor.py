@@ -276,6 +276,43 @@ def test_compile_hook_matches_eager(setup):
     assert len(p._compiled) == 1
 
 
+def test_warmup_compiles_each_case_once_ahead_of_requests(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored after the test
+    p = SAMCLIPPredictor(setup["predictor"].model, device="cpu", compile=True, compile_backend="aot_eager",
+                         cache_dir=str(tmp_path / "inductor"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    times = p.warmup(resolutions=(64, 128), batch_sizes=(1, 2), outputs=("set_image", "clip"))
+    assert sorted(times) == sorted(f"{o} {r}px batch {b}" for o in ("set_image", "clip")
+                                   for r in (64, 128) for b in (1, 2))
+    assert all(t > 0 for t in times.values())
+    assert len(p._compiled) == 8
+    p.set_image(setup["image"])  # the native 128 px batch-1 graph is reused, not compiled again
+    assert len(p._compiled) == 8
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        p.warmup(resolutions=(100,))
+    with pytest.raises(ValueError, match="warmup outputs must be among"):
+        p.warmup(outputs=("everything",))
+
+
+def test_gpu_preprocess_needs_cuda(setup):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="gpu_preprocess=True needs a CUDA device"):
+        SAMCLIPPredictor(setup["predictor"].model, device="cpu", gpu_preprocess=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_preprocess_and_cuda_graphs_agree_with_eager(setup):
+    model = setup["predictor"].model
+    eager = SAMCLIPPredictor(model, device="cuda")
+    eager.set_image(setup["image"])
+    fast = SAMCLIPPredictor(model, device="cuda", compile=True, gpu_preprocess=True)
+    fast.warmup()
+    fast.set_image(setup["image"])
+    # Bilinear without antialias vs PIL: small input differences, same image.
+    assert (fast.features - eager.features).abs().max() < 0.1 * eager.features.abs().max()
+
+
 def test_cli_predict_writes_the_files(setup, tmp_path, capsys):
     img = tmp_path / "coffee.png"
     Image.fromarray(np.asarray(Image.fromarray(sample_image("coffee")).resize((120, 90)))).save(img)
