@@ -1,0 +1,163 @@
+"""Single-image inference latency and time to first result, cold and warm.
+
+    python -m bench.bench_inference --checkpoint merged.safetensors [--compile] [--device cuda]
+    python -m bench.bench_inference --quick        # tiny model on the CPU, for CI
+
+Workload per request (the low-latency use of the merged model): ``set_image`` (one backbone
+pass), ``segment`` with one box prompt, and ``semantic_segment`` in composed mode with 20 labels
+(CLIP head -> point and mask prompts -> SAM head). Latency: p50/p99 over ``--iters`` requests on
+the same image after warm-up, device-synchronised wall clock per request (a request is several
+kernels and host work, so events around one kernel would not describe it).
+
+Time to first result: a fresh process loads the checkpoint, builds the predictor, and serves one
+request. Run twice with the same Inductor cache directory: the first ("cold") compiles, the
+second ("warm") reads the cache. Without ``--compile`` both are eager and should match.
+Rows are appended to ``bench/results/inference.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .harness import Result, append_csv, format_table
+
+LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "building", "water", "chair", "table",
+          "cup", "bottle", "book", "clock", "flower", "bird", "horse", "boat"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_quick_checkpoint(folder: str) -> str:
+    """A tiny merged model (small teachers in the official formats) for CPU smoke runs."""
+    from fastsamclip.checkpoint import save_merged
+    from fastsamclip.modeling.samclip import SAMCLIP
+    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
+    from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
+
+    sam = load_sam_teacher(write_sam_checkpoint(os.path.join(folder, "sam.pth"), "vit_tiny"), "vit_tiny")
+    clip = load_clip_teacher(write_clip_local_dir(os.path.join(folder, "clip")))
+    path = os.path.join(folder, "merged.safetensors")
+    save_merged(SAMCLIP.from_teachers(sam, clip), path)
+    return path
+
+
+def request(predictor, image: np.ndarray, labels: List[str], resolution: int):
+    h, w = image.shape[:2]
+    predictor.set_image(image)
+    masks, scores, _ = predictor.segment(boxes=[[w * 0.2, h * 0.2, w * 0.8, h * 0.8]], multimask_output=False)
+    sem = predictor.semantic_segment(None, labels, mode="composed")
+    return masks, scores, sem
+
+
+def build_predictor(args):
+    from fastsamclip.predictor import SAMCLIPPredictor
+
+    return SAMCLIPPredictor(args.checkpoint, device=args.device, compile=args.compile,
+                            compile_backend=args.compile_backend, cache_dir=args.cache_dir)
+
+
+def child_first_result(args) -> None:
+    """Body of the time-to-first-result process: prints seconds since it started."""
+    t0 = float(os.environ["FASTSAMCLIP_TTFR_T0"])
+    from fastsamclip.samples import sample_image
+
+    predictor = build_predictor(args)
+    image = sample_image(args.image)
+    request(predictor, image, LABELS[: args.labels], args.resolution)
+    _sync(predictor.device)
+    print(json.dumps({"seconds": time.time() - t0}))
+
+
+def time_to_first_result(args, cache_dir: str) -> float:
+    cmd = [sys.executable, "-m", "bench.bench_inference", "--ttfr-child", "--checkpoint", args.checkpoint,
+           "--labels", str(args.labels), "--image", args.image, "--compile-backend", args.compile_backend,
+           "--cache-dir", cache_dir] + (["--compile"] if args.compile else []) + (
+               ["--device", args.device] if args.device else [])
+    env = dict(os.environ, FASTSAMCLIP_TTFR_T0=repr(time.time()))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if out.returncode != 0:
+        raise RuntimeError(f"first-result process failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="merged .safetensors (default with --quick: a tiny one)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile per resolution (CUDA graphs on CUDA)")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--labels", type=int, default=20, help="number of class labels (at most 20)")
+    p.add_argument("--resolution", type=int, default=448)
+    p.add_argument("--image", default="astronaut", help="a skimage.data picture name")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-ttfr", action="store_true", help="skip the cold/warm first-result processes")
+    p.add_argument("--quick", action="store_true", help="tiny model, few iterations (CPU smoke run)")
+    p.add_argument("--out", default=None, help="CSV to append to (default bench/results/inference.csv)")
+    p.add_argument("--ttfr-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not 1 <= args.labels <= len(LABELS):
+        p.error(f"--labels must be between 1 and {len(LABELS)}")
+    if args.ttfr_child:
+        child_first_result(args)
+        return 0
+    tmp = tempfile.mkdtemp(prefix="fastsamclip-bench-")
+    if args.quick:
+        args.iters, args.warmup = min(args.iters, 5), 1
+        args.checkpoint = args.checkpoint or make_quick_checkpoint(tmp)
+    if not args.checkpoint:
+        p.error("--checkpoint is required (or --quick for a tiny model)")
+
+    from fastsamclip.samples import sample_image
+
+    predictor = build_predictor(args)
+    image = sample_image(args.image)
+    labels = LABELS[: args.labels]
+    for _ in range(args.warmup):
+        request(predictor, image, labels, args.resolution)
+    times = []
+    for _ in range(args.iters):
+        _sync(predictor.device)
+        t0 = time.perf_counter()
+        request(predictor, image, labels, args.resolution)
+        _sync(predictor.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    p50 = statistics.median(times)
+    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    mode = "compiled" if args.compile else "eager"
+    case = f"{os.path.basename(args.checkpoint)} {image.shape[1]}x{image.shape[0]} box+{args.labels} labels composed"
+    rows = [Result(bench="inference", case=case, impl=mode, mode="request p50", ms=p50,
+                   extra={"p99_ms": round(p99, 3), "iters": args.iters}),
+            Result(bench="inference", case=case, impl=mode, mode="request p99", ms=p99)]
+    if not args.no_ttfr:
+        cache = args.cache_dir or os.path.join(tmp, "inductor-cache")
+        cold = time_to_first_result(args, cache)
+        warm = time_to_first_result(args, cache)
+        rows += [Result(bench="inference", case=case, impl=mode, mode="first result cold", ms=cold * 1e3),
+                 Result(bench="inference", case=case, impl=mode, mode="first result warm", ms=warm * 1e3)]
+    path = append_csv(rows, args.out)
+    print(format_table(rows))
+    print(f"appended {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
