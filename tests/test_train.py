@@ -246,3 +246,24 @@ def test_distill_command_with_config_file_and_overrides(env, tmp_path):
     assert lrs[1] == pytest.approx(3e-3)  # the command line beat the config file's 1e-3
     assert os.path.isfile(out / "checkpoints" / "stage3.pt")
     load_merged(str(out / "merged.safetensors"))
+
+
+def test_two_process_run_through_torchrun_on_cpu(env, tmp_path):
+    """The same command on N processes: torchrun, gloo on the CPU, data sharded by rank."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "fastsamclip", "distill", "--sam-checkpoint", env["sam_path"], "--sam-type", "vit_micro",
+           "--clip-model", env["clip_name"], "--clip-pretrained", "none", "--clip-data", env["spec"],
+           "--sam-data", str(env["root"] / "sa1b"), "--out", str(out), "--stage1-steps", "2",
+           "--stage2-steps", "2", "--stage3-steps", "1", "--clip-batch", "4", "--clip-base-res", "64",
+           "--clip-resolutions", "64", "--stage3-resolutions", "64,128", "--sam-batch", "2",
+           "--masks-per-image", "2", "--eval-images", "1", "--progress", "false", "--tensorboard", "false",
+           "--loss-backend", "reference"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage_steps"] == {"1": 2, "2": 2, "3": 1}
+    assert os.path.isfile(out / "merged.safetensors")
