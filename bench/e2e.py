@@ -1,0 +1,567 @@
+"""End to end: the merged model against SAM + CLIP run separately, on the same images.
+
+    python -m bench.e2e                       # GPU defaults: SAM vit_b @1024, ViT-B-16 / ViT-L-14 @224
+    python -m bench.e2e --quick               # tiny models on the CPU, for CI
+    python -m bench.e2e --quick --profile merged-fused
+
+Configurations (the ``impl`` column), each at one precision (the ``dtype`` in ``extra``):
+
+- ``separate-eager/<clip>``: ``segment_anything`` SAM image encoder at its native size, then the
+  open_clip image encoder at its own size, one after the other, as users run them today; fp32
+  and bf16.
+- ``separate-strong/<clip>``: the same in bf16 under ``torch.compile`` (open_clip attention runs
+  through ``nn.MultiheadAttention``, i.e. SDPA; segment_anything's attention has no SDPA path).
+- ``merged-reference``: the merged model, eager, attention backend ``reference`` (plain torch).
+- ``merged-fused``: the merged model, eager, automatic attention backend (fused kernels).
+- ``merged-fused-compile``: the same under ``torch.compile``.
+
+Workloads (``mode``): ``both`` (SAM embedding + CLIP embedding per image), ``sam``, ``clip``;
+and ``semantic``: one picture segmented into 20 labels by the merged predictor's composed mode
+against SAM's automatic mask generator + CLIP on every mask's box crop (``sam-amg+clip``).
+Per row: img/s, p50 (``ms``) and p99 latency per batch, peak CUDA memory, weight bytes on the
+device, energy per image from NVML power samples (or why not), and agreement: the maximum over
+outputs of ``max|out - ref| / max|ref|`` against the eager fp32 row of the same model on the
+same images (``separate-eager`` fp32 for separate rows, ``merged-reference`` fp32 for merged
+rows). Latency: device-synchronised wall clock per batch after warm-up (compile happens in the
+warm-up). Weights are random unless checkpoints are given. Rows are appended to
+``bench/results/e2e.csv``; one plot per workload (img/s vs batch) is written next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .harness import RESULTS_DIR, Result, append_csv, format_table
+
+WORKLOADS = ("both", "sam", "clip")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------ models
+class Models:
+    """Everything the rows need, built once (fp32, on the device); rows take copies."""
+
+    def __init__(self, sam, clips: Dict[str, object], merged, sam_size: int):
+        self.sam = sam  # segment_anything.Sam
+        self.clips = clips  # name -> CLIPTeacher
+        self.merged = merged  # SAMCLIP
+        self.sam_size = sam_size
+
+
+def build_models(args, device: torch.device, tmp: str) -> Models:
+    from fastsamclip.checkpoint import load_merged
+    from fastsamclip.modeling.samclip import SAMCLIP
+    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
+    from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
+
+    if args.quick:
+        # The tiny teachers in their official formats: same code paths as the real ones.
+        sam_ckpt = args.sam_checkpoint or write_sam_checkpoint(os.path.join(tmp, "sam.pth"), args.sam_type)
+        clip_names = [write_clip_local_dir(os.path.join(tmp, "clip"))]
+        pretrained = [None]
+    else:
+        sam_ckpt = args.sam_checkpoint
+        clip_names = args.clip_model
+        pretrained = args.clip_pretrained or [None] * len(clip_names)
+        if len(pretrained) != len(clip_names):
+            raise SystemExit("--clip-pretrained must be given once per --clip-model")
+    torch.manual_seed(0)
+    sam = load_sam_teacher(sam_ckpt, args.sam_type) if sam_ckpt else _random_sam(args.sam_type)
+    clips = {}
+    for name, pre in zip(clip_names, pretrained):
+        short = "tiny-clip" if name.startswith("local-dir:") else name
+        clips[short] = load_clip_teacher(name, pre if pre not in ("", "none") else None)
+    if args.merged:
+        merged = load_merged(args.merged, "cpu")
+    else:
+        # The merged model's CLIP head predicts the last (largest) CLIP's embedding and carries its
+        # text tower, as the paper's student does.
+        merged = SAMCLIP.from_teachers(sam, list(clips.values())[-1], sam_config=args.sam_type)
+    sam_size = int(sam.image_encoder.img_size)
+    # Image rows never use the text tower; keeping it out of the model saves copying a
+    # vocabulary-sized embedding for every bf16 row (0.7 s a copy with the tiny CLIP).
+    merged_text = merged.text
+    merged.text = None
+    models = Models(sam.to(device).eval(), {k: v.to(device).eval() for k, v in clips.items()},
+                    merged.to(device).eval(), sam_size)
+    models.merged_text = merged_text.to(device) if merged_text is not None else None
+    # Quick mode writes random teachers to disk: weights are random unless the user gave some.
+    models.random_sam = args.sam_checkpoint is None
+    return models
+
+
+def _random_sam(sam_type: str):
+    from fastsamclip.samples import _randomise_
+    from fastsamclip.teachers import build_sam
+
+    sam = build_sam(sam_type)
+    # SAM initialises its position tables to zero; random values keep them in the comparison.
+    _randomise_(sam, torch.Generator().manual_seed(0))
+    return sam
+
+
+def _nbytes(modules: Sequence[torch.nn.Module]) -> int:
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------ row functions
+def _sam_normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from fastsamclip.teachers import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(dtype)
+
+
+def _clip_preprocess(images: torch.Tensor, teacher, dtype: torch.dtype) -> torch.Tensor:
+    s = teacher.image_size
+    x = F.interpolate(images, size=(s, s), mode="bicubic", align_corners=False, antialias=True) / 255.0
+    mean = torch.tensor(teacher.image_mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.image_std, device=images.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The fp32 module itself, or a copy in ``dtype`` (the shared fp32 weights stay intact)."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
+def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtype
+                ) -> Tuple[Callable[[torch.Tensor], Dict[str, torch.Tensor]], List[torch.nn.Module]]:
+    """SAM then CLIP, each with its own preprocessing, as two separate models are used."""
+    sam_enc = _as_dtype(models.sam.image_encoder, dtype)
+    clip = _as_dtype(models.clips[clip_name], dtype)
+
+    def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = {}
+        if workload in ("both", "sam"):
+            out["sam"] = sam_enc(_sam_normalize(images, dtype))
+        if workload in ("both", "clip"):
+            out["clip"] = clip.model.encode_image(_clip_preprocess(images, clip, dtype))
+        return out
+
+    used = ([sam_enc] if workload != "clip" else []) + ([clip.model.visual] if workload != "sam" else [])
+    return run, used
+
+
+def merged_fn(models: Models, workload: str, dtype: torch.dtype):
+    model = _as_dtype(models.merged, dtype)
+    clip, sam = workload in ("both", "clip"), workload in ("both", "sam")
+
+    def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return model(_sam_normalize(images, dtype), clip=clip, sam=sam)
+
+    # Weights a deployment of this workload holds: the text tower is not used by image embedding,
+    # the CLIP head not by a SAM-only deployment.
+    used = [model.image_encoder] + ([model.clip_head] if clip else [])
+    return run, used
+
+
+def make_row_fn(models: Models, impl: str, workload: str, dtype: torch.dtype, compile_backend: str):
+    """(callable(images) -> outputs, modules on the device, attention backend or None)."""
+    if impl.startswith("separate-"):
+        kind, clip_name = impl.split("/", 1)
+        fn, used = separate_fn(models, clip_name, workload, dtype)
+        if kind == "separate-strong":
+            fn = torch.compile(fn, dynamic=False, backend=compile_backend)
+        return fn, used, None
+    fn, used = merged_fn(models, workload, dtype)
+    if impl == "merged-fused-compile":
+        fn = torch.compile(fn, dynamic=False, backend=compile_backend)
+    return fn, used, ("reference" if impl == "merged-reference" else None)
+
+
+# ------------------------------------------------------------------------------------ energy
+class PowerSampler:
+    """Samples GPU board power through NVML in a background thread while the timed loop runs."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.01):
+        self.reason: Optional[str] = None
+        self.samples: List[Tuple[float, float]] = []
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if device.type != "cuda":
+            self.reason = "n/a: no GPU (NVML power needs one)"
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            pynvml.nvmlDeviceGetPowerUsage(self._handle)
+        except ImportError:
+            self.reason = "n/a: nvidia-ml-py not installed"
+        except Exception as e:  # NVML present but refusing (containers without power access)
+            self.reason = f"n/a: NVML: {type(e).__name__}"
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            mw = self._nvml.nvmlDeviceGetPowerUsage(self._handle)
+            self.samples.append((time.perf_counter(), mw / 1e3))
+            time.sleep(self.period_s)
+
+    def __enter__(self):
+        if self.reason is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def joules(self, seconds: float) -> Optional[float]:
+        if self.reason is not None or len(self.samples) < 2:
+            return None
+        return statistics.mean(w for _, w in self.samples) * seconds
+
+
+# ------------------------------------------------------------------------------------ measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel_err(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
+    """max over outputs of max|out - ref| / max|ref| (scale-free, no division by tiny entries)."""
+    errs = []
+    for k, r in ref.items():
+        o, r = out[k].float(), r.float()
+        errs.append(((o - r).abs().max() / r.abs().max().clamp_min(1e-12)).item())
+    return max(errs)
+
+
+def measure(fn, images: torch.Tensor, device: torch.device, warmup: int, iters: int):
+    """Warm-up (compiles there), then ``iters`` synchronised batches. Returns
+    (outputs, sorted per-batch ms, total seconds, peak MB or None, PowerSampler)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            out = fn(images)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        times = []
+        with PowerSampler(device) as power:
+            t_start = time.perf_counter()
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                out = fn(images)
+                _sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            total = time.perf_counter() - t_start
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    # Compiled functions may hand back buffers a later call reuses: keep copies for agreement.
+    return {k: v.detach().clone() for k, v in out.items()}, sorted(times), total, peak, power
+
+
+def _attn(backend: Optional[str]):
+    from fastsamclip.kernels import use_backend
+
+    return use_backend(backend)
+
+
+def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: torch.Tensor,
+            refs: Dict[Tuple[str, str, int], Dict[str, torch.Tensor]], args, device: torch.device) -> Result:
+    b = images.shape[0]
+    case = f"{workload} B{b}"
+    extra = {"dtype": dtype_name, "batch": b}
+    r = Result(bench="e2e", case=case, impl=impl, mode=workload, extra=extra)
+    try:
+        fn, used, backend = make_row_fn(models, impl, workload, DTYPES[dtype_name], args.compile_backend)
+        with _attn(backend):
+            out, times, total, peak, power = measure(fn, images, device, args.warmup, args.iters)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        r.status = "failed: out of memory"
+        return r
+    except Exception as e:  # a configuration that breaks is a row with its error, not a crash
+        r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return r
+    p50 = statistics.median(times)
+    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    r.ms, r.peak_mem_mb = p50, peak
+    extra["img_s"] = round(b * len(times) / total, 3)
+    extra["p99_ms"] = round(p99, 3)
+    extra["weight_mb"] = round(_nbytes(used) / 2**20, 3)
+    joules = power.joules(total)
+    extra["j_per_img"] = round(joules / (b * len(times)), 5) if joules is not None else (
+        power.reason or "n/a: too few power samples")
+    family = "merged" if impl.startswith("merged") else impl.split("/", 1)[1]
+    key = (family, workload, b)
+    if dtype_name == "fp32" and (impl == "merged-reference" or impl.startswith("separate-eager")):
+        refs[key] = out  # the eager fp32 row of each model is the reference of the rows after it
+    extra["max_rel_err"] = f"{rel_err(out, refs[key]):.3g}" if key in refs else "n/a: reference row failed"
+    if impl.endswith("compile") or impl.startswith("separate-strong"):
+        extra["compile_backend"] = args.compile_backend
+    return r
+
+
+def configurations(models: Models, fast_dtype: str) -> List[Tuple[str, str]]:
+    """(impl, dtype) in order: each family's eager fp32 reference first (agreement needs it)."""
+    rows = []
+    for clip_name in models.clips:
+        rows += [(f"separate-eager/{clip_name}", "fp32"), (f"separate-eager/{clip_name}", "bf16"),
+                 (f"separate-strong/{clip_name}", "bf16")]
+    rows += [("merged-reference", "fp32"), ("merged-reference", "bf16"),
+             ("merged-fused", fast_dtype), ("merged-fused-compile", fast_dtype)]
+    return rows
+
+
+LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "building", "water", "chair", "table",
+          "cup", "bottle", "book", "clock", "flower", "bird", "horse", "boat"]
+
+
+def composed_fn(models: Models, image, device: torch.device):
+    """The merged model's training-free semantic segmentation: one pass, CLIP-prompted SAM head."""
+    from fastsamclip.predictor import SAMCLIPPredictor
+
+    model = copy.deepcopy(models.merged)
+    model.text = models.merged_text
+    if model.text is None:
+        raise RuntimeError("the merged model has no text tower")
+    pred = SAMCLIPPredictor(model, device=device)
+
+    def run(_images):
+        res = pred.semantic_segment(image, LABELS, mode="composed")
+        return {"label_map": torch.from_numpy(res.label_map)}
+
+    return run, [model.image_encoder, model.clip_head, model.prompt_encoder, model.mask_decoder, model.text]
+
+
+def amg_clip_fn(models: Models, clip_name: str, image, points_per_side: int, device: torch.device):
+    """SAM's automatic masks, then CLIP on every mask's box crop, each labelled by its best class
+    (the training-free pipeline users assemble from the two models)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    clip = models.clips[clip_name]
+    # Random SAM weights give mask logits within about +-0.1 (vit_tiny) and IoU predictions near
+    # zero: the default thresholds (and the stability offset of 1.0) would drop every mask and
+    # time an empty CLIP stage, so random weights keep all masks.
+    thresh = ({"pred_iou_thresh": -1e9, "stability_score_thresh": -1.0, "stability_score_offset": 0.05}
+              if models.random_sam else {})
+    amg = SamAutomaticMaskGenerator(models.sam, points_per_side=points_per_side, **thresh)
+    with torch.no_grad():
+        text = clip.encode_text(clip.tokenize([f"a photo of a {c}." for c in LABELS]).to(device), normalize=True)
+    h, w = image.shape[:2]
+    counts: List[int] = []  # masks per image, reported beside the timing
+
+    def run(_images):
+        masks = amg.generate(image)
+        counts.append(len(masks))
+        label_map = torch.full((h, w), -1, dtype=torch.long)
+        if masks:
+            img = torch.from_numpy(image).to(device).permute(2, 0, 1).float()
+            crops = []
+            for m in masks:
+                x, y, bw, bh = (int(round(v)) for v in m["bbox"])
+                crop = img[:, y:y + max(bh, 1), x:x + max(bw, 1)][None]
+                crops.append(_clip_preprocess(crop, clip, torch.float32))
+            emb = clip.encode_image(torch.cat(crops), normalize=True)
+            cls = (emb @ text.T).argmax(-1).cpu()
+            # Larger masks first, so smaller ones on top keep their label.
+            for i in sorted(range(len(masks)), key=lambda i: -masks[i]["area"]):
+                label_map[torch.from_numpy(masks[i]["segmentation"])] = cls[i]
+        return {"label_map": label_map}
+
+    run.mask_counts = counts
+    return run, [models.sam, clip.model]
+
+
+def semantic_rows(models: Models, args, device: torch.device) -> List[Result]:
+    from fastsamclip.samples import sample_image
+
+    image = sample_image("chelsea")
+    case = f"semantic {image.shape[1]}x{image.shape[0]} {len(LABELS)} labels"
+    rows = []
+    builders = [("merged-composed", lambda: composed_fn(models, image, device))]
+    builders += [(f"sam-amg+clip/{c}", (lambda c=c: amg_clip_fn(models, c, image, args.points_per_side, device)))
+                 for c in models.clips]
+    for impl, build in builders:
+        r = Result(bench="e2e", case=case, impl=impl, mode="semantic",
+                   extra={"dtype": "fp32", "batch": 1})
+        try:
+            fn, used = build()
+            with _attn(None):
+                _, times, total, peak, power = measure(fn, None, device, args.warmup, args.iters)
+        except Exception as e:  # a pipeline that breaks is a row with its error
+            r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            rows.append(r)
+            continue
+        r.ms, r.peak_mem_mb = statistics.median(times), peak
+        r.extra.update(img_s=round(len(times) / total, 3),
+                       p99_ms=round(times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))], 3),
+                       weight_mb=round(_nbytes(used) / 2**20, 3),
+                       j_per_img=(round(power.joules(total) / len(times), 5) if power.joules(total) is not None
+                                  else power.reason or "n/a: too few power samples"),
+                       max_rel_err="n/a: different pipelines, no shared reference")
+        if impl.startswith("sam-amg"):
+            r.extra["points_per_side"] = args.points_per_side
+            r.extra["masks"] = fn.mask_counts[-1]
+        rows.append(r)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ plots, profile
+def plot_workloads(results: List[Result], folder: str) -> List[str]:
+    """One PNG per workload: img/s vs batch size, one line per (impl, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for workload in WORKLOADS:
+        if not any(r.mode == workload for r in results):
+            continue  # not asked for in this run
+        rows = [r for r in results if r.mode == workload and r.status == "ok"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lines: Dict[str, List[Tuple[int, float]]] = {}
+        for r in rows:
+            lines.setdefault(f"{r.impl} {r.extra['dtype']}", []).append((r.extra["batch"], r.extra["img_s"]))
+        for label, pts in lines.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"e2e '{workload}'" + ("" if rows else " (no successful rows)"))
+        if lines:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(folder, f"e2e_{workload}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def profile(models: Models, impl: str, dtype_name: str, images: torch.Tensor, args, device: torch.device) -> str:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    fn, _, backend = make_row_fn(models, impl, "both", DTYPES[dtype_name], args.compile_backend)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), _attn(backend):
+        for _ in range(max(1, args.warmup)):  # compile outside the trace
+            fn(images)
+        _sync(device)
+        with tprofile(activities=activities) as prof:
+            for _ in range(3):
+                fn(images)
+            _sync(device)
+    path = args.trace or os.path.join(RESULTS_DIR, f"e2e_trace_{impl.replace('/', '_')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    prof.export_chrome_trace(path)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    print(f"trace written to {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models on the CPU, batch 1,2, few iterations")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8,32; quick 1,2)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--sam-type", default=None, help="SAM config (default vit_b; quick vit_tiny)")
+    p.add_argument("--sam-checkpoint", default=None)
+    p.add_argument("--clip-model", action="append", default=None, help="open_clip name (repeatable)")
+    p.add_argument("--clip-pretrained", action="append", default=None, help="tag or file per --clip-model")
+    p.add_argument("--merged", default=None, help="merged .safetensors (default: built from the teachers)")
+    p.add_argument("--fast-dtype", default=None, choices=list(DTYPES),
+                   help="precision of the fused rows (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile-backend", default=None, help="default inductor; quick: eager (fast to trace)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--out", default=None, help="CSV to append to (default bench/results/e2e.csv)")
+    p.add_argument("--plot-dir", default=None, help="where the plots go (default: next to the CSV)")
+    p.add_argument("--no-semantic", action="store_true", help="skip the semantic-segmentation workload")
+    p.add_argument("--points-per-side", type=int, default=None, help="SAM AMG grid (default 32; quick 4)")
+    p.add_argument("--profile", default=None, metavar="ROW_NAME", help="trace one configuration (impl name)")
+    p.add_argument("--profile-dtype", default=None, choices=list(DTYPES))
+    p.add_argument("--trace", default=None, help="Chrome trace path for --profile")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    q = args.quick
+    device = torch.device(args.device or ("cpu" if q or not torch.cuda.is_available() else "cuda"))
+    args.sam_type = args.sam_type or ("vit_tiny" if q else "vit_b")
+    args.clip_model = args.clip_model or ["ViT-B-16", "ViT-L-14"]
+    args.batch = [int(x) for x in (args.batch or ("1,2" if q else "1,8,32")).split(",")]
+    args.iters = args.iters or (3 if q else 30)
+    args.warmup = args.warmup or (1 if q else 3)
+    args.compile_backend = args.compile_backend or ("eager" if q else "inductor")
+    args.points_per_side = args.points_per_side or (4 if q else 32)
+    fast_dtype = args.fast_dtype or ("bf16" if device.type == "cuda" else "fp32")
+    workloads = [w for w in args.workloads.split(",") if w]
+    for w in workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+
+    tmp = tempfile.mkdtemp(prefix="fastsamclip-e2e-")
+    models = build_models(args, device, tmp)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # Random pixels 0-255 at SAM's native size; every row of a batch size sees the same images.
+    images = {b: (torch.rand(b, 3, models.sam_size, models.sam_size, generator=g) * 255).to(device)
+              for b in args.batch}
+
+    if args.profile:
+        known = [impl for impl, _ in configurations(models, fast_dtype)]
+        if args.profile not in known:
+            p.error(f"--profile: unknown row {args.profile!r}; known: {', '.join(dict.fromkeys(known))}")
+        # Default: the row's first precision in the table (fp32 for the eager rows).
+        dtype = args.profile_dtype or next(d for i, d in configurations(models, fast_dtype) if i == args.profile)
+        profile(models, args.profile, dtype, images[args.batch[0]], args, device)
+        return 0
+
+    results: List[Result] = []
+    refs: Dict[Tuple[str, str, int], Dict[str, torch.Tensor]] = {}
+    for workload in workloads:
+        for b in args.batch:
+            for impl, dtype in configurations(models, fast_dtype):
+                results.append(run_row(models, impl, dtype, workload, images[b], refs, args, device))
+                torch._dynamo.reset()  # compiled graphs of one row must not serve (or evict) another's
+    if not args.no_semantic:
+        results += semantic_rows(models, args, device)
+    path = append_csv(results, args.out)
+    plots = plot_workloads(results, args.plot_dir or os.path.dirname(os.path.abspath(path)))
+    print(format_table(results))
+    print()
+    hdr = f"{'case':<10} {'impl':<34} {'dtype':<5} {'img/s':>9} {'p99 ms':>9} {'weights MB':>10} {'J/img':>24} {'max rel err':>26}"
+    print(hdr)
+    for r in results:
+        if r.status == "ok":
+            e = r.extra
+            print(f"{r.case:<10} {r.impl:<34} {e['dtype']:<5} {e['img_s']:>9} {e['p99_ms']:>9} {e['weight_mb']:>10} "
+                  f"{str(e['j_per_img']):>24} {str(e['max_rel_err']):>26}")
+    print(f"appended {len(results)} rows to {path}; plots: {', '.join(plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""CPU smoke run of the end-to-end benchmark: every configuration has a row, agreement is
+reported and small where the arithmetic is the same, plots and profiler traces are written."""
+
+import json
+import os
+
+import pytest
+
+from bench import e2e
+from bench.harness import read_csv
+
+IMPLS = {"separate-eager/tiny-clip", "separate-strong/tiny-clip", "merged-reference", "merged-fused",
+         "merged-fused-compile"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("e2e")
+    out, plots = folder / "e2e.csv", folder / "plots"
+    assert e2e.main(["--quick", "--out", str(out), "--plot-dir", str(plots)]) == 0
+    return read_csv(str(out)), plots
+
+
+def _extra(row):
+    return dict(kv.split("=", 1) for kv in row["extra"].split(";") if kv)
+
+
+def test_every_configuration_has_a_row_per_workload_and_batch(quick_run):
+    rows, _ = quick_run
+    for workload in e2e.WORKLOADS:
+        for b in (1, 2):
+            got = {r["impl"] for r in rows if r["mode"] == workload and r["case"] == f"{workload} B{b}"}
+            assert got == IMPLS, (workload, b, got)
+    # A row is either measured or says why not; never an empty status.
+    assert all(r["status"] == "ok" or r["status"].startswith(("skipped: ", "failed: ")) for r in rows)
+
+
+def test_semantic_workload_rows(quick_run):
+    rows, _ = quick_run
+    sem = {r["impl"]: r for r in rows if r["mode"] == "semantic"}
+    assert set(sem) == {"merged-composed", "sam-amg+clip/tiny-clip"}
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in sem.values())
+    # The baseline must have classified some masks, or it would time an empty CLIP stage.
+    assert int(_extra(sem["sam-amg+clip/tiny-clip"])["masks"]) > 0
+
+
+def test_measured_rows_carry_speed_memory_energy_and_agreement(quick_run):
+    rows, _ = quick_run
+    ok = [r for r in rows if r["status"] == "ok" and r["mode"] != "semantic"]
+    # On the CPU every image-embedding configuration runs; a failure here is a regression.
+    assert len(ok) == len(e2e.WORKLOADS) * 2 * 7
+    for r in ok:
+        e = _extra(r)
+        # p99 >= p50, up to the CSV's 4-significant-digit rounding.
+        assert float(e["img_s"]) > 0 and float(e["p99_ms"]) >= 0.999 * float(r["ms"]) > 0
+        assert float(e["weight_mb"]) > 0
+        assert e["j_per_img"].startswith("n/a:")  # no GPU here: the column says why
+        assert "max_rel_err" in e
+
+
+def test_fused_agrees_with_plain_torch_reference(quick_run):
+    rows, _ = quick_run
+    fp32_merged = [r for r in rows if r["status"] == "ok" and r["impl"].startswith("merged-fused")]
+    assert fp32_merged
+    for r in fp32_merged:
+        e = _extra(r)
+        assert e["dtype"] == "fp32"
+        # Same math, different attention kernels: fp32 rounding only.
+        assert float(e["max_rel_err"]) < 1e-4, (r["case"], r["impl"], e["max_rel_err"])
+    for r in rows:
+        e = _extra(r)
+        if r["status"] == "ok" and e["dtype"] == "bf16":
+            # bf16 keeps ~3 significant digits; far off would mean a wrong reference pairing.
+            assert 0 < float(e["max_rel_err"]) < 0.1, (r["case"], r["impl"], e["max_rel_err"])
+
+
+def test_plot_per_workload(quick_run):
+    _, plots = quick_run
+    for workload in e2e.WORKLOADS:
+        path = plots / f"e2e_{workload}.png"
+        assert path.exists() and path.stat().st_size > 1000
+
+
+def test_profile_writes_a_chrome_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert e2e.main(["--quick", "--batch", "1", "--profile", "merged-fused", "--trace", str(trace)]) == 0
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    assert len(events) > 10
+    assert "Self CPU" in capsys.readouterr().out  # the top-kernels table was printed
+    assert not os.path.exists(tmp_path / "e2e.csv")  # profiling appends no rows
+
+
+def test_profile_rejects_unknown_row():
+    with pytest.raises(SystemExit):
+        e2e.main(["--quick", "--profile", "no-such-row"])
