@@ -69,6 +69,13 @@ def draw_overlay(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequenc
     return path
 
 
+def _write_teachers(folder: str, sam_type: str, say) -> tuple:
+    """Small random teachers in the official formats: (SAM .pth path, open_clip model name)."""
+    say(f"[1/4] writing small teachers in the official formats ({sam_type} SAM .pth, open_clip folder)")
+    sam_path = write_sam_checkpoint(os.path.join(folder, f"sam_{sam_type}.pth"), sam_type)
+    return sam_path, write_clip_local_dir(os.path.join(folder, "clip"))
+
+
 def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_name: str = "chelsea",
              resolutions: Sequence[int] = (64, 128, 256), quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else print
@@ -78,9 +85,7 @@ def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_na
     report: dict = {"out_dir": out_dir}
 
     with tempfile.TemporaryDirectory() as teachers_dir:
-        say(f"[1/4] writing small teachers in the official formats ({sam_type} SAM .pth, open_clip folder)")
-        sam_path = write_sam_checkpoint(os.path.join(teachers_dir, f"sam_{sam_type}.pth"), sam_type)
-        clip_name = write_clip_local_dir(os.path.join(teachers_dir, "clip"))
+        sam_path, clip_name = _write_teachers(teachers_dir, sam_type, say)
         sam = load_sam_teacher(sam_path, sam_type)
         clip = load_clip_teacher(clip_name)
 
@@ -196,9 +201,7 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
     t0 = time.perf_counter()
     report: dict = {"out_dir": out_dir}
     with tempfile.TemporaryDirectory() as work:
-        say(f"[1/4] writing small teachers in the official formats ({sam_type} SAM .pth, open_clip folder)")
-        sam_path = write_sam_checkpoint(os.path.join(work, f"sam_{sam_type}.pth"), sam_type)
-        clip_name = write_clip_local_dir(os.path.join(work, "clip"))
+        sam_path, clip_name = _write_teachers(work, sam_type, say)
         clip_bytes = sum(os.path.getsize(os.path.join(work, "clip", f)) for f in os.listdir(os.path.join(work, "clip")))
         teacher_bytes = os.path.getsize(sam_path) + clip_bytes
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsamclip.checkpoint import load_merged
+from fastsamclip.kernels.preprocess import postprocess_logits_reference
 from fastsamclip.data import apply_boxes, apply_coords, get_preprocess_shape, preprocess_clip_image, preprocess_sam_image
 from fastsamclip.modeling.samclip import SAMCLIP
 from fastsamclip.teachers import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -146,9 +147,7 @@ def postprocess_masks(low_res: torch.Tensor, input_size: Tuple[int, int], origin
     Upscale to the padded input (img_size x img_size), crop the padding away (input_size, the
     resized image before padding), resize to the original (H, W); bilinear, align_corners=False.
     """
-    m = F.interpolate(low_res.float(), (img_size, img_size), mode="bilinear", align_corners=False)
-    m = m[..., : input_size[0], : input_size[1]]
-    return F.interpolate(m, tuple(original_size), mode="bilinear", align_corners=False)
+    return postprocess_logits_reference(low_res, input_size, img_size, original_size)
 
 
 def _check_labels(labels: Sequence[str]) -> Tuple[str, ...]:

@@ -191,11 +191,17 @@ def postprocess_masks_reference(lowres: torch.Tensor, input_hw: tuple[int, int],
         x = F.interpolate(x[..., :h, :w], original_hw, mode="bilinear", align_corners=False)
         masks = x > threshold
     """
+    x = postprocess_logits_reference(lowres, input_hw, pad_side, original_hw)
+    return (x if return_logits else None), x > threshold
+
+
+def postprocess_logits_reference(lowres: torch.Tensor, input_hw: tuple[int, int], pad_side: int,
+                                 original_hw: tuple[int, int]) -> torch.Tensor:
+    """``Sam.postprocess_masks`` in plain torch: (P, K, lh, lw) -> (P, K, H, W) float32 logits."""
     (h, w), pad_side, (oh, ow) = _check_postprocess(lowres, input_hw, pad_side, original_hw)
     x = F.interpolate(lowres.to(torch.float32), (pad_side, pad_side), mode="bilinear",
                       align_corners=False)
-    x = F.interpolate(x[..., :h, :w], (oh, ow), mode="bilinear", align_corners=False)
-    return (x if return_logits else None), x > threshold
+    return F.interpolate(x[..., :h, :w], (oh, ow), mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------
