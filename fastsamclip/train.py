@@ -109,6 +109,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     amp: str = "auto"  # bf16 | off | auto (bf16 autocast on CUDA, off on CPU)
     compile: bool = False  # torch.compile the image encoder and CLIP head (per-resolution graphs)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" to debug a compiled run)
     activation_checkpointing: bool = False  # recompute backbone blocks in backward (1024 px batches)
     num_workers: int = 0  # DataLoader workers for image folders and SA-1B (0: in-process)
     checkpoint_every: int = 1000  # write out/checkpoints/last.pt every K optimizer steps (and at stage ends)
@@ -286,8 +287,16 @@ class ClipStream:
         if self.kind == "shards":
             self.source = data.ClipWebDataset(path, rank=d.rank, world_size=d.world_size, seed=mr_config.seed,
                                               validate=validate)
-            self.batcher = data.MultiResolutionBatcher(self.source, mr_config, mean, std)
             self.num_samples = None  # counted lazily (only needed to turn epochs into steps)
+            per_epoch = None
+            if d.world_size > 1:
+                # Ranks read different shards, whose sizes differ: a fixed number of batches per
+                # rank and epoch keeps every rank in the same epoch, so batch k has the same
+                # resolution on all of them (a rank whose shards run out re-reads them).
+                per_rank = self.samples() / d.world_size
+                mean_batch = float(np.mean([mr_config.batch_size(r) for r in mr_config.resolutions]))
+                per_epoch = max(1, int(per_rank // mean_batch))
+            self.batcher = data.MultiResolutionBatcher(self.source, mr_config, mean, std, batches_per_epoch=per_epoch)
         else:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"D_CLIP path {path!r} does not exist (give a shard spec "
@@ -633,8 +642,8 @@ class Distiller:
                                           if torch.is_grad_enabled() else f(x)))(fwd)
         if cfg.compile:
             # In place (nn.Module.compile) keeps parameter names; one graph per input resolution.
-            self.student.image_encoder.compile(dynamic=False)
-            self.student.clip_head.compile(dynamic=False)
+            self.student.image_encoder.compile(dynamic=False, backend=cfg.compile_backend)
+            self.student.clip_head.compile(dynamic=False, backend=cfg.compile_backend)
 
     def _autocast(self):
         if self.amp and self.device.type == "cuda":
@@ -832,14 +841,19 @@ class Distiller:
             opt, lr_lambda(self.stage_steps[stage], self.cfg.warmup_fraction, self.cfg.min_lr_ratio))
         return opt, sched
 
-    def train_step(self, stage: int, opt, sched) -> dict:
-        """One optimizer step of a stage; returns its record (losses, lr, skipped)."""
+    def train_step(self, stage: int, opt, sched, clip_batch: Optional[tuple] = None,
+                   sam_items: Optional[List[dict]] = None) -> dict:
+        """One optimizer step of a stage; returns its record (losses, lr, skipped).
+
+        The batches come from the data streams, or are given: ``clip_batch`` as the stream's
+        ``(keys, images, resolution)`` and ``sam_items`` as a list of ``SA1BDataset`` items
+        (how the training-step benchmark feeds fixed batches)."""
         opt.zero_grad(set_to_none=True)
-        keys, images, res = self._clip_stream(stage).next()
+        keys, images, res = clip_batch if clip_batch is not None else self._clip_stream(stage).next()
         loss_clip, n_clip = self.clip_step(stage, keys, images, res)
         loss_sam, n_sam = float("nan"), 0
         if stage == 2:
-            loss_sam, n_sam = self.sam_step(self.sam_stream.next())
+            loss_sam, n_sam = self.sam_step(sam_items if sam_items is not None else self.sam_stream.next())
         params = [p for g in opt.param_groups for p in g["params"]]
         for p in params:  # every rank all-reduces the same list, so absent grads become zeros
             if p.grad is None:

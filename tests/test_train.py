@@ -248,6 +248,24 @@ def test_distill_command_with_config_file_and_overrides(env, tmp_path):
     load_merged(str(out / "merged.safetensors"))
 
 
+def test_ranks_on_shards_of_unequal_sizes_stay_in_the_same_epoch(env):
+    """Three shards over two ranks: one rank reads twice the records of the other, yet batch k has
+    the same epoch and resolution on both (the short rank re-reads its shards)."""
+    from fastsamclip.data import MultiResolutionConfig
+    from fastsamclip.train import ClipStream, Dist
+
+    mr = MultiResolutionConfig(resolutions=(64, 96), base_batch=2, base_res=64, seed=3)
+    streams = [ClipStream(env["spec"], mr, Dist(rank=r, world_size=2), (0.5,) * 3, (0.5,) * 3) for r in range(2)]
+    assert len(data.expand_shard_spec(env["spec"])) == 3
+    seen = [[], []]
+    for _ in range(12):  # three epochs of 4 batches per rank
+        for r, st in enumerate(streams):
+            keys, images, res = st.next()
+            seen[r].append((st.epoch, res, images.shape[0]))
+    assert seen[0] == seen[1]
+    assert [e for e, _, _ in seen[0]] == [0] * 4 + [1] * 4 + [2] * 4
+
+
 def test_two_process_run_through_torchrun_on_cpu(env, tmp_path):
     """The same command on N processes: torchrun, gloo on the CPU, data sharded by rank."""
     import subprocess
