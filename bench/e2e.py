@@ -22,9 +22,11 @@ Per row: img/s, p50 (``ms``) and p99 latency per batch, peak CUDA memory, weight
 device, energy per image from NVML power samples (or why not), and agreement: the maximum over
 outputs of ``max|out - ref| / max|ref|`` against the eager fp32 row of the same model on the
 same images (``separate-eager`` fp32 for separate rows, ``merged-reference`` fp32 for merged
-rows). Latency: device-synchronised wall clock per batch after warm-up (compile happens in the
-warm-up). Weights are random unless checkpoints are given. Rows are appended to
-``bench/results/e2e.csv``; one plot per workload (img/s vs batch) is written next to it.
+rows). Latency: CUDA events around each batch, synchronised after it (the wall clock on the
+CPU), after warm-up (compile happens in the warm-up). Weights are random unless checkpoints are
+given. Rows are appended to ``bench/results/e2e.csv``; one plot per workload (img/s vs batch) is
+written next to it, and the claims of the product are checked on this run (``bench.report``).
+``--compare REF`` prints img/s against an earlier run (a CSV file or a commit in the CSV).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .harness import RESULTS_DIR, Result, append_csv, format_table
+from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_table, percentile, read_csv,
+                      time_calls)
 
 WORKLOADS = ("both", "sam", "clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -254,8 +257,8 @@ def rel_err(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float
 
 
 def measure(fn, images: torch.Tensor, device: torch.device, warmup: int, iters: int):
-    """Warm-up (compiles there), then ``iters`` synchronised batches. Returns
-    (outputs, sorted per-batch ms, total seconds, peak MB or None, PowerSampler)."""
+    """Warm-up (compiles there), then ``iters`` batches, each timed by device events and
+    synchronised. Returns (outputs, sorted per-batch ms, total seconds, peak MB or None, PowerSampler)."""
     with torch.no_grad():
         for _ in range(warmup):
             out = fn(images)
@@ -264,15 +267,14 @@ def measure(fn, images: torch.Tensor, device: torch.device, warmup: int, iters: 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        times = []
+        last = {}
+
+        def call():
+            last["out"] = fn(images)
+
         with PowerSampler(device) as power:
-            t_start = time.perf_counter()
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                out = fn(images)
-                _sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
-            total = time.perf_counter() - t_start
+            times, total = time_calls(call, iters, device)
+        out = last["out"]
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
     # Compiled functions may hand back buffers a later call reuses: keep copies for agreement.
     return {k: v.detach().clone() for k, v in out.items()}, sorted(times), total, peak, power
@@ -302,7 +304,7 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
         r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         return r
     p50 = statistics.median(times)
-    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    p99 = percentile(times, 0.99)
     r.ms, r.peak_mem_mb = p50, peak
     extra["img_s"] = round(b * len(times) / total, 3)
     extra["p99_ms"] = round(p99, 3)
@@ -413,7 +415,7 @@ def semantic_rows(models: Models, args, device: torch.device) -> List[Result]:
             continue
         r.ms, r.peak_mem_mb = statistics.median(times), peak
         r.extra.update(img_s=round(len(times) / total, 3),
-                       p99_ms=round(times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))], 3),
+                       p99_ms=round(percentile(times, 0.99), 3),
                        weight_mb=round(_nbytes(used) / 2**20, 3),
                        j_per_img=(round(power.joules(total) / len(times), 5) if power.joules(total) is not None
                                   else power.reason or "n/a: too few power samples"),
@@ -506,6 +508,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", default=None, metavar="ROW_NAME", help="trace one configuration (impl name)")
     p.add_argument("--profile-dtype", default=None, choices=list(DTYPES))
     p.add_argument("--trace", default=None, help="Chrome trace path for --profile")
+    p.add_argument("--compare", default=None, metavar="REF",
+                   help="print img/s against an earlier run: a results CSV, or a commit id found in --out's CSV")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     q = args.quick
@@ -522,6 +526,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for w in workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+
+    out_csv = args.out or os.path.join(RESULTS_DIR, "e2e.csv")
+    before = earlier_rows(args.compare, out_csv) if args.compare else None  # read before this run appends
 
     tmp = tempfile.mkdtemp(prefix="fastsamclip-e2e-")
     models = build_models(args, device, tmp)
@@ -548,7 +555,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 torch._dynamo.reset()  # compiled graphs of one row must not serve (or evict) another's
     if not args.no_semantic:
         results += semantic_rows(models, args, device)
-    path = append_csv(results, args.out)
+    path = append_csv(results, out_csv)
     plots = plot_workloads(results, args.plot_dir or os.path.dirname(os.path.abspath(path)))
     print(format_table(results))
     print()
@@ -560,6 +567,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{r.case:<10} {r.impl:<34} {e['dtype']:<5} {e['img_s']:>9} {e['p99_ms']:>9} {e['weight_mb']:>10} "
                   f"{str(e['j_per_img']):>24} {str(e['max_rel_err']):>26}")
     print(f"appended {len(results)} rows to {path}; plots: {', '.join(plots)}")
+    print()
+    from .report import markdown, run_rows
+
+    print(markdown(run_rows(read_csv(path))))
+    if before is not None:
+        print()
+        print(compare(results, before, metric="img_s", higher_is_better=True))
     return 0
 
 

@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -99,6 +99,35 @@ def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     return statistics.median(times)
 
 
+def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> Tuple[List[float], float]:
+    """Call ``fn`` ``iters`` times, each timed on its own: (per-call ms, seconds of the whole loop).
+
+    On CUDA each call is bracketed by device events and followed by a synchronise (a single
+    request's latency, nothing queued behind it); elsewhere the wall clock. Warm up before.
+    """
+    if device.type != "cuda":
+        times = []
+        t_start = time.perf_counter()
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times, time.perf_counter() - t_start
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for a, b in zip(starts, ends):
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(starts, ends)], starts[0].elapsed_time(ends[-1]) / 1e3
+
+
+def percentile(sorted_ms: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (``q`` in [0, 1])."""
+    return sorted_ms[min(len(sorted_ms) - 1, int(round(q * (len(sorted_ms) - 1))))]
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
     """Peak CUDA memory allocated by one call above what was live before it (None on CPU)."""
     if not torch.cuda.is_available():
@@ -169,6 +198,74 @@ def read_csv(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def parse_extra(field_: str) -> Dict[str, str]:
+    """The ``extra`` column (``k=v;k=v``) of a CSV row as a dict of strings."""
+    out = {}
+    for part in (field_ or "").split(";"):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k] = v
+    return out
+
+
+def row_value(row: Dict[str, str], metric: str) -> Optional[float]:
+    """A number from a CSV row: a column (``ms``, ``peak_mem_mb``) or an ``extra`` key (``img_s``)."""
+    v = row.get(metric) if metric in CSV_FIELDS else parse_extra(row.get("extra", "")).get(metric)
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:  # an extra that holds a reason instead of a number
+        return None
+
+
+def _row_key(bench: str, case: str, impl: str, mode: str, extra: Dict[str, object]) -> Tuple[str, ...]:
+    return (bench, case, impl, mode, str(extra.get("dtype", "")))
+
+
+def earlier_rows(ref: str, default_csv: str) -> List[Dict[str, str]]:
+    """The rows ``--compare REF`` means: every row of a CSV file, or the rows of ``default_csv``
+    written at commit ``REF`` (a prefix of the commit id in the ``commit`` column)."""
+    if os.path.isfile(ref):
+        return read_csv(ref)
+    if not os.path.isfile(default_csv):
+        raise SystemExit(f"--compare {ref!r}: not a file, and there is no {default_csv} to look the commit up in")
+    rows = [r for r in read_csv(default_csv) if r["commit"] and (r["commit"].startswith(ref) or ref.startswith(r["commit"]))]
+    if not rows:
+        commits = sorted({r["commit"] for r in read_csv(default_csv)})
+        raise SystemExit(f"--compare {ref!r}: no CSV file of that name, and no row of {default_csv} has that commit "
+                         f"(it has: {', '.join(commits) or 'none'})")
+    return rows
+
+
+def compare(results: Sequence[Result], before: Sequence[Dict[str, str]], metric: str = "ms",
+            higher_is_better: bool = False, tolerance: float = 0.05) -> str:
+    """This run against the latest earlier row of the same benchmark, case, impl, mode and dtype on
+    the same device: old, new, their ratio (> 1: better now), and a mark past ``tolerance``."""
+    device = environment()["device"]
+    latest: Dict[Tuple[str, ...], Dict[str, str]] = {}
+    for row in before:  # CSV rows are in time order: the last one of a key wins
+        if row["device"] == device and row["status"] == "ok":
+            latest[_row_key(row["bench"], row["case"], row["impl"], row["mode"], parse_extra(row["extra"]))] = row
+    lines = [f"{'case':<28} {'impl':<30} {'dtype':<5} {'before':>10} {'now':>10} {'gain':>7}  (" + metric
+             + (", higher is better)" if higher_is_better else ", lower is better)")]
+    matched = 0
+    for r in results:
+        if r.status != "ok":
+            continue
+        old = latest.get(_row_key(r.bench, r.case, r.impl, r.mode, r.extra))
+        now = r.extra.get(metric) if metric not in CSV_FIELDS else getattr(r, metric)
+        was = row_value(old, metric) if old else None
+        if was is None or not isinstance(now, (int, float)) or not now:
+            continue
+        matched += 1
+        gain = now / was if higher_is_better else was / now
+        mark = "  slower" if gain < 1 - tolerance else ("  faster" if gain > 1 + tolerance else "")
+        lines.append(f"{r.case:<28} {r.impl:<30} {str(r.extra.get('dtype', '')):<5} {was:>10.4g} {now:>10.4g} "
+                     f"{gain:>6.2f}x{mark}  (was {old['commit']}, {old['date'][:10]})")
+    if not matched:
+        return f"compare: no earlier row on {device} matches a row of this run"
+    return "\n".join(lines)
+
+
 def format_table(results: Iterable[Result], baseline: Optional[str] = None) -> str:
     """A plain-text table; with ``baseline``, a column of speed-up over that impl per case/mode."""
     results = list(results)
@@ -200,7 +297,7 @@ def plot_csv(path: str, out_png: Optional[str] = None, metric: str = "ms", last_
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in read_csv(path) if r["status"] == "ok" and r[metric]]
+    rows = [r for r in read_csv(path) if r["status"] == "ok" and row_value(r, metric) is not None]
     if not rows:
         return None
     if last_commit_only:
@@ -211,7 +308,7 @@ def plot_csv(path: str, out_png: Optional[str] = None, metric: str = "ms", last_
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) * max(1, len(impls)) / 3), 4.5))
     width = 0.8 / max(1, len(impls))
     for j, impl in enumerate(impls):
-        vals = {f"{r['case']} {r['mode']}": float(r[metric]) for r in rows if r["impl"] == impl}
+        vals = {f"{r['case']} {r['mode']}": row_value(r, metric) for r in rows if r["impl"] == impl}
         xs = [i + j * width for i, c in enumerate(cases) if c in vals]
         ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=impl)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])

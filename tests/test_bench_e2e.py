@@ -94,3 +94,56 @@ def test_profile_writes_a_chrome_trace(tmp_path, capsys):
 def test_profile_rejects_unknown_row():
     with pytest.raises(SystemExit):
         e2e.main(["--quick", "--profile", "no-such-row"])
+
+
+def test_report_checks_the_claims_on_rows_of_the_run(quick_run):
+    from bench import report
+    from bench.harness import row_value
+
+    rows, _ = quick_run
+    run = report.run_rows(rows)
+    assert run == rows  # one run in the file: all of it
+    claims, batch, dtype = report.claims(run)
+    assert (batch, dtype) == (2, "fp32") and len(claims) == 6
+    by_name = {c[0].split(" (")[0]: c for c in claims}
+    # Each ratio is the quotient of two rows of the CSV, not a constant.
+    enc = by_name["image encoder img/s vs segment_anything eager fp32"]
+    num = report._find(run, "sam", "merged-fused-compile", 2, "fp32")
+    den = report._find(run, "sam", "separate-eager/tiny-clip", 2, "fp32")
+    assert enc[1] == pytest.approx(row_value(num, "img_s") / row_value(den, "img_s"))
+    assert enc[3] == (enc[1] >= 6)
+    weights = by_name["both outputs weight bytes vs SAM + CLIP tiny-clip"]
+    assert weights[1] == pytest.approx(
+        row_value(report._find(run, "both", "merged-reference", 2, "fp32"), "weight_mb")
+        / row_value(report._find(run, "both", "separate-eager/tiny-clip", 2, "fp32"), "weight_mb"))
+    # No batch 32 and no CUDA memory on the CPU: that claim says why it has no number.
+    memory = [c for c in claims if c[0].startswith("peak memory")][0]
+    assert memory[1] is None and memory[4].startswith("n/a")
+    md = report.markdown(run)
+    assert "| claim | measured | goal | met |" in md and rows[0]["commit"] in md
+    assert md.count("\n| sam B2 |") == 7  # the table holds the claim's batch size only
+
+
+def test_report_command_and_compare_against_the_earlier_run(quick_run, tmp_path, capsys):
+    from bench import report
+
+    rows, _ = quick_run
+    csv_path = tmp_path / "e2e.csv"
+    with open(csv_path, "w", newline="") as f:  # the earlier run, as a file of its own
+        import csv
+
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert report.main([str(csv_path)]) == 0
+    assert "| claim |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no e2e run at commit"):
+        report.main([str(csv_path), "--commit", "0000000"])
+    # A second, smaller run compared with the first by commit id, through the same CSV.
+    assert e2e.main(["--quick", "--workloads", "sam", "--batch", "1", "--no-semantic", "--out", str(csv_path),
+                     "--plot-dir", str(tmp_path), "--compare", rows[0]["commit"]]) == 0
+    out = capsys.readouterr().out
+    gains = [line for line in out.splitlines() if line.startswith("sam B1 ") and f"(was {rows[0]['commit']}" in line]
+    assert len(gains) == 7, out[-3000:]
+    with pytest.raises(SystemExit, match="no row of"):
+        e2e.main(["--quick", "--out", str(csv_path), "--compare", "not-a-commit"])
