@@ -1,13 +1,13 @@
 """Single-image inference latency and time to first result, cold and warm.
 
-    python -m bench.bench_inference --checkpoint merged.safetensors [--compile] [--device cuda]
+    python -m bench.bench_inference [--checkpoint merged.safetensors] [--compile] [--device cuda]
     python -m bench.bench_inference --quick        # tiny model on the CPU, for CI
 
 Workload per request (the low-latency use of the merged model): ``set_image`` (one backbone
 pass), ``segment`` with one box prompt, and ``semantic_segment`` in composed mode with 20 labels
 (CLIP head -> point and mask prompts -> SAM head). Latency: p50/p99 over ``--iters`` requests on
-the same image after warm-up, device-synchronised wall clock per request (a request is several
-kernels and host work, so events around one kernel would not describe it).
+the same image after warm-up, CUDA events around each whole request (kernels and host work),
+synchronised after it (the wall clock on the CPU).
 
 Time to first result: a fresh process loads the checkpoint, builds the predictor, and serves one
 request. Run twice with the same Inductor cache directory: the first ("cold") compiles, the
@@ -30,7 +30,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .harness import Result, append_csv, format_table
+from .harness import Result, append_csv, format_table, percentile, time_calls
 
 LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "building", "water", "chair", "table",
           "cup", "bottle", "book", "clock", "flower", "bird", "horse", "boat"]
@@ -39,6 +39,20 @@ LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "buildi
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def make_random_checkpoint(folder: str, sam_type: str = "vit_b", clip_model: str = "ViT-L-14") -> str:
+    """A merged model of the real sizes with random weights (speed does not depend on the values)."""
+    from fastsamclip.checkpoint import save_merged
+    from fastsamclip.modeling.samclip import SAMCLIP
+    from fastsamclip.teachers import load_clip_teacher
+
+    from .e2e import _random_sam
+
+    torch.manual_seed(0)
+    path = os.path.join(folder, f"random-{sam_type}-{clip_model}.safetensors")
+    save_merged(SAMCLIP.from_teachers(_random_sam(sam_type), load_clip_teacher(clip_model, None), sam_config=sam_type), path)
+    return path
 
 
 def make_quick_checkpoint(folder: str) -> str:
@@ -97,7 +111,8 @@ def time_to_first_result(args, cache_dir: str) -> float:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="merged .safetensors (default with --quick: a tiny one)")
+    p.add_argument("--checkpoint", help="merged .safetensors (default: random weights, SAM vit_b + CLIP "
+                                        "ViT-L-14; with --quick a tiny model)")
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile per resolution (CUDA graphs on CUDA)")
     p.add_argument("--compile-backend", default="inductor")
@@ -123,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.iters, args.warmup = min(args.iters, 5), 1
         args.checkpoint = args.checkpoint or make_quick_checkpoint(tmp)
     if not args.checkpoint:
-        p.error("--checkpoint is required (or --quick for a tiny model)")
+        args.checkpoint = make_random_checkpoint(tmp)
 
     from fastsamclip.samples import sample_image
 
@@ -132,16 +147,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels = LABELS[: args.labels]
     for _ in range(args.warmup):
         request(predictor, image, labels, args.resolution)
-    times = []
-    for _ in range(args.iters):
-        _sync(predictor.device)
-        t0 = time.perf_counter()
-        request(predictor, image, labels, args.resolution)
-        _sync(predictor.device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(predictor.device)
+    times, _ = time_calls(lambda: request(predictor, image, labels, args.resolution), args.iters, predictor.device)
     times.sort()
     p50 = statistics.median(times)
-    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    p99 = percentile(times, 0.99)
     mode = "compiled" if args.compile else "eager"
     case = f"{os.path.basename(args.checkpoint)} {image.shape[1]}x{image.shape[0]} box+{args.labels} labels composed"
     rows = [Result(bench="inference", case=case, impl=mode, mode="request p50", ms=p50,

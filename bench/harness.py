@@ -23,7 +23,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/results in a source checkout; ./fastsamclip-results from an installed copy; the variable wins.
+RESULTS_DIR = os.environ.get("FASTSAMCLIP_RESULTS_DIR") or (
+    os.path.join(_HERE, "results") if os.path.isfile(os.path.join(_HERE, "..", "setup.py"))
+    else os.path.join(os.getcwd(), "fastsamclip-results"))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The ``fastsamclip`` command: ``info``, ``demo``, ``merge``, ``distill``, ``cache-teachers``, ``predict``."""
+"""The ``fastsamclip`` command: ``info``, ``demo``, ``merge``, ``distill``, ``cache-teachers``, ``predict``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -272,6 +273,37 @@ def _predict(args) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "e2e": "the merged model against SAM + CLIP run separately, end to end (img/s, latency, memory, energy)",
+    "train": "one training step of each distillation stage: plain torch vs fused vs fused + compiled",
+    "attention": "the relative-position attention kernels against every alternative",
+    "losses": "the fused distillation losses against eager and compiled torch",
+    "inference": "single-request latency and time to first result, cold and warm",
+    "report": "the latest e2e run as Markdown, with the product's claims checked",
+}
+# `bench all`: every benchmark that needs no input, in this order.
+BENCH_ALL = ("attention", "losses", "train", "inference", "e2e")
+
+
+def cmd_bench(args) -> int:
+    """Runs ``fastsamclip.bench.<name>.main`` with the remaining arguments (see each one's --help)."""
+    import importlib
+
+    names = BENCH_ALL if args.benchmark == "all" else (args.benchmark,)
+    if args.benchmark == "all" and [a for a in args.args if a != "--quick"]:
+        print("bench all: only --quick is shared by every benchmark; run them one by one for other options",
+              file=sys.stderr)
+        return 2
+    worst = 0
+    for name in names:
+        module = "report" if name == "report" else ("e2e" if name == "e2e" else f"bench_{name}")
+        if len(names) > 1:
+            print(f"\n==== fastsamclip bench {name} {' '.join(args.args)}", flush=True)
+        rc = importlib.import_module(f"fastsamclip.bench.{module}").main(list(args.args))
+        worst = max(worst, rc if isinstance(rc, int) else 0)
+    return worst
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastsamclip", description="SAM-CLIP: one ViT for masks and semantics")
     sub = p.add_subparsers(dest="command", required=True)
@@ -325,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("bench", help="benchmarks: results appended to bench/results/*.csv, with plots",
+                       description="Run a benchmark; arguments after its name go to it (e.g. `fastsamclip bench "
+                                   "e2e --quick`, `fastsamclip bench train --help`).\n\n"
+                                   + "\n".join(f"  {k:10s} {v}" for k, v in BENCHMARKS.items())
+                                   + "\n  all        " + ", ".join(BENCH_ALL) + " in turn (optionally --quick)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("benchmark", nargs="?", default="e2e", choices=list(BENCHMARKS) + ["all"],
+                   help="which one (default e2e)")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
+    s.set_defaults(fn=cmd_bench)
     return p
 
 

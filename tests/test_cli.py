@@ -59,3 +59,24 @@ def test_merge_with_wrong_sam_type_says_so(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="pass --sam-type vit_micro"):
         main(["merge", "--sam-checkpoint", sam, "--sam-type", "vit_tiny", "--clip-model", clip,
               "--out", str(tmp_path / "m.safetensors")])
+
+
+def test_bench_command_runs_a_benchmark_into_the_results_folder(tmp_path):
+    """`fastsamclip bench NAME ARGS...` hands ARGS to that benchmark; results land in
+    FASTSAMCLIP_RESULTS_DIR when it is set."""
+    env = dict(os.environ, FASTSAMCLIP_RESULTS_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "fastsamclip", "bench", "train", "--quick", "--configs", "plain",
+                        "--stages", "1"], capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 and all(",plain,step," in line for line in lines[1:])
+    assert (tmp_path / "train_img_s.png").stat().st_size > 1000
+
+
+def test_bench_command_refuses_what_it_cannot_do(tmp_path, capsys):
+    assert main(["bench", "all", "--iters", "3"]) == 2
+    assert "only --quick" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["bench", "report", str(tmp_path / "missing.csv")])
+    with pytest.raises(SystemExit):
+        main(["bench", "fastest"])
