@@ -90,7 +90,7 @@ setup(
     ],
     extras_require={
         "train": ["webdataset>=0.2", "pycocotools", "tensorboard"],
-        "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
+        "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib", "webdataset>=0.2", "pycocotools"],
         "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib"],
         # Optional baselines for the kernel benchmarks; both need a CUDA torch.
         "baselines": ["xformers", "flash-attn"],
