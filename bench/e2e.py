@@ -9,8 +9,9 @@ Configurations (the ``impl`` column), each at one precision (the ``dtype`` in ``
 - ``separate-eager/<clip>``: ``segment_anything`` SAM image encoder at its native size, then the
   open_clip image encoder at its own size, one after the other, as users run them today; fp32
   and bf16.
-- ``separate-strong/<clip>``: the same in bf16 under ``torch.compile`` (open_clip attention runs
-  through ``nn.MultiheadAttention``, i.e. SDPA; segment_anything's attention has no SDPA path).
+- ``separate-strong/<clip>``: the same in bf16 under ``torch.compile``, with SAM's attention
+  through ``F.scaled_dot_product_attention`` and its relative-position bias as the mask (what
+  segment-anything-fast does); open_clip's attention already runs through SDPA.
 - ``merged-reference``: the merged model, eager, attention backend ``reference`` (plain torch).
 - ``merged-fused``: the merged model, eager, automatic attention backend (fused kernels).
 - ``merged-fused-compile``: the same under ``torch.compile``.
@@ -148,10 +149,45 @@ def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module).to(dtype)
 
 
-def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtype
+def _sam_attention_sdpa(self, x: torch.Tensor) -> torch.Tensor:
+    """``segment_anything``'s ``Attention.forward`` with the softmax through SDPA: the decomposed
+    relative-position bias, computed as upstream does, is added as SDPA's float mask."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    B, H, W, _ = x.shape
+    nh = self.num_heads
+    q, k, v = self.qkv(x).reshape(B, H * W, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, d)
+    bias = None
+    if self.use_rel_pos:
+        r_q = q.reshape(B * nh, H, W, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w))
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, H * W, H * W)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
+
+
+def sam_encoder_with_sdpa(encoder: torch.nn.Module, copy_first: bool = True) -> torch.nn.Module:
+    """A ``segment_anything`` image encoder (a copy, unless ``copy_first=False``) whose attention
+    runs through SDPA; the parameters and their names are unchanged."""
+    import types
+
+    from segment_anything.modeling.image_encoder import Attention
+
+    if copy_first:
+        encoder = copy.deepcopy(encoder)
+    for m in encoder.modules():
+        if isinstance(m, Attention):
+            m.forward = types.MethodType(_sam_attention_sdpa, m)
+    return encoder
+
+
+def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtype, sdpa: bool = False
                 ) -> Tuple[Callable[[torch.Tensor], Dict[str, torch.Tensor]], List[torch.nn.Module]]:
     """SAM then CLIP, each with its own preprocessing, as two separate models are used."""
     sam_enc = _as_dtype(models.sam.image_encoder, dtype)
+    if sdpa:  # patch a copy, never the shared fp32 encoder
+        sam_enc = sam_encoder_with_sdpa(sam_enc, copy_first=sam_enc is models.sam.image_encoder)
     clip = _as_dtype(models.clips[clip_name], dtype)
 
     def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -183,7 +219,7 @@ def make_row_fn(models: Models, impl: str, workload: str, dtype: torch.dtype, co
     """(callable(images) -> outputs, modules on the device, attention backend or None)."""
     if impl.startswith("separate-"):
         kind, clip_name = impl.split("/", 1)
-        fn, used = separate_fn(models, clip_name, workload, dtype)
+        fn, used = separate_fn(models, clip_name, workload, dtype, sdpa=kind == "separate-strong")
         if kind == "separate-strong":
             fn = torch.compile(fn, dynamic=False, backend=compile_backend)
         return fn, used, None

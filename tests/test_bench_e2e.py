@@ -147,3 +147,28 @@ def test_report_command_and_compare_against_the_earlier_run(quick_run, tmp_path,
     assert len(gains) == 7, out[-3000:]
     with pytest.raises(SystemExit, match="no row of"):
         e2e.main(["--quick", "--out", str(csv_path), "--compare", "not-a-commit"])
+
+
+@pytest.mark.parametrize("sam_type", ["vit_tiny", "vit_micro"])
+def test_strong_sam_baseline_through_sdpa_equals_segment_anything(sam_type):
+    """The strong baseline changes how SAM's attention is computed, not what: windowed and global
+    blocks, padded windows (vit_micro at 64 px: 4x4 grid in 3x3 windows), forward and backward."""
+    import torch
+
+    from fastsamclip.samples import _randomise_
+    from fastsamclip.teachers import build_sam
+
+    sam = build_sam(sam_type)
+    _randomise_(sam, torch.Generator().manual_seed(1))
+    enc = sam.image_encoder.double()
+    fast = e2e.sam_encoder_with_sdpa(enc)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in enc.named_parameters()]
+    x = torch.randn(2, 3, enc.img_size, enc.img_size, dtype=torch.float64)
+    ref, out = enc(x), fast(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    gr = torch.autograd.grad((ref * g).sum(), list(enc.parameters()))
+    go = torch.autograd.grad((out * g).sum(), list(fast.parameters()))
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert enc.blocks[0].attn.forward.__func__ is type(enc.blocks[0].attn).forward  # the original is untouched
