@@ -45,12 +45,15 @@ class Result:
 
 
 def _git_commit() -> str:
+    """The short commit id, with ``+dirty`` when tracked sources differ from it (results excluded)."""
     try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-            stderr=subprocess.DEVNULL, text=True).strip()
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=_HERE,
+                                         stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
         return "unknown"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)bench/results"],
+                           cwd=os.path.dirname(_HERE), stderr=subprocess.DEVNULL).returncode
+    return commit + ("+dirty" if dirty == 1 else "")
 
 
 def environment() -> Dict[str, str]:
