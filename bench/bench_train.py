@@ -44,8 +44,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_table, percentile,
-                      plot_csv, time_calls)
+from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
+                      percentile, plot_csv, time_calls)
 
 CONFIGS = ("plain", "fused", "fused-compile")
 
@@ -290,12 +290,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     plots = [plot_csv(path, metric=m) for m in ("img_s", "peak_mem_mb")]
     print(format_table(results, baseline="plain" if "plain" in configs else None))
     print()
-    print(f"{'case':<44} {'impl':<14} {'img/s':>9} {'p99 ms':>9} {'attention':>10} {'losses':>10} {'loss vs plain':>14}")
-    for r in results:
-        if r.status == "ok":
-            e = r.extra
-            print(f"{r.case:<44} {r.impl:<14} {e['img_s']:>9} {e['p99_ms']:>9} {e['attention']:>10} {e['losses']:>10} "
-                  f"{e['loss_vs_plain']:>14}")
+    print(format_extras(results, [("img/s", "img_s"), ("p99 ms", "p99_ms"), ("attention", "attention"),
+                                  ("losses", "losses"), ("loss vs plain", "loss_vs_plain")]))
     print(f"appended {len(results)} rows to {path}; plots: {', '.join(x for x in plots if x)}")
     if before is not None:
         print()

@@ -45,8 +45,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_table, percentile, read_csv,
-                      time_calls)
+from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table, percentile,
+                      read_csv, time_calls)
 
 WORKLOADS = ("both", "sam", "clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -595,13 +595,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     plots = plot_workloads(results, args.plot_dir or os.path.dirname(os.path.abspath(path)))
     print(format_table(results))
     print()
-    hdr = f"{'case':<10} {'impl':<34} {'dtype':<5} {'img/s':>9} {'p99 ms':>9} {'weights MB':>10} {'J/img':>24} {'max rel err':>26}"
-    print(hdr)
-    for r in results:
-        if r.status == "ok":
-            e = r.extra
-            print(f"{r.case:<10} {r.impl:<34} {e['dtype']:<5} {e['img_s']:>9} {e['p99_ms']:>9} {e['weight_mb']:>10} "
-                  f"{str(e['j_per_img']):>24} {str(e['max_rel_err']):>26}")
+    print(format_extras(results, [("dtype", "dtype"), ("img/s", "img_s"), ("p99 ms", "p99_ms"),
+                                  ("weights MB", "weight_mb"), ("J/img", "j_per_img"), ("max rel err", "max_rel_err")]))
     print(f"appended {len(results)} rows to {path}; plots: {', '.join(plots)}")
     print()
     from .report import markdown, run_rows

@@ -295,6 +295,15 @@ def format_table(results: Iterable[Result], baseline: Optional[str] = None) -> s
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def format_extras(results: Iterable[Result], keys: Sequence[Tuple[str, str]]) -> str:
+    """A plain-text table of the measured rows' ``extra`` values: ``keys`` as (header, extra key)."""
+    rows = [[r.case, r.impl] + [str(r.extra.get(k, "-")) for _, k in keys] for r in results if r.status == "ok"]
+    header = ["case", "impl"] + [h for h, _ in keys]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def plot_csv(path: str, out_png: Optional[str] = None, metric: str = "ms", last_commit_only: bool = True) -> Optional[str]:
     """Bar chart of ``metric`` per case and impl from a results CSV (latest commit by default)."""
     try:
