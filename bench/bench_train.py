@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(format_extras(results, [("img/s", "img_s"), ("p99 ms", "p99_ms"), ("attention", "attention"),
                                   ("losses", "losses"), ("loss vs plain", "loss_vs_plain")]))
-    print(f"appended {len(results)} rows to {path}; plots: {', '.join(x for x in plots if x)}")
+    print(f"appended {len(results)} rows to {path}; plots: {', '.join(x for x in plots if x) or 'none'}")
     if before is not None:
         print()
         print(compare(results, before, metric="img_s", higher_is_better=True))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table, percentile,
-                      read_csv, time_calls)
+                      pyplot, read_csv, time_calls)
 
 WORKLOADS = ("both", "sam", "clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -466,11 +466,9 @@ def semantic_rows(models: Models, args, device: torch.device) -> List[Result]:
 # ------------------------------------------------------------------------------------ plots, profile
 def plot_workloads(results: List[Result], folder: str) -> List[str]:
     """One PNG per workload: img/s vs batch size, one line per (impl, dtype)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return []
     os.makedirs(folder, exist_ok=True)
     paths = []
     for workload in WORKLOADS:
@@ -597,7 +595,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(format_extras(results, [("dtype", "dtype"), ("img/s", "img_s"), ("p99 ms", "p99_ms"),
                                   ("weights MB", "weight_mb"), ("J/img", "j_per_img"), ("max rel err", "max_rel_err")]))
-    print(f"appended {len(results)} rows to {path}; plots: {', '.join(plots)}")
+    print(f"appended {len(results)} rows to {path}; plots: {', '.join(plots) or 'none'}")
     print()
     from .report import markdown, run_rows
 

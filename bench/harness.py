@@ -295,6 +295,24 @@ def format_table(results: Iterable[Result], baseline: Optional[str] = None) -> s
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (said once) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _said_no_matplotlib:
+            _said_no_matplotlib.append(True)
+            print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        return None
+    return plt
+
+
+_said_no_matplotlib: List[bool] = []
+
+
 def format_extras(results: Iterable[Result], keys: Sequence[Tuple[str, str]]) -> str:
     """A plain-text table of the measured rows' ``extra`` values: ``keys`` as (header, extra key)."""
     rows = [[r.case, r.impl] + [str(r.extra.get(k, "-")) for _, k in keys] for r in results if r.status == "ok"]
@@ -306,12 +324,8 @@ def format_extras(results: Iterable[Result], keys: Sequence[Tuple[str, str]]) ->
 
 def plot_csv(path: str, out_png: Optional[str] = None, metric: str = "ms", last_commit_only: bool = True) -> Optional[str]:
     """Bar chart of ``metric`` per case and impl from a results CSV (latest commit by default)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [r for r in read_csv(path) if r["status"] == "ok" and row_value(r, metric) is not None]
     if not rows:
