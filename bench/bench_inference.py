@@ -138,6 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.iters, args.warmup = min(args.iters, 5), 1
         args.checkpoint = args.checkpoint or make_quick_checkpoint(tmp)
     if not args.checkpoint:
+        if args.device is None and not torch.cuda.is_available():
+            p.error("no CUDA GPU is visible: the default full-size model would be slow on the CPU; use --quick "
+                    "(tiny model), --checkpoint, or --device cpu to run it anyway")
         args.checkpoint = make_random_checkpoint(tmp)
 
     from fastsamclip.samples import sample_image

@@ -250,6 +250,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     q = args.quick
+    if not q and args.device is None and not torch.cuda.is_available():
+        p.error("no CUDA GPU is visible: the full-size models would take hours on the CPU; use --quick "
+                "(tiny models), or --device cpu to run them anyway")
     args.device = args.device or ("cpu" if q or not torch.cuda.is_available() else "cuda")
     args.sam_type = args.sam_type or ("vit_micro" if q else "vit_b")
     args.clip_model = args.clip_model or "ViT-L-14"

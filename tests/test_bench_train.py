@@ -60,3 +60,13 @@ def test_compare_with_an_earlier_run_and_bad_arguments(quick_run, tmp_path, caps
         bench_train.main(["--quick", "--configs", "plain,fastest"])
     with pytest.raises(SystemExit):
         bench_train.main(["--quick", "--stages", "4"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_full_size_runs_need_a_gpu_or_an_explicit_cpu(capsys):
+    from bench import bench_inference, e2e
+
+    for main in (bench_train.main, e2e.main, bench_inference.main):
+        with pytest.raises(SystemExit):
+            main([])
+        assert "--quick" in capsys.readouterr().err
