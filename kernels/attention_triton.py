@@ -194,26 +194,55 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _query_block(N, NH, BLOCK_M: tl.constexpr):
+        """This program's (batch * head, batch, head, query offsets, their mask). One flat grid
+        axis (no 65535 limit for B * 25 windows * heads); adjacent programs share a (batch,
+        head) so its K/V stay in L2."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(N, BLOCK_M)
+        # int64: b * stride overflows int32 once a tensor passes 2**31 elements (B * heads >= 8192 at N = 4096, d = 64).
+        bh = (pid // num_m).to(tl.int64)
+        offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        return bh, bh // NH, bh % NH, offs_m, offs_m < N
+
+    @triton.jit
+    def _width_bias(RW_rows, m_mask, jc, W):
+        """rel_w[m, kw(j)] in log2 units, the same for every key tile, so loaded once per query
+        block; padded grid columns (kw >= W) get -inf here, once, through this loop-invariant
+        bias, so the loops spend a select per score only in the one tile holding rows past H."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        bias_w = tl.load(RW_rows[:, None] + jc[None, :], mask=m_mask[:, None] & (jc[None, :] < W),
+                         other=0.0).to(tl.float32) * LOG2E
+        return tl.where(jc[None, :] < W, bias_w, float("-inf"))
+
+    @triton.jit
+    def _score_tile(q, K_base, V_base, skn, svn, RH_rows, RW_rows, bias_w, offs_m, m_mask, offs_d, d_mask,
+                    jr, jc, kh0, H, W, qk_scale,
+                    BLOCK_M: tl.constexpr, BH: tl.constexpr, W_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Key tile of grid rows kh0 .. kh0 + BH - 1: (scores in log2 units with the whole bias,
+        -inf on padded keys; its K; its V)."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        kh = kh0 + jr
+        n_idx = kh * W + jc
+        kv_mask = ((kh < H) & (jc < W))[:, None] & d_mask[None, :]
+        k = tl.load(K_base + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias_w
+        s += _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W, BLOCK_M, BH, W_PAD, DOT_PREC) * LOG2E
+        if BH > 1:
+            if kh0 + BH > H:
+                s = tl.where((kh < H)[None, :], s, float("-inf"))
+        return s, k, v
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, RH, RW, O, LSE,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     srhb, srhh, srhn, srwb, srwh, srwn, sob, soh, son,
                     NH, N, H, W, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
-        LOG2E: tl.constexpr = 1.4426950408889634
         BLOCK_N: tl.constexpr = BH * W_PAD
-        # One flat grid axis (no 65535 limit for B * 25 windows * heads); adjacent programs
-        # share a (batch, head) so its K/V stay in L2.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(N, BLOCK_M)
-        # int64: b * stride overflows int32 once a tensor passes 2**31 elements (B * heads >= 8192 at N = 4096, d = 64).
-        bh = (pid // num_m).to(tl.int64)
-        mblk = pid % num_m
-        b = bh // NH
-        h = bh % NH
-
-        offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < N
+        bh, b, h, offs_m, m_mask = _query_block(N, NH, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_DIM
         j = tl.arange(0, BLOCK_N)
@@ -224,13 +253,7 @@ if triton is not None:
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         RH_rows = RH + b * srhb + h * srhh + offs_m * srhn
         RW_rows = RW + b * srwb + h * srwh + offs_m * srwn
-        # rel_w[m, kw(j)] is the same for every key tile: loaded once, in log2 units.
-        bias_w = tl.load(RW_rows[:, None] + jc[None, :], mask=m_mask[:, None] & (jc[None, :] < W),
-                         other=0.0).to(tl.float32) * LOG2E
-        # Padded grid columns (kw >= W) are masked here, once, through the loop-invariant bias:
-        # the loop then spends a select per score only in the one tile that holds grid rows
-        # past H (BH > 1 and H % BH != 0).
-        bias_w = tl.where(jc[None, :] < W, bias_w, float("-inf"))
+        bias_w = _width_bias(RW_rows, m_mask, jc, W)
 
         K_base = K + b * skb + h * skh
         V_base = V + b * svb + h * svh
@@ -238,18 +261,8 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
         for t in range(0, tl.cdiv(H, BH)):
-            kh0 = t * BH
-            kh = kh0 + jr
-            k_valid = (kh < H) & (jc < W)
-            n_idx = kh * W + jc
-            kv_mask = k_valid[:, None] & d_mask[None, :]
-            k = tl.load(K_base + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias_w
-            s += _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W, BLOCK_M, BH, W_PAD, DOT_PREC) * LOG2E
-            if BH > 1:
-                if kh0 + BH > H:
-                    s = tl.where((kh < H)[None, :], s, float("-inf"))
+            s, k, v = _score_tile(q, K_base, V_base, skn, svn, RH_rows, RW_rows, bias_w, offs_m, m_mask, offs_d,
+                                  d_mask, jr, jc, t * BH, H, W, qk_scale, BLOCK_M, BH, W_PAD, DOT_PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -266,19 +279,12 @@ if triton is not None:
     def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, NH, N,
                           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
         """delta[b, h, m] = sum_d dO * O in fp32 (the softmax-backward row term)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(N, BLOCK_M)
-        # int64: b * stride overflows int32 once a tensor passes 2**31 elements (B * heads >= 8192 at N = 4096, d = 64).
-        bh = (pid // num_m).to(tl.int64)
-        mblk = pid % num_m
-        b = bh // NH
-        h = bh % NH
-        offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh, b, h, offs_m, m_mask = _query_block(N, NH, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
-        mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=mask, other=0.0)
-        tl.store(DELTA + bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
+        tl.store(DELTA + bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m_mask)
 
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
@@ -371,18 +377,8 @@ if triton is not None:
         """One program per (batch, head, query block); streams the key tiles. Writes dq, and
         the bias gradients d rel_h (per key tile: each grid row lies in exactly one tile) and
         d rel_w (summed over tiles in registers). DRH/DRW are contiguous (B, heads, N, H/W)."""
-        LOG2E: tl.constexpr = 1.4426950408889634
         BLOCK_N: tl.constexpr = BH * W_PAD
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(N, BLOCK_M)
-        # int64: b * stride overflows int32 once a tensor passes 2**31 elements (B * heads >= 8192 at N = 4096, d = 64).
-        bh = (pid // num_m).to(tl.int64)
-        mblk = pid % num_m
-        b = bh // NH
-        h = bh % NH
-
-        offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < N
+        bh, b, h, offs_m, m_mask = _query_block(N, NH, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_DIM
         j = tl.arange(0, BLOCK_N)
@@ -395,12 +391,10 @@ if triton is not None:
         delta = tl.load(DELTA + bh * N + offs_m, mask=m_mask, other=0.0)
         RH_rows = RH + b * srhb + h * srhh + offs_m * srhn
         RW_rows = RW + b * srwb + h * srwh + offs_m * srwn
-        bias_w = tl.load(RW_rows[:, None] + jc[None, :], mask=m_mask[:, None] & (jc[None, :] < W),
-                         other=0.0).to(tl.float32) * LOG2E
-        # As in the forward: padded columns masked once (p = 0 there, so dS = 0 and the bias
-        # gradient sums gain nothing). Padded query rows need no mask: q = dO = 0 there, so
+        # Padded columns are -inf as in the forward (p = 0 there, so dS = 0 and the bias gradient
+        # sums gain nothing). Padded query rows need no mask: q = dO = 0 there, so
         # dS = p * (0 - 0) = 0, and none of their values is stored.
-        bias_w = tl.where(jc[None, :] < W, bias_w, float("-inf"))
+        bias_w = _width_bias(RW_rows, m_mask, jc, W)
 
         K_base = K + b * skb + h * skh
         V_base = V + b * svb + h * svh
@@ -409,17 +403,8 @@ if triton is not None:
         drw = tl.zeros((BLOCK_M, W_PAD), tl.float32)
         for t in range(0, tl.cdiv(H, BH)):
             kh0 = t * BH
-            kh = kh0 + jr
-            k_valid = (kh < H) & (jc < W)
-            n_idx = kh * W + jc
-            kv_mask = k_valid[:, None] & d_mask[None, :]
-            k = tl.load(K_base + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias_w
-            s += _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W, BLOCK_M, BH, W_PAD, DOT_PREC) * LOG2E
-            if BH > 1:
-                if kh0 + BH > H:
-                    s = tl.where((kh < H)[None, :], s, float("-inf"))
+            s, k, v = _score_tile(q, K_base, V_base, skn, svn, RH_rows, RW_rows, bias_w, offs_m, m_mask, offs_d,
+                                  d_mask, jr, jc, kh0, H, W, qk_scale, BLOCK_M, BH, W_PAD, DOT_PREC)
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])  # dL/dS, fp32, (BLOCK_M, BLOCK_N)
