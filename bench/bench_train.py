@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
-                      percentile, plot_csv, time_calls)
+                      full_size_device, percentile, plot_csv, time_calls)
 
 CONFIGS = ("plain", "fused", "fused-compile")
 
@@ -250,10 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     q = args.quick
-    if not q and args.device is None and not torch.cuda.is_available():
-        p.error("no CUDA GPU is visible: the full-size models would take hours on the CPU; use --quick "
-                "(tiny models), or --device cpu to run them anyway")
-    args.device = args.device or ("cpu" if q or not torch.cuda.is_available() else "cuda")
+    args.device = full_size_device(p, args.device, q)
     args.sam_type = args.sam_type or ("vit_micro" if q else "vit_b")
     args.clip_model = args.clip_model or "ViT-L-14"
     args.clip_res = _ints(args.clip_res or ("32,64" if q else "224,448"))
@@ -271,8 +268,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     stages = _ints(args.stages)
     if not stages or any(s not in (1, 2, 3) for s in stages):
         p.error(f"--stages {args.stages!r}: give stage numbers among 1,2,3")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
     out_csv = args.out or os.path.join(RESULTS_DIR, "train.csv")
     before = earlier_rows(args.compare, out_csv) if args.compare else None
 

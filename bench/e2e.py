@@ -45,8 +45,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table, percentile,
-                      pyplot, read_csv, time_calls)
+from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
+                      full_size_device, percentile, pyplot, read_csv, time_calls)
 
 WORKLOADS = ("both", "sam", "clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -547,10 +547,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     q = args.quick
-    if not q and args.device is None and not torch.cuda.is_available():
-        p.error("no CUDA GPU is visible: the full-size models would take hours on the CPU; use --quick "
-                "(tiny models), or --device cpu to run them anyway")
-    device = torch.device(args.device or ("cpu" if q or not torch.cuda.is_available() else "cuda"))
+    device = torch.device(full_size_device(p, args.device, q))
     args.sam_type = args.sam_type or ("vit_tiny" if q else "vit_b")
     args.clip_model = args.clip_model or ["ViT-B-16", "ViT-L-14"]
     args.batch = [int(x) for x in (args.batch or ("1,2" if q else "1,8,32")).split(",")]

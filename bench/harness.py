@@ -88,6 +88,21 @@ def environment() -> Dict[str, str]:
     return env
 
 
+def full_size_device(parser, device: Optional[str], quick: bool) -> str:
+    """The device of a model benchmark: ``device`` if given; the CPU for ``--quick`` (tiny
+    models); else CUDA, and without a GPU an argument error rather than hours on the CPU."""
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error(f"--device {device}: no CUDA device is visible")
+        return device
+    if quick:
+        return "cpu"
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU is visible: the full-size models would take hours on the CPU; use --quick "
+                     "(tiny models), or --device cpu to run them anyway")
+    return "cuda"
+
+
 def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median milliseconds of ``fn()``: device events on CUDA, wall clock elsewhere."""
     if torch.cuda.is_available():
