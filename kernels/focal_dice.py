@@ -121,11 +121,9 @@ if HAS_TRITON:
         return p, q, ce, m, a_t, pg, pm1
 
     @triton.jit
-    def _focal_dice_fwd_kernel(
-        X, T, PART, HW, n_blocks, alpha, gamma,
-        BLOCK: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_INT: tl.constexpr,
-    ):
-        """PART[mask, block] = (sum focal, sum p t, sum p, sum t) over one block of one mask."""
+    def _block(X, T, HW, BLOCK: tl.constexpr):
+        """This program's block of one mask: (mask, block, mask offset, offsets, their mask,
+        logits x and targets t in fp32, 0 past the end)."""
         mask_id = tl.program_id(0)
         blk = tl.program_id(1)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -133,6 +131,15 @@ if HAS_TRITON:
         base = mask_id.to(tl.int64) * HW
         x = tl.load(X + base + offs, mask=valid, other=0.0).to(tl.float32)
         t = tl.load(T + base + offs, mask=valid, other=0.0).to(tl.float32)
+        return mask_id, blk, base, offs, valid, x, t
+
+    @triton.jit
+    def _focal_dice_fwd_kernel(
+        X, T, PART, HW, n_blocks, alpha, gamma,
+        BLOCK: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_INT: tl.constexpr,
+    ):
+        """PART[mask, block] = (sum focal, sum p t, sum p, sum t) over one block of one mask."""
+        mask_id, blk, base, offs, valid, x, t = _block(X, T, HW, BLOCK)
         p, q, ce, m, a_t, pg, pm1 = _sigmoid_terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_INT)
         focal = tl.where(valid, a_t * ce * pg, 0.0)
         p = tl.where(valid, p, 0.0)  # padding lanes have x = 0, p = 1/2
@@ -186,13 +193,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_INT: tl.constexpr,
     ):
         """DX = g * (focal_scale * d focal / dx + (kA - kB t) p (1 - p)), (kA, kB) = COEF[mask]."""
-        mask_id = tl.program_id(0)
-        blk = tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < HW
-        base = mask_id.to(tl.int64) * HW
-        x = tl.load(X + base + offs, mask=valid, other=0.0).to(tl.float32)
-        t = tl.load(T + base + offs, mask=valid, other=0.0).to(tl.float32)
+        mask_id, blk, base, offs, valid, x, t = _block(X, T, HW, BLOCK)
         g = tl.load(G).to(tl.float32)
         k_a = tl.load(COEF + mask_id * 2)
         k_b = tl.load(COEF + mask_id * 2 + 1)
