@@ -30,10 +30,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .harness import Result, append_csv, format_table, percentile, time_calls
+from fastsamclip.checkpoint import save_merged
+from fastsamclip.data import samples
+from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
+from fastsamclip.predictor import SAMCLIPPredictor
 
-LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "building", "water", "chair", "table",
-          "cup", "bottle", "book", "clock", "flower", "bird", "horse", "boat"]
+from .harness import LABELS, Result, append_csv, format_table, percentile, time_calls
 
 
 def _sync(device: torch.device) -> None:
@@ -43,29 +45,19 @@ def _sync(device: torch.device) -> None:
 
 def make_random_checkpoint(folder: str, sam_type: str = "vit_b", clip_model: str = "ViT-L-14") -> str:
     """A merged model of the real sizes with random weights (speed does not depend on the values)."""
-    from fastsamclip.checkpoint import save_merged
-    from fastsamclip.modeling.samclip import SAMCLIP
-    from fastsamclip.teachers import load_clip_teacher
-
-    from .e2e import _random_sam
-
     torch.manual_seed(0)
     path = os.path.join(folder, f"random-{sam_type}-{clip_model}.safetensors")
-    save_merged(SAMCLIP.from_teachers(_random_sam(sam_type), load_clip_teacher(clip_model, None), sam_config=sam_type), path)
+    save_merged(samclip_from_teachers(samples.random_sam(sam_type), load_clip_teacher(clip_model, None),
+                                      sam_config=sam_type), path)
     return path
 
 
 def make_quick_checkpoint(folder: str) -> str:
     """A tiny merged model (small teachers in the official formats) for CPU smoke runs."""
-    from fastsamclip.checkpoint import save_merged
-    from fastsamclip.modeling.samclip import SAMCLIP
-    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
-    from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
-
-    sam = load_sam_teacher(write_sam_checkpoint(os.path.join(folder, "sam.pth"), "vit_tiny"), "vit_tiny")
-    clip = load_clip_teacher(write_clip_local_dir(os.path.join(folder, "clip")))
+    sam = load_sam_teacher(samples.write_sam_checkpoint(os.path.join(folder, "sam.pth"), "vit_tiny"), "vit_tiny")
+    clip = load_clip_teacher(samples.write_clip_local_dir(os.path.join(folder, "clip")))
     path = os.path.join(folder, "merged.safetensors")
-    save_merged(SAMCLIP.from_teachers(sam, clip), path)
+    save_merged(samclip_from_teachers(sam, clip), path)
     return path
 
 
@@ -78,8 +70,6 @@ def request(predictor, image: np.ndarray, labels: List[str], resolution: int):
 
 
 def build_predictor(args):
-    from fastsamclip.predictor import SAMCLIPPredictor
-
     return SAMCLIPPredictor(args.checkpoint, device=args.device, compile=args.compile,
                             compile_backend=args.compile_backend, cache_dir=args.cache_dir)
 
@@ -87,23 +77,20 @@ def build_predictor(args):
 def child_first_result(args) -> None:
     """Body of the time-to-first-result process: prints seconds since it started."""
     t0 = float(os.environ["FASTSAMCLIP_TTFR_T0"])
-    from fastsamclip.samples import sample_image
-
     predictor = build_predictor(args)
-    image = sample_image(args.image)
+    image = samples.sample_image(args.image)
     request(predictor, image, LABELS[: args.labels], args.resolution)
     _sync(predictor.device)
     print(json.dumps({"seconds": time.time() - t0}))
 
 
 def time_to_first_result(args, cache_dir: str) -> float:
-    cmd = [sys.executable, "-m", "bench.bench_inference", "--ttfr-child", "--checkpoint", args.checkpoint,
+    cmd = [sys.executable, "-m", "fastsamclip.bench.bench_inference", "--ttfr-child", "--checkpoint", args.checkpoint,
            "--labels", str(args.labels), "--image", args.image, "--compile-backend", args.compile_backend,
            "--cache-dir", cache_dir] + (["--compile"] if args.compile else []) + (
                ["--device", args.device] if args.device else [])
     env = dict(os.environ, FASTSAMCLIP_TTFR_T0=repr(time.time()))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"first-result process failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
@@ -143,10 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "(tiny model), --checkpoint, or --device cpu to run it anyway")
         args.checkpoint = make_random_checkpoint(tmp)
 
-    from fastsamclip.samples import sample_image
-
     predictor = build_predictor(args)
-    image = sample_image(args.image)
+    image = samples.sample_image(args.image)
     labels = LABELS[: args.labels]
     for _ in range(args.warmup):
         request(predictor, image, labels, args.resolution)

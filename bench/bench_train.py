@@ -44,6 +44,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from fastsamclip.data import MultiResolutionConfig, samples
+from fastsamclip.kernels import backend_table, use_backend
+from fastsamclip.kernels._loss_dispatch import choose_path
+from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
+from fastsamclip.train import Distiller, TrainConfig
+from fastsamclip.transforms import clip_pixels
+
 from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
                       full_size_device, percentile, plot_csv, time_calls)
 
@@ -64,8 +71,6 @@ class Case:
 
 def constant_pixel_batch(batch0: int, res0: int, res: int) -> int:
     """The training sampler's rule (``MultiResolutionConfig.batch_size``)."""
-    from fastsamclip.data import MultiResolutionConfig
-
     return MultiResolutionConfig(resolutions=(res,), base_batch=batch0, base_res=res0).batch_size(res)
 
 
@@ -82,37 +87,29 @@ def cases(clip_res: List[int], stage3_res: int, clip_batch: int, stages: List[in
 def write_data(folder: str, n_sam: int, clip_side: int) -> Tuple[str, str]:
     """A small D_CLIP (WebDataset shards) and D_SAM (SA-1B) in the real formats: the trainer
     validates both at construction; the timed steps use fixed batches made from them."""
-    from fastsamclip import data
-
-    pics = data.load_sample_images(max_side=max(160, clip_side))
+    pics = samples.load_sample_images(max_side=max(160, clip_side))
     names = list(pics)
-    shards = data.write_clip_shards(os.path.join(folder, "clip"), [pics[n] for n in names], shard_size=16)
+    shards = samples.write_clip_shards(os.path.join(folder, "clip"), [pics[n] for n in names], shard_size=16)
     sam_pics = [pics[names[i % len(names)]] for i in range(n_sam)]
-    data.write_sa1b(os.path.join(folder, "sa1b"), [(p, data.synthetic_masks(p)) for p in sam_pics])
+    samples.write_sa1b(os.path.join(folder, "sa1b"), [(p, samples.synthetic_masks(p)) for p in sam_pics])
     return os.path.join(folder, "clip", "{00000..%05d}.tar" % (len(shards) - 1)), os.path.join(folder, "sa1b")
 
 
 def load_teachers(args, tmp: str):
-    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
-    from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
-
     torch.manual_seed(0)
     if args.quick:
-        sam_path = args.sam_checkpoint or write_sam_checkpoint(os.path.join(tmp, "sam.pth"), args.sam_type)
-        return load_sam_teacher(sam_path, args.sam_type), load_clip_teacher(write_clip_local_dir(os.path.join(tmp, "clip")))
+        sam_path = args.sam_checkpoint or samples.write_sam_checkpoint(os.path.join(tmp, "sam.pth"), args.sam_type)
+        return (load_sam_teacher(sam_path, args.sam_type),
+                load_clip_teacher(samples.write_clip_local_dir(os.path.join(tmp, "clip"))))
     if args.sam_checkpoint:
         sam = load_sam_teacher(args.sam_checkpoint, args.sam_type)
     else:
-        from .e2e import _random_sam
-
-        sam = _random_sam(args.sam_type)
+        sam = samples.random_sam(args.sam_type)
     pre = args.clip_pretrained if args.clip_pretrained not in (None, "", "none") else None
     return sam, load_clip_teacher(args.clip_model, pre)
 
 
 def make_config(args, config: str, clip_spec: str, sam_dir: str, out: str):
-    from fastsamclip.train import TrainConfig
-
     return TrainConfig(
         sam_checkpoint=args.sam_checkpoint, sam_type=args.sam_type, clip_model=args.clip_model, clip_pretrained=None,
         clip_data=clip_spec, sam_data=sam_dir, out=out,
@@ -126,20 +123,14 @@ def make_config(args, config: str, clip_spec: str, sam_dir: str, out: str):
 
 
 def clip_batch_for(trainer, res: int, n: int) -> tuple:
-    """(keys, images, res) as the CLIP stream yields them: real pictures, CLIP-normalised."""
-    from fastsamclip import data
-
-    pics = list(data.load_sample_images(max_side=max(160, res)).values())
-    images = torch.stack([data.preprocess_clip_image(pics[i % len(pics)], res, trainer.clip_mean, trainer.clip_std)
-                          for i in range(n)])
+    """(keys, pixels, res) as the CLIP stream yields them: real pictures in CLIP's geometry, uint8."""
+    pics = list(samples.load_sample_images(max_side=max(160, res)).values())
+    images = torch.stack([clip_pixels(pics[i % len(pics)], res) for i in range(n)])
     return [f"bench{i:05d}" for i in range(n)], images, res
 
 
 def backends_used(trainer, config: str) -> Dict[str, str]:
     """The attention and loss backends this configuration's steps run."""
-    from fastsamclip.kernels import backend_table
-    from fastsamclip.kernels._loss_dispatch import choose_path
-
     if config == "plain":
         return {"attention": "reference", "losses": "reference"}
     dev = trainer.device
@@ -153,9 +144,6 @@ def backends_used(trainer, config: str) -> Dict[str, str]:
 # ------------------------------------------------------------------------------------ measuring
 def run_config(args, config: str, case_list: List[Case], teachers, clip_spec: str, sam_dir: str, tmp: str,
                plain_loss: Dict[str, float]) -> List[Result]:
-    from fastsamclip.kernels import use_backend
-    from fastsamclip.train import Distiller
-
     sam_t, clip_t = teachers
     rows: List[Result] = []
     trainer = Distiller(make_config(args, config, clip_spec, sam_dir, os.path.join(tmp, config)),

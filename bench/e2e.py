@@ -40,13 +40,26 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+from segment_anything.modeling.image_encoder import get_rel_pos as sam_get_rel_pos
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as tprofile
 
-from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
+from fastsamclip.checkpoint import load_merged
+from fastsamclip.data import samples
+from fastsamclip.kernels import use_backend
+from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
+from fastsamclip.predictor import SAMCLIPPredictor
+
+from .harness import (LABELS, RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
                       full_size_device, percentile, pyplot, read_csv, time_calls)
+from .report import markdown, run_rows
 
 WORKLOADS = ("both", "sam", "clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -64,15 +77,10 @@ class Models:
 
 
 def build_models(args, device: torch.device, tmp: str) -> Models:
-    from fastsamclip.checkpoint import load_merged
-    from fastsamclip.modeling.samclip import SAMCLIP
-    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
-    from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
-
     if args.quick:
         # The tiny teachers in their official formats: same code paths as the real ones.
-        sam_ckpt = args.sam_checkpoint or write_sam_checkpoint(os.path.join(tmp, "sam.pth"), args.sam_type)
-        clip_names = [write_clip_local_dir(os.path.join(tmp, "clip"))]
+        sam_ckpt = args.sam_checkpoint or samples.write_sam_checkpoint(os.path.join(tmp, "sam.pth"), args.sam_type)
+        clip_names = [samples.write_clip_local_dir(os.path.join(tmp, "clip"))]
         pretrained = [None]
     else:
         sam_ckpt = args.sam_checkpoint
@@ -81,7 +89,7 @@ def build_models(args, device: torch.device, tmp: str) -> Models:
         if len(pretrained) != len(clip_names):
             raise SystemExit("--clip-pretrained must be given once per --clip-model")
     torch.manual_seed(0)
-    sam = load_sam_teacher(sam_ckpt, args.sam_type) if sam_ckpt else _random_sam(args.sam_type)
+    sam = load_sam_teacher(sam_ckpt, args.sam_type) if sam_ckpt else samples.random_sam(args.sam_type)
     clips = {}
     for name, pre in zip(clip_names, pretrained):
         short = "tiny-clip" if name.startswith("local-dir:") else name
@@ -91,7 +99,7 @@ def build_models(args, device: torch.device, tmp: str) -> Models:
     else:
         # The merged model's CLIP head predicts the last (largest) CLIP's embedding and carries its
         # text tower, as the paper's student does.
-        merged = SAMCLIP.from_teachers(sam, list(clips.values())[-1], sam_config=args.sam_type)
+        merged = samclip_from_teachers(sam, list(clips.values())[-1], sam_config=args.sam_type)
     sam_size = int(sam.image_encoder.img_size)
     # Image rows never use the text tower; keeping it out of the model saves copying a
     # vocabulary-sized embedding for every bf16 row (0.7 s a copy with the tiny CLIP).
@@ -105,16 +113,6 @@ def build_models(args, device: torch.device, tmp: str) -> Models:
     return models
 
 
-def _random_sam(sam_type: str):
-    from fastsamclip.samples import _randomise_
-    from fastsamclip.teachers import build_sam
-
-    sam = build_sam(sam_type)
-    # SAM initialises its position tables to zero; random values keep them in the comparison.
-    _randomise_(sam, torch.Generator().manual_seed(0))
-    return sam
-
-
 def _nbytes(modules: Sequence[torch.nn.Module]) -> int:
     seen, total = set(), 0
     for m in modules:
@@ -126,22 +124,6 @@ def _nbytes(modules: Sequence[torch.nn.Module]) -> int:
 
 
 # ------------------------------------------------------------------------------------ row functions
-def _sam_normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from fastsamclip.teachers import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-
-    mean = torch.tensor(SAM_PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD, device=images.device).view(1, 3, 1, 1)
-    return ((images - mean) / std).to(dtype)
-
-
-def _clip_preprocess(images: torch.Tensor, teacher, dtype: torch.dtype) -> torch.Tensor:
-    s = teacher.image_size
-    x = F.interpolate(images, size=(s, s), mode="bicubic", align_corners=False, antialias=True) / 255.0
-    mean = torch.tensor(teacher.image_mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(teacher.image_std, device=images.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(dtype)
-
-
 def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """The fp32 module itself, or a copy in ``dtype`` (the shared fp32 weights stay intact)."""
     if all(p.dtype == dtype for p in module.parameters()):
@@ -152,16 +134,14 @@ def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def _sam_attention_sdpa(self, x: torch.Tensor) -> torch.Tensor:
     """``segment_anything``'s ``Attention.forward`` with the softmax through SDPA: the decomposed
     relative-position bias, computed as upstream does, is added as SDPA's float mask."""
-    from segment_anything.modeling.image_encoder import get_rel_pos
-
     B, H, W, _ = x.shape
     nh = self.num_heads
     q, k, v = self.qkv(x).reshape(B, H * W, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, d)
     bias = None
     if self.use_rel_pos:
         r_q = q.reshape(B * nh, H, W, -1)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h))
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w))
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, sam_get_rel_pos(H, H, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, sam_get_rel_pos(W, W, self.rel_pos_w))
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, H * W, H * W)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
     return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
@@ -170,14 +150,10 @@ def _sam_attention_sdpa(self, x: torch.Tensor) -> torch.Tensor:
 def sam_encoder_with_sdpa(encoder: torch.nn.Module, copy_first: bool = True) -> torch.nn.Module:
     """A ``segment_anything`` image encoder (a copy, unless ``copy_first=False``) whose attention
     runs through SDPA; the parameters and their names are unchanged."""
-    import types
-
-    from segment_anything.modeling.image_encoder import Attention
-
     if copy_first:
         encoder = copy.deepcopy(encoder)
     for m in encoder.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, SamAttention):
             m.forward = types.MethodType(_sam_attention_sdpa, m)
     return encoder
 
@@ -193,9 +169,9 @@ def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtyp
     def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = {}
         if workload in ("both", "sam"):
-            out["sam"] = sam_enc(_sam_normalize(images, dtype))
+            out["sam"] = sam_enc(sam_preprocess(models.sam, images).to(dtype))
         if workload in ("both", "clip"):
-            out["clip"] = clip.model.encode_image(_clip_preprocess(images, clip, dtype))
+            out["clip"] = clip.model.encode_image(models.clips[clip_name].preprocess(images).to(dtype))
         return out
 
     used = ([sam_enc] if workload != "clip" else []) + ([clip.model.visual] if workload != "sam" else [])
@@ -207,7 +183,7 @@ def merged_fn(models: Models, workload: str, dtype: torch.dtype):
     clip, sam = workload in ("both", "clip"), workload in ("both", "sam")
 
     def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return model(_sam_normalize(images, dtype), clip=clip, sam=sam)
+        return model(model.preprocess(images).to(dtype), clip=clip, sam=sam)
 
     # Weights a deployment of this workload holds: the text tower is not used by image embedding,
     # the CLIP head not by a SAM-only deployment.
@@ -316,12 +292,6 @@ def measure(fn, images: torch.Tensor, device: torch.device, warmup: int, iters: 
     return {k: v.detach().clone() for k, v in out.items()}, sorted(times), total, peak, power
 
 
-def _attn(backend: Optional[str]):
-    from fastsamclip.kernels import use_backend
-
-    return use_backend(backend)
-
-
 def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: torch.Tensor,
             refs: Dict[Tuple[str, str, int], Dict[str, torch.Tensor]], args, device: torch.device) -> Result:
     b = images.shape[0]
@@ -330,7 +300,7 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
     r = Result(bench="e2e", case=case, impl=impl, mode=workload, extra=extra)
     try:
         fn, used, backend = make_row_fn(models, impl, workload, DTYPES[dtype_name], args.compile_backend)
-        with _attn(backend):
+        with use_backend(backend):
             out, times, total, peak, power = measure(fn, images, device, args.warmup, args.iters)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -369,14 +339,8 @@ def configurations(models: Models, fast_dtype: str) -> List[Tuple[str, str]]:
     return rows
 
 
-LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "building", "water", "chair", "table",
-          "cup", "bottle", "book", "clock", "flower", "bird", "horse", "boat"]
-
-
 def composed_fn(models: Models, image, device: torch.device):
     """The merged model's training-free semantic segmentation: one pass, CLIP-prompted SAM head."""
-    from fastsamclip.predictor import SAMCLIPPredictor
-
     model = copy.deepcopy(models.merged)
     model.text = models.merged_text
     if model.text is None:
@@ -393,8 +357,6 @@ def composed_fn(models: Models, image, device: torch.device):
 def amg_clip_fn(models: Models, clip_name: str, image, points_per_side: int, device: torch.device):
     """SAM's automatic masks, then CLIP on every mask's box crop, each labelled by its best class
     (the training-free pipeline users assemble from the two models)."""
-    from segment_anything import SamAutomaticMaskGenerator
-
     clip = models.clips[clip_name]
     # Random SAM weights give mask logits within about +-0.1 (vit_tiny) and IoU predictions near
     # zero: the default thresholds (and the stability offset of 1.0) would drop every mask and
@@ -417,7 +379,7 @@ def amg_clip_fn(models: Models, clip_name: str, image, points_per_side: int, dev
             for m in masks:
                 x, y, bw, bh = (int(round(v)) for v in m["bbox"])
                 crop = img[:, y:y + max(bh, 1), x:x + max(bw, 1)][None]
-                crops.append(_clip_preprocess(crop, clip, torch.float32))
+                crops.append(clip.preprocess(crop))
             emb = clip.encode_image(torch.cat(crops), normalize=True)
             cls = (emb @ text.T).argmax(-1).cpu()
             # Larger masks first, so smaller ones on top keep their label.
@@ -430,9 +392,7 @@ def amg_clip_fn(models: Models, clip_name: str, image, points_per_side: int, dev
 
 
 def semantic_rows(models: Models, args, device: torch.device) -> List[Result]:
-    from fastsamclip.samples import sample_image
-
-    image = sample_image("chelsea")
+    image = samples.sample_image("chelsea")
     case = f"semantic {image.shape[1]}x{image.shape[0]} {len(LABELS)} labels"
     rows = []
     builders = [("merged-composed", lambda: composed_fn(models, image, device))]
@@ -443,7 +403,7 @@ def semantic_rows(models: Models, args, device: torch.device) -> List[Result]:
                    extra={"dtype": "fp32", "batch": 1})
         try:
             fn, used = build()
-            with _attn(None):
+            with use_backend(None):
                 _, times, total, peak, power = measure(fn, None, device, args.warmup, args.iters)
         except Exception as e:  # a pipeline that breaks is a row with its error
             r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -497,11 +457,9 @@ def plot_workloads(results: List[Result], folder: str) -> List[str]:
 
 
 def profile(models: Models, impl: str, dtype_name: str, images: torch.Tensor, args, device: torch.device) -> str:
-    from torch.profiler import ProfilerActivity, profile as tprofile
-
     fn, _, backend = make_row_fn(models, impl, "both", DTYPES[dtype_name], args.compile_backend)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad(), _attn(backend):
+    with torch.no_grad(), use_backend(backend):
         for _ in range(max(1, args.warmup)):  # compile outside the trace
             fn(images)
         _sync(device)
@@ -597,8 +555,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   ("weights MB", "weight_mb"), ("J/img", "j_per_img"), ("max rel err", "max_rel_err")]))
     print(f"appended {len(results)} rows to {path}; plots: {', '.join(plots) or 'none'}")
     print()
-    from .report import markdown, run_rows
-
     print(markdown(run_rows(read_csv(path))))
     if before is not None:
         print()

@@ -30,6 +30,11 @@ RESULTS_DIR = os.environ.get("FASTSAMCLIP_RESULTS_DIR") or (
     else os.path.join(os.getcwd(), "fastsamclip-results"))
 
 
+# The 20 class names of the semantic workloads (e2e, inference): everyday things, COCO-like.
+LABELS = ["person", "cat", "dog", "car", "tree", "grass", "sky", "road", "building", "water", "chair", "table",
+          "cup", "bottle", "book", "clock", "flower", "bird", "horse", "boat"]
+
+
 @dataclass
 class Result:
     bench: str  # which benchmark script, e.g. "attention"

@@ -13,9 +13,12 @@ import tempfile
 from typing import Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from fastsamclip.modeling.samclip import SAMCLIP, SAMCLIPConfig
-from fastsamclip.teachers import CheckpointError, check_state_dict
+from fastsamclip.modeling.build import SAMCLIPConfig, build_samclip
+from fastsamclip.modeling.samclip import SAMCLIP
+from fastsamclip.modeling.teachers import CheckpointError, check_state_dict
 
 FORMAT = "fastsamclip.samclip"
 FORMAT_VERSION = "1"
@@ -41,8 +44,6 @@ def atomic_write(path: str, write_fn) -> None:
 
 def save_merged(model: SAMCLIP, path: str) -> None:
     """Write the model (config + all weights, text tower included) to one ``.safetensors`` file."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "config": json.dumps(model.config.to_dict())}
@@ -50,8 +51,6 @@ def save_merged(model: SAMCLIP, path: str) -> None:
 
 
 def read_merged_config(path: str) -> SAMCLIPConfig:
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"merged checkpoint not found: {path}; {MAKE_ONE}")
     try:
@@ -73,10 +72,8 @@ def read_merged_config(path: str) -> SAMCLIPConfig:
 
 def load_merged(path: str, device: Union[str, torch.device] = "cpu") -> SAMCLIP:
     """The merged model from its file, on ``device``, in eval mode."""
-    from safetensors.torch import load_file
-
     cfg = read_merged_config(path)
-    model = SAMCLIP(cfg)
+    model = build_samclip(cfg)
     sd = load_file(path)
     check_state_dict(model, sd, "merged", path)
     model.load_state_dict(sd)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -18,62 +19,21 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fastsamclip.checkpoint import load_merged, save_merged
-from fastsamclip.data import preprocess_sam_image
-from fastsamclip.modeling.samclip import SAMCLIP
-from fastsamclip.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
-from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
-
-
-def sam_input(image: np.ndarray, size: int):
-    """SAM's preprocessing: resize the longest side to ``size`` (segment_anything's
-    ResizeLongestSide), normalise, pad bottom/right to size x size.
-    Returns (1, 3, size, size) float tensor and the resized (h, w)."""
-    x, hw = preprocess_sam_image(image, size)  # the one implementation, shared with training data
-    return x[None], hw
-
-
-def draw_overlay(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[str], path: str,
-                 title: str = "", prompts: Optional[List[dict]] = None) -> Optional[str]:
-    """The picture with each mask in its own colour, the prompts drawn, and a legend."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.patches as mpatches
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    colours = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
-    ax.imshow(image)
-    handles = []
-    for i, (m, lab) in enumerate(zip(masks, labels)):
-        rgba = np.zeros((*m.shape, 4))
-        rgba[m] = (*colours(i)[:3], 0.45)
-        ax.imshow(rgba)
-        handles.append(mpatches.Patch(color=colours(i), label=lab))
-    for p in prompts or []:
-        if "point" in p:
-            ax.plot(*p["point"], marker="*", color="yellow", markersize=14, markeredgecolor="black")
-        if "box" in p:
-            x0, y0, x1, y1 = p["box"]
-            ax.add_patch(mpatches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=2))
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+from fastsamclip.data import samples
+from fastsamclip.draw import draw_overlay
+from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
+from fastsamclip.train import Distiller, TrainConfig
+from fastsamclip.transforms import sam_pixels
 
 
 def _write_teachers(folder: str, sam_type: str, say) -> tuple:
     """Small random teachers in the official formats: (SAM .pth path, open_clip model name)."""
     say(f"[1/4] writing small teachers in the official formats ({sam_type} SAM .pth, open_clip folder)")
-    sam_path = write_sam_checkpoint(os.path.join(folder, f"sam_{sam_type}.pth"), sam_type)
-    return sam_path, write_clip_local_dir(os.path.join(folder, "clip"))
+    sam_path = samples.write_sam_checkpoint(os.path.join(folder, f"sam_{sam_type}.pth"), sam_type)
+    return sam_path, samples.write_clip_local_dir(os.path.join(folder, "clip"))
 
 
 def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_name: str = "chelsea",
@@ -90,7 +50,7 @@ def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_na
         clip = load_clip_teacher(clip_name)
 
         say("[2/4] merging them into the SAM-CLIP student and saving one merged checkpoint")
-        student = SAMCLIP.from_teachers(sam, clip, sam_config=sam_type).eval()
+        student = samclip_from_teachers(sam, clip, sam_config=sam_type).eval()
         merged_path = os.path.join(out_dir, "merged.safetensors")
         save_merged(student, merged_path)
         labels = ["a photo of a cat", "a photo of a dog", "a photo of a rocket"]
@@ -107,17 +67,18 @@ def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_na
     report["text_equals_teacher"] = text_same
 
     say("[3/4] running the three outputs on a sample picture")
-    image = sample_image(image_name)
+    image = samples.sample_image(image_name)
     rows = []
     with torch.no_grad():
         for res in resolutions:
-            x, (h, w) = sam_input(image, res)
-            out = model(x, clip=True, sam=True, clip_patches=True)
-            sam_ref = sam.image_encoder(x) if res == sam.image_encoder.img_size else None
+            pixels, hw = sam_pixels(image, res)
+            out = model(model.preprocess(pixels[None], hw), clip=True, sam=True, clip_patches=True)
+            sam_ref = sam.image_encoder(sam_preprocess(sam, pixels[None], hw)) if res == sam.image_encoder.img_size else None
             err = (out["sam"] - sam_ref).abs().max().item() if sam_ref is not None else None
             rows.append((res, tuple(out["clip"].shape), tuple(out["clip_patches"].shape), tuple(out["sam"].shape), err))
         native = model.config.sam.backbone.img_size
-        x, (h, w) = sam_input(image, native)
+        pixels, (h, w) = sam_pixels(image, native)
+        x = model.preprocess(pixels[None], (h, w))
         emb = model(x, clip=False, sam=True)["sam"]
         scale = native / max(image.shape[:2])
         px, py = image.shape[1] * 0.5, image.shape[0] * 0.45
@@ -128,13 +89,14 @@ def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_na
         lowres_b, iou_b = model.predict_masks(emb, (native, native), boxes=boxes, multimask_output=False)
         # The same prompts through segment_anything's own model: the student starts as SAM.
         sp, de = sam.prompt_encoder(points=pts, boxes=None, masks=None)
-        ref_p, _ = sam.mask_decoder(sam.image_encoder(x), sam.prompt_encoder.get_dense_pe(), sp, de, True)
+        ref_p, _ = sam.mask_decoder(sam.image_encoder(sam_preprocess(sam, pixels[None], (h, w))),
+                                    sam.prompt_encoder.get_dense_pe(), sp, de, True)
         report["mask_max_abs_diff_vs_sam"] = (lowres_p - ref_p).abs().max().item()
         full = lambda m: sam.postprocess_masks(m, (h, w), image.shape[:2])[0] > 0  # noqa: E731
         best = int(iou_p[0].argmax())
         mask_point = full(lowres_p)[best].numpy()
         mask_box = full(lowres_b)[0].numpy()
-        probs = (100 * torch.nn.functional.normalize(model(sam_input(image, native)[0], sam=False)["clip"], dim=-1)
+        probs = (100 * torch.nn.functional.normalize(model(x, sam=False)["clip"], dim=-1)
                  @ torch.nn.functional.normalize(model.encode_text(model.tokenizer(labels)), dim=-1).T).softmax(-1)[0]
 
     say(f"      {'input':>6}  {'CLIP pooled':>12}  {'CLIP per-patch':>18}  {'SAM embeddings':>18}  vs SAM teacher")
@@ -165,8 +127,6 @@ def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_na
 # ---------------------------------------------------------------------------------------------
 def _demo_crops(images: dict, per_image: int, side: int, seed: int = 0) -> List[np.ndarray]:
     """Random square-ish crops of the sample pictures: more D_CLIP images than the 12 pictures."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     out = []
     for a in images.values():
@@ -189,11 +149,6 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
     and its CLIP head is untrained (low cosine); distillation must raise the cosine a lot while
     stage 2's SAM rehearsal keeps the mask IoU close to 1.
     """
-    import logging
-
-    from fastsamclip import data
-    from fastsamclip.train import Distiller, TrainConfig
-
     say = (lambda *a: None) if quiet else print
     out_dir = out_dir or os.path.join(os.getcwd(), "fastsamclip-demo")
     os.makedirs(out_dir, exist_ok=True)
@@ -206,14 +161,14 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
         teacher_bytes = os.path.getsize(sam_path) + clip_bytes
 
         say("[2/4] writing a small dataset in the real formats (WebDataset shards, SA-1B json + RLE masks)")
-        pictures = data.load_sample_images(max_side=160)
+        pictures = samples.load_sample_images(max_side=160)
         names = list(pictures)
         held_out = names[-3:]  # never seen in training, by either stream
         train_pics = {n: pictures[n] for n in names[:-3]}
         crops = _demo_crops(train_pics, per_image=6, side=128)
-        shards = data.write_clip_shards(os.path.join(work, "clip_data"), crops, shard_size=16)
+        shards = samples.write_clip_shards(os.path.join(work, "clip_data"), crops, shard_size=16)
         sa1b = os.path.join(work, "sa1b")
-        data.write_sa1b(sa1b, [(pictures[n], data.synthetic_masks(pictures[n])) for n in names])
+        samples.write_sa1b(sa1b, [(pictures[n], samples.synthetic_masks(pictures[n])) for n in names])
         spec = os.path.join(work, "clip_data", "{00000..%05d}.tar" % (len(shards) - 1))
         say(f"      D_CLIP: {len(crops)} images in {len(shards)} shards; D_SAM: {len(names)} SA-1B images "
             f"({len(held_out)} held out: {', '.join(held_out)})")

@@ -60,3 +60,7 @@ else:
         "linear_cosine_distill_loss",
         "linear_cosine_distill_loss_reference",
     ]
+
+from .preprocess import postprocess_masks, postprocess_masks_reference, preprocess, preprocess_reference  # noqa: E402
+
+__all__ += ["postprocess_masks", "postprocess_masks_reference", "preprocess", "preprocess_reference"]

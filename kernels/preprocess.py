@@ -37,8 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastsamclip.data import get_preprocess_shape
-from fastsamclip.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def get_preprocess_shape(h, w, long_side):
+    scale = long_side * 1.0 / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 __all__ = [
     "Availability",

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from fastsamclip.kernels import use_backend
-from fastsamclip.modeling.backbone import BACKBONE_CONFIGS, build_backbone, resize_abs_pos
-from fastsamclip.samples import _randomise_
-from fastsamclip.teachers import SamConfig, build_sam
+from fastsamclip.modeling import BACKBONE_CONFIGS, build_backbone
+from fastsamclip.modeling.backbone import resize_abs_pos
+from fastsamclip.data.samples import randomise_zero_tables
+from fastsamclip.modeling import SamConfig, build_sam
 
 from .helpers import assert_close_verbose
 
 
 def sam_and_ours(backbone_cfg, seed=0):
     sam = build_sam(SamConfig(backbone=backbone_cfg))
-    _randomise_(sam, torch.Generator().manual_seed(seed))
+    randomise_zero_tables(sam, torch.Generator().manual_seed(seed))
     ours = build_backbone(backbone_cfg)
     ours.load_state_dict(sam.image_encoder.state_dict(), strict=True)
     return sam.image_encoder.eval(), ours.eval()
@@ -68,7 +69,7 @@ def test_vit_b_at_1024_equals_segment_anything():
 
     torch.manual_seed(0)
     sam_enc = sam_model_registry["vit_b"]().image_encoder.eval()
-    _randomise_(sam_enc, torch.Generator().manual_seed(0))
+    randomise_zero_tables(sam_enc, torch.Generator().manual_seed(0))
     ours = build_backbone("vit_b").eval()
     ours.load_state_dict(sam_enc.state_dict(), strict=True)
     x = torch.randn(1, 3, 1024, 1024)

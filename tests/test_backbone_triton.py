@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastsamclip.kernels import attention_triton, use_backend
-from fastsamclip.modeling.backbone import BACKBONE_CONFIGS, build_backbone
-from fastsamclip.samples import _randomise_
+from fastsamclip.modeling import BACKBONE_CONFIGS, build_backbone
+from fastsamclip.data.samples import randomise_zero_tables
 
 from .helpers import assert_close_verbose
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(attention_triton.BACKEND.is_available() is not N
 def _model():
     torch.manual_seed(0)
     model = build_backbone(BACKBONE_CONFIGS["vit_micro"])  # windows of 3 on a 4x4 grid: padded
-    _randomise_(model, torch.Generator().manual_seed(0))
+    randomise_zero_tables(model, torch.Generator().manual_seed(0))
     return model
 
 

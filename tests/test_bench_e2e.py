@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from bench import e2e
-from bench.harness import read_csv
+from fastsamclip.bench import e2e
+from fastsamclip.bench.harness import read_csv
 
 IMPLS = {"separate-eager/tiny-clip", "separate-strong/tiny-clip", "merged-reference", "merged-fused",
          "merged-fused-compile"}
@@ -97,8 +97,8 @@ def test_profile_rejects_unknown_row():
 
 
 def test_report_checks_the_claims_on_rows_of_the_run(quick_run):
-    from bench import report
-    from bench.harness import row_value
+    from fastsamclip.bench import report
+    from fastsamclip.bench.harness import row_value
 
     rows, _ = quick_run
     run = report.run_rows(rows)
@@ -125,7 +125,7 @@ def test_report_checks_the_claims_on_rows_of_the_run(quick_run):
 
 
 def test_report_command_and_compare_against_the_earlier_run(quick_run, tmp_path, capsys):
-    from bench import report
+    from fastsamclip.bench import report
 
     rows, _ = quick_run
     csv_path = tmp_path / "e2e.csv"
@@ -155,11 +155,11 @@ def test_strong_sam_baseline_through_sdpa_equals_segment_anything(sam_type):
     blocks, padded windows (vit_micro at 64 px: 4x4 grid in 3x3 windows), forward and backward."""
     import torch
 
-    from fastsamclip.samples import _randomise_
-    from fastsamclip.teachers import build_sam
+    from fastsamclip.data.samples import randomise_zero_tables
+    from fastsamclip.modeling import build_sam
 
     sam = build_sam(sam_type)
-    _randomise_(sam, torch.Generator().manual_seed(1))
+    randomise_zero_tables(sam, torch.Generator().manual_seed(1))
     enc = sam.image_encoder.double()
     fast = e2e.sam_encoder_with_sdpa(enc)
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in enc.named_parameters()]

@@ -1,7 +1,7 @@
 """CPU smoke run of the inference benchmark: latency rows and cold/warm first-result rows."""
 
-from bench import bench_inference
-from bench.harness import read_csv
+from fastsamclip.bench import bench_inference
+from fastsamclip.bench.harness import read_csv
 
 
 def test_quick_run_writes_latency_and_first_result_rows(tmp_path, capsys):

@@ -3,8 +3,8 @@ each configuration really runs, first-step losses equal to plain torch's, and --
 
 import pytest
 
-from bench import bench_train
-from bench.harness import parse_extra, read_csv
+from fastsamclip.bench import bench_train
+from fastsamclip.bench.harness import parse_extra, read_csv
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_compare_with_an_earlier_run_and_bad_arguments(quick_run, tmp_path, caps
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_full_size_runs_need_a_gpu_or_an_explicit_cpu(capsys):
-    from bench import bench_inference, e2e
+    from fastsamclip.bench import bench_inference, e2e
 
     for main in (bench_train.main, e2e.main, bench_inference.main):
         with pytest.raises(SystemExit):

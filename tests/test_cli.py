@@ -32,7 +32,7 @@ def test_demo_runs_and_agrees_with_its_teachers(tmp_path):
 
 def test_merge_command_writes_a_loadable_checkpoint(tmp_path):
     from fastsamclip.checkpoint import load_merged
-    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
+    from fastsamclip.data.samples import write_clip_local_dir, write_sam_checkpoint
 
     sam = write_sam_checkpoint(str(tmp_path / "sam.pth"), "vit_micro")
     clip = write_clip_local_dir(str(tmp_path / "clip"))
@@ -51,8 +51,8 @@ def test_console_script_entry_point():
 
 
 def test_merge_with_wrong_sam_type_says_so(tmp_path, capsys):
-    from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
-    from fastsamclip.teachers import CheckpointError
+    from fastsamclip.data.samples import write_clip_local_dir, write_sam_checkpoint
+    from fastsamclip.modeling import CheckpointError
 
     sam = write_sam_checkpoint(str(tmp_path / "sam.pth"), "vit_micro")
     clip = write_clip_local_dir(str(tmp_path / "clip"))

@@ -13,12 +13,10 @@ from PIL import Image
 
 from fastsamclip.checkpoint import save_merged
 from fastsamclip.cli import main
-from fastsamclip.data import apply_boxes, apply_coords, preprocess_clip_image, preprocess_sam_image
-from fastsamclip.modeling.samclip import SAMCLIP
-from fastsamclip.predictor import ImageReadError, SAMCLIPPredictor, postprocess_masks, to_rgb_uint8
-from fastsamclip.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
-from fastsamclip.teachers import CheckpointError, load_clip_teacher, load_sam_teacher
-from fastsamclip.train import clip_to_sam_pixels
+from fastsamclip.data.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
+from fastsamclip.modeling import CheckpointError, load_clip_teacher, load_sam_teacher, samclip_from_teachers
+from fastsamclip.predictor import ImageReadError, SAMCLIPPredictor, to_rgb_uint8
+from fastsamclip.transforms import apply_boxes, apply_coords, clip_pixels, postprocess_masks, sam_pixels
 
 from .helpers import assert_close_verbose
 
@@ -32,7 +30,7 @@ def setup(tmp_path_factory):
     sam = load_sam_teacher(sam_path, "vit_tiny")
     clip = load_clip_teacher(write_clip_local_dir(str(d / "clip")))
     merged = str(d / "merged.safetensors")
-    save_merged(SAMCLIP.from_teachers(sam, clip, sam_config="vit_tiny"), merged)
+    save_merged(samclip_from_teachers(sam, clip, sam_config="vit_tiny"), merged)
     predictor = SAMCLIPPredictor(merged, device="cpu")
     # A non-square picture, downscaled so the tests stay fast (the resize still runs).
     image = np.asarray(Image.fromarray(sample_image("chelsea")).resize((150, 100), Image.BILINEAR))
@@ -54,9 +52,9 @@ def test_set_image_is_one_pass_and_caches_both_heads(setup, monkeypatch):
     p.set_image(image)
     assert calls == [(1, 3, 128, 128)]  # ONE pass, native size
     monkeypatch.undo()
-    x, hw = preprocess_sam_image(image, 128)
+    x, hw = sam_pixels(image, 128)
     with torch.no_grad():
-        ref = p.model(x[None], clip=True, sam=True, clip_patches=True)
+        ref = p.model(p.model.preprocess(x[None], hw), clip=True, sam=True, clip_patches=True)
     assert p.original_size == (100, 150) and p.input_size == hw == (85, 128)
     assert_close_verbose(p.features, ref["sam"], 0, 0, "sam embeddings")
     assert_close_verbose(p.clip_embedding, ref["clip"], 0, 0, "pooled clip")
@@ -154,9 +152,8 @@ def test_classify_and_embed_images_equal_the_parts_by_hand(setup):
     with torch.no_grad():
         tok = m.tokenizer([t(c) for c in labels for t in zsm.OPENAI_IMAGENET_TEMPLATES])
         text = F.normalize(m.encode_text(tok, normalize=True).view(3, 80, -1).mean(1), dim=-1)
-        x = torch.stack([preprocess_clip_image(im, 96) for im in images])  # CLIP geometry, as trained
-        img = F.normalize(m(clip_to_sam_pixels(x, (0.48145466, 0.4578275, 0.40821073),
-                                                (0.26862954, 0.26130258, 0.27577711)), sam=False)["clip"], dim=-1)
+        x = torch.stack([clip_pixels(im, 96) for im in images])  # CLIP geometry, as trained
+        img = F.normalize(m(m.preprocess(x), sam=False)["clip"], dim=-1)
         ref = (m.text.logit_scale.exp() * img @ text.T).softmax(-1)
     assert probs.shape == (3, 3)
     assert_close_verbose(torch.from_numpy(probs), ref, 1e-4, 1e-4, "zero-shot probabilities")
@@ -176,9 +173,10 @@ def test_classify_and_embed_images_equal_the_parts_by_hand(setup):
         p.classify(images, "cat,dog")
 
     out = p.embed_images(images, batch_size=2)
-    xs = torch.stack([preprocess_sam_image(im, 128)[0] for im in images])
+    views = [sam_pixels(im, 128) for im in images]
     with torch.no_grad():
-        ref = m(xs, clip=True, sam=True, clip_patches=True)
+        ref = m(m.preprocess(torch.stack([v for v, _ in views]), [hw for _, hw in views]),
+                clip=True, sam=True, clip_patches=True)
     for k in ("sam", "clip", "clip_patches"):
         assert_close_verbose(out[k], ref[k], 1e-5, 1e-5, k)
     assert out["input_sizes"].tolist() == [[85, 128], [85, 128], [128, 128]]
@@ -189,9 +187,9 @@ def test_semantic_clip_mode_by_hand(setup):
     labels = ["cat", "dog", "grass"]
     res = p.semantic_segment(image, labels, mode="clip", resolution=96)
     text = p.text_embeddings(labels)
-    x, hw = preprocess_sam_image(image, 96)
+    x, hw = sam_pixels(image, 96)
     with torch.no_grad():
-        patches = p.model(x[None], clip=False, sam=False, clip_patches=True)["clip_patches"][0]
+        patches = p.model(p.model.preprocess(x[None], hw), clip=False, sam=False, clip_patches=True)["clip_patches"][0]
     probs = (p.logit_scale() * F.normalize(patches, dim=-1) @ text.T).softmax(-1).permute(2, 0, 1)
     scores = postprocess_masks(probs[None], hw, (100, 150), 96)[0]
     assert res.label_map.shape == (100, 150) and res.scores.shape == (3, 100, 150)
@@ -277,17 +275,27 @@ def test_compile_hook_matches_eager(setup):
 
 
 def test_warmup_compiles_each_case_once_ahead_of_requests(setup, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored after the test
-    p = SAMCLIPPredictor(setup["predictor"].model, device="cpu", compile=True, compile_backend="aot_eager",
+    before = str(tmp_path / "process-cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)  # restored after the test
+    seen = []
+
+    def backend(gm, example_inputs):  # a compiler that notes where Inductor would keep its cache
+        seen.append(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return gm.forward
+
+    p = SAMCLIPPredictor(setup["predictor"].model, device="cpu", compile=True, compile_backend=backend,
                          cache_dir=str(tmp_path / "inductor"))
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == before  # the process's setting is left alone
     times = p.warmup(resolutions=(64, 128), batch_sizes=(1, 2), outputs=("set_image", "clip"))
+    # Each compile ran with the predictor's cache folder; the variable is restored after.
+    assert len(seen) == 8 and set(seen) == {str(tmp_path / "inductor")}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == before
     assert sorted(times) == sorted(f"{o} {r}px batch {b}" for o in ("set_image", "clip")
                                    for r in (64, 128) for b in (1, 2))
     assert all(t > 0 for t in times.values())
     assert len(p._compiled) == 8
     p.set_image(setup["image"])  # the native 128 px batch-1 graph is reused, not compiled again
-    assert len(p._compiled) == 8
+    assert len(p._compiled) == 8 and len(seen) == 8
     with pytest.raises(ValueError, match="not a multiple of 16"):
         p.warmup(resolutions=(100,))
     with pytest.raises(ValueError, match="warmup outputs must be among"):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fastsamclip.modeling.samclip import SAMCLIP, CLIPHeadConfig, SAMCLIPConfig, encode_prompts
-from fastsamclip.samples import write_clip_local_dir, write_sam_checkpoint
-from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
+from fastsamclip.modeling import CLIPHeadConfig, SAMCLIPConfig, build_samclip, encode_prompts, samclip_from_teachers
+from fastsamclip.data.samples import write_clip_local_dir, write_sam_checkpoint
+from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 
 from .helpers import assert_close_verbose
 
@@ -15,7 +15,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
     sam = load_sam_teacher(write_sam_checkpoint(str(d / "sam.pth"), "vit_tiny"), "vit_tiny")
     clip = load_clip_teacher(write_clip_local_dir(str(d / "clip")))
-    return sam, clip, SAMCLIP.from_teachers(sam, clip).eval()
+    return sam, clip, samclip_from_teachers(sam, clip).eval()
 
 
 def test_initialisation_follows_the_recipe(setup):
@@ -40,7 +40,7 @@ def test_initialisation_follows_the_recipe(setup):
 
 def test_vit_b_head_adds_about_a_quarter():
     with torch.device("meta"):
-        model = SAMCLIP(SAMCLIPConfig())  # ViT-B with a ViT-L/14-sized (768) head output
+        model = build_samclip(SAMCLIPConfig())  # ViT-B with a ViT-L/14-sized (768) head output
     ratio = model.num_parameters("clip_head") / model.num_parameters("image_encoder")
     assert 0.2 < ratio < 0.3, ratio
 
@@ -131,7 +131,7 @@ def test_zero_shot_with_the_text_tower(setup):
 
 def test_gradients_reach_trainable_parts(setup):
     sam, clip, _ = setup
-    model = SAMCLIP.from_teachers(sam, clip)
+    model = samclip_from_teachers(sam, clip)
     x = torch.randn(1, 3, 64, 64)
     out = model(x, clip=True, sam=True)
     (out["clip"].square().sum() + out["sam"].square().sum()).backward()
@@ -143,5 +143,5 @@ def test_gradients_reach_trainable_parts(setup):
 
 def test_head_hidden_width_option(setup):
     sam, clip, _ = setup
-    model = SAMCLIP.from_teachers(sam, clip, clip_head=CLIPHeadConfig(out_dim=32, hidden_dim=48))
+    model = samclip_from_teachers(sam, clip, clip_head=CLIPHeadConfig(out_dim=32, hidden_dim=48))
     assert model.clip_head.mlp[0].out_features == 48

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fastsamclip.checkpoint import load_merged, read_merged_config, save_merged
-from fastsamclip.modeling.samclip import SAMCLIP, CLIPHeadConfig
-from fastsamclip.samples import write_clip_checkpoint, write_clip_local_dir, write_sam_checkpoint
-from fastsamclip.teachers import CheckpointError, build_sam, load_clip_teacher, load_sam_teacher
+from fastsamclip.modeling import CLIPHeadConfig, samclip_from_teachers
+from fastsamclip.data.samples import write_clip_checkpoint, write_clip_local_dir, write_sam_checkpoint
+from fastsamclip.modeling import CheckpointError, build_sam, load_clip_teacher, load_sam_teacher
 
 from .helpers import assert_close_verbose
 
@@ -125,7 +125,7 @@ def test_clip_unknown_name_and_missing_file():
 
 def test_real_clip_names_resolve_offline():
     """The paper's teacher architecture builds from open_clip's own config (weights are separate)."""
-    from fastsamclip.teachers import clip_model_config
+    from fastsamclip.modeling.teachers import clip_model_config
 
     cfg = clip_model_config("ViT-L-14")
     assert cfg["embed_dim"] == 768
@@ -136,7 +136,7 @@ def test_real_clip_names_resolve_offline():
 def merged(files):
     sam = load_sam_teacher(files["sam_tiny"], "vit_tiny")
     clip = load_clip_teacher(files["clip_dir"])
-    model = SAMCLIP.from_teachers(sam, clip).eval()
+    model = samclip_from_teachers(sam, clip).eval()
     return sam, clip, model
 
 
@@ -194,4 +194,4 @@ def test_head_size_must_match_teacher(files):
     sam = load_sam_teacher(files["sam_tiny"], "vit_tiny")
     clip = load_clip_teacher(files["clip_dir"])
     with pytest.raises(ValueError, match="differs from the CLIP teacher's embedding size 32"):
-        SAMCLIP.from_teachers(sam, clip, clip_head=CLIPHeadConfig(out_dim=64))
+        samclip_from_teachers(sam, clip, clip_head=CLIPHeadConfig(out_dim=64))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fastsamclip import data
-from fastsamclip.samples import TINY_CLIP_CFG, write_clip_local_dir, write_sam_checkpoint
-from fastsamclip.teachers import load_clip_teacher, load_sam_teacher
+from fastsamclip.data import samples
+from fastsamclip.data.samples import TINY_CLIP_CFG, write_clip_local_dir, write_sam_checkpoint
+from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.train import Distiller, TrainConfig, TrainingStopped, cache_teachers
 
 
@@ -19,10 +20,10 @@ from fastsamclip.train import Distiller, TrainConfig, TrainingStopped, cache_tea
 def env(tmp_path_factory):
     """Teachers in the official formats and a dataset in the real formats, written once."""
     root = tmp_path_factory.mktemp("train")
-    pics = data.load_sample_images(max_side=80)
+    pics = samples.load_sample_images(max_side=80)
     names = list(pics)
-    shards = data.write_clip_shards(root / "clip", [pics[n] for n in names], shard_size=4)
-    data.write_sa1b(root / "sa1b", [(pics[n], data.synthetic_masks(pics[n])) for n in names[:6]])
+    shards = samples.write_clip_shards(root / "clip", [pics[n] for n in names], shard_size=4)
+    samples.write_sa1b(root / "sa1b", [(pics[n], samples.synthetic_masks(pics[n])) for n in names[:6]])
     sam_path = write_sam_checkpoint(str(root / "sam.pth"), "vit_micro")
     clip_name = write_clip_local_dir(str(root / "clipm"))
     return {
@@ -102,26 +103,33 @@ def test_cache_equals_live_teachers_and_training_with_it_matches(env, tmp_path):
     cached = Distiller(dataclasses.replace(cfg, out=str(tmp_path / "cached"), teacher_cache=cache),
                        sam_teacher=env["sam"], clip_teacher=env["clip"])
     keys, images, res = cached._clip_stream(2).next()
-    a = cached.clip_targets(keys, images, res)
-    assert cached.cache_misses == 0
-    b = live.clip_targets(keys, images, res)
+    a = cached.targets.clip_embeddings(keys, images, res)
+    assert cached.targets.misses == 0
+    b = live.targets.clip_embeddings(keys, images, res)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     items = cached.sam_stream.next()
     imgs = torch.stack([it["image"] for it in items])
-    torch.testing.assert_close(cached.sam_teacher_embeddings([it["key"] for it in items], imgs),
-                               live.sam_teacher_embeddings([it["key"] for it in items], imgs), atol=1e-5, rtol=1e-5)
-    assert cached.cache_misses == 0
+    hw = [it["input_size"] for it in items]
+    torch.testing.assert_close(cached.targets.sam_embeddings([it["key"] for it in items], imgs, hw),
+                               live.targets.sam_embeddings([it["key"] for it in items], imgs, hw), atol=1e-5, rtol=1e-5)
+    assert cached.targets.misses == 0
 
     live2 = Distiller(dataclasses.replace(cfg, out=str(tmp_path / "live2")), sam_teacher=env["sam"], clip_teacher=env["clip"])
     cached2 = Distiller(dataclasses.replace(cfg, out=str(tmp_path / "cached2"), teacher_cache=cache),
                         sam_teacher=env["sam"], clip_teacher=env["clip"])
     live2.run()
     cached2.run()
-    assert cached2.cache_misses == 0
+    assert cached2.targets.misses == 0
     for ha, hb in zip(live2.history, cached2.history):
         assert ha["loss_clip"] == pytest.approx(hb["loss_clip"], abs=1e-5)
         assert ha.get("loss_sam", 0) == pytest.approx(hb.get("loss_sam", 0), abs=1e-5)
     for (k, va), vb in zip(live2.student.state_dict().items(), cached2.student.state_dict().values()):
+        if k.endswith("attn.qkv.bias"):
+            # The key bias has an exactly zero gradient (softmax ignores a shift shared by every
+            # key), so AdamW's step on it is rounding noise scaled to up to lr: compare it at that scale.
+            dim = va.shape[0] // 3
+            torch.testing.assert_close(va[dim:2 * dim], vb[dim:2 * dim], atol=cfg.stage1_lr, rtol=0, msg=k)
+            va, vb = torch.cat([va[:dim], va[2 * dim:]]), torch.cat([vb[:dim], vb[2 * dim:]])
         torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-4, msg=k)
 
 
@@ -158,7 +166,7 @@ def test_resume_without_checkpoint_says_so(env, tmp_path):
 # ------------------------------------------------------------------------------- non-finite steps
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(env, tmp_path):
     t = trainer(env, tmp_path, max_nan_skips=3, stage1_steps=10)  # lr > 0 on step 3
-    real = t.clip_targets
+    real = t.targets.clip_embeddings
     poison = {2}
     calls = {"n": 0}
 
@@ -167,7 +175,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(env, tmp_path):
         out = real(keys, images, res)
         return out * float("nan") if calls["n"] in poison else out
 
-    t.clip_targets = targets
+    t.targets.clip_embeddings = targets
     opt, sched = t.make_optimizer(1)
     t.train_step(1, opt, sched)
     before = snapshot(t.student.clip_head)
@@ -178,7 +186,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(env, tmp_path):
     assert not rec["skipped"] and t.nan_skips == 1 and changed(before, t.student.clip_head)
 
     stopper = trainer(env, tmp_path / "stop", max_nan_skips=2, stage1_steps=5)
-    stopper.clip_targets = lambda k, x, r: real(k, x, r) * float("nan")
+    stopper.targets.clip_embeddings = lambda k, x, r: real(k, x, r) * float("nan")
     with pytest.raises(TrainingStopped, match=r"2 steps had a non-finite.*--max-nan-skips 2"):
         stopper.run()
     assert stopper.nan_skips == 2 and len(stopper.history) == 2
@@ -192,15 +200,15 @@ def test_startup_errors_name_the_problem(env, tmp_path):
     with pytest.raises(FileNotFoundError, match="no file with an image extension"):
         trainer(env, tmp_path, clip_data=str(empty))
     corrupt = tmp_path / "corrupt"
-    data.write_image_folder(corrupt, [b"not a jpeg"] * 3)
+    samples.write_image_folder(corrupt, [b"not a jpeg"] * 3)
     with pytest.raises(RuntimeError, match="could be decoded"):
         trainer(env, tmp_path, clip_data=str(corrupt))
     with pytest.raises(FileNotFoundError, match="expands to"):
         trainer(env, tmp_path, clip_data=str(tmp_path / "nowhere" / "{00000..00003}.tar"))
     no_masks = tmp_path / "sa1b_empty"
     no_masks.mkdir()
-    pic = data.load_sample_images(["chelsea"], max_side=64)["chelsea"]
-    data.write_sa1b(no_masks, [(pic, torch.zeros(0, *pic.shape[:2], dtype=torch.bool).numpy())])
+    pic = samples.load_sample_images(["chelsea"], max_side=64)["chelsea"]
+    samples.write_sa1b(no_masks, [(pic, torch.zeros(0, *pic.shape[:2], dtype=torch.bool).numpy())])
     with pytest.raises(RuntimeError, match="decodable mask"):
         trainer(env, tmp_path, sam_data=str(no_masks))
     nothing = tmp_path / "sa1b_nothing"
@@ -212,14 +220,14 @@ def test_startup_errors_name_the_problem(env, tmp_path):
 
 def test_teacher_student_size_mismatch_is_refused(env, tmp_path):
     from fastsamclip.checkpoint import save_merged
-    from fastsamclip.modeling.samclip import SAMCLIP
+    from fastsamclip.modeling import samclip_from_teachers
 
     tiny = load_sam_teacher(write_sam_checkpoint(str(tmp_path / "tiny.pth"), "vit_tiny"), "vit_tiny")
-    save_merged(SAMCLIP.from_teachers(tiny, env["clip"], sam_config="vit_tiny"), str(tmp_path / "tiny.safetensors"))
+    save_merged(samclip_from_teachers(tiny, env["clip"], sam_config="vit_tiny"), str(tmp_path / "tiny.safetensors"))
     with pytest.raises(ValueError, match="SAM part of another size"):
         trainer(env, tmp_path, init_from=str(tmp_path / "tiny.safetensors"))
     wide = load_clip_teacher(write_clip_local_dir(str(tmp_path / "clip48"), {**TINY_CLIP_CFG, "embed_dim": 48}))
-    save_merged(SAMCLIP.from_teachers(env["sam"], wide, sam_config="vit_micro"), str(tmp_path / "w.safetensors"))
+    save_merged(samclip_from_teachers(env["sam"], wide, sam_config="vit_micro"), str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="predicts 48-d CLIP embeddings.*gives 32-d"):
         trainer(env, tmp_path, init_from=str(tmp_path / "w.safetensors"))
 
@@ -251,11 +259,8 @@ def test_distill_command_with_config_file_and_overrides(env, tmp_path):
 def test_ranks_on_shards_of_unequal_sizes_stay_in_the_same_epoch(env):
     """Three shards over two ranks: one rank reads twice the records of the other, yet batch k has
     the same epoch and resolution on both (the short rank re-reads its shards)."""
-    from fastsamclip.data import MultiResolutionConfig
-    from fastsamclip.train import ClipStream, Dist
-
-    mr = MultiResolutionConfig(resolutions=(64, 96), base_batch=2, base_res=64, seed=3)
-    streams = [ClipStream(env["spec"], mr, Dist(rank=r, world_size=2), (0.5,) * 3, (0.5,) * 3) for r in range(2)]
+    mr = data.MultiResolutionConfig(resolutions=(64, 96), base_batch=2, base_res=64, seed=3)
+    streams = [data.ClipStream(env["spec"], mr, rank=r, world_size=2) for r in range(2)]
     assert len(data.expand_shard_spec(env["spec"])) == 3
     seen = [[], []]
     for _ in range(12):  # three epochs of 4 batches per rank

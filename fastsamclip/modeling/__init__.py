@@ -1,18 +1,30 @@
-"""Models: SAM's image encoder (backbone) and the merged SAM-CLIP model."""
+"""The models: SAM's image encoder (backbone), the merged SAM-CLIP model, the two teachers.
 
-from .backbone import BACKBONE_CONFIGS, BackboneConfig, ImageEncoderViT, build_backbone
+``build`` holds the configurations and the builders; ``teachers`` loads SAM and CLIP from their
+official formats.
+"""
 
-_SAMCLIP_NAMES = ("SAMCLIP", "CLIPHead", "CLIPHeadConfig", "SAMCLIPConfig", "encode_prompts")
+from .backbone import ImageEncoderViT
+from .build import (
+    BACKBONE_CONFIGS,
+    SAM_CONFIGS,
+    BackboneConfig,
+    CLIPHeadConfig,
+    SAMCLIPConfig,
+    SamConfig,
+    build_backbone,
+    build_sam,
+    build_samclip,
+    get_sam_config,
+    infer_sam_type,
+    samclip_from_teachers,
+)
+from .samclip import SAMCLIP, CLIPHead, encode_prompts
+from .teachers import CheckpointError, CLIPTeacher, load_clip_teacher, load_sam_teacher, sam_preprocess
 
-
-def __getattr__(name):
-    # samclip imports fastsamclip.teachers, which imports the backbone from this package:
-    # importing it lazily keeps `import fastsamclip.teachers` free of an import cycle.
-    if name in _SAMCLIP_NAMES:
-        from . import samclip
-
-        return getattr(samclip, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["BACKBONE_CONFIGS", "BackboneConfig", "ImageEncoderViT", "build_backbone", *_SAMCLIP_NAMES]
+__all__ = [
+    "BACKBONE_CONFIGS", "SAM_CONFIGS", "BackboneConfig", "CLIPHead", "CLIPHeadConfig", "CLIPTeacher",
+    "CheckpointError", "ImageEncoderViT", "SAMCLIP", "SAMCLIPConfig", "SamConfig", "build_backbone", "build_sam",
+    "build_samclip", "encode_prompts", "get_sam_config", "infer_sam_type", "load_clip_teacher", "load_sam_teacher",
+    "sam_preprocess", "samclip_from_teachers",
+]

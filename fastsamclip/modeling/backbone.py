@@ -1,111 +1,35 @@
 """SAM's ViT image encoder (ViTDet style), mirroring ``segment_anything/modeling/image_encoder.py``.
 
-Parameter names are exactly upstream's, so ``build_backbone("vit_b").load_state_dict(
-sam.image_encoder.state_dict())`` is strict and a diff against upstream stays readable. What
-differs from upstream:
+Constructors and parameter names are exactly upstream's, so ``build_backbone("vit_b").load_state_dict(
+sam.image_encoder.state_dict())`` is strict and a diff against upstream stays readable; the pieces
+that do not change (``PatchEmbed``, ``MLPBlock``, ``LayerNorm2d``, window partitioning) are
+upstream's own. What differs from upstream:
 
 - All attention goes through ``fastsamclip.kernels.relpos_attention`` (one op, several backends).
   The relative-position bias enters the op as two small tables, ``rel_h`` (N, H) and ``rel_w``
   (N, W) per head, instead of being added to a materialised (N, N) score matrix.
 - Any input side that is a multiple of 16 is accepted (224, 448, 1024, non-square too): the
   absolute position embedding is resized bicubically (ViTDet's ``get_abs_pos``) and the global
-  blocks' relative-position tables linearly (SAM's ``get_rel_pos``). Windowed blocks keep their
-  14 x 14 windows at every resolution; the grid is zero-padded to a multiple of the window and the
-  padded tokens take part in attention, exactly as upstream.
+  blocks' relative-position tables linearly (SAM's ``get_rel_pos``, here with its index tensors on
+  the tables' device). Windowed blocks keep their 14 x 14 windows at every resolution; the grid is
+  zero-padded to a multiple of the window and the padded tokens take part in attention, exactly as
+  upstream.
 - ``forward_features`` returns the trunk tokens (B, h, w, C) before the neck, which the CLIP head
-  consumes; ``forward`` is upstream's (trunk + neck -> (B, 256, h, w)).
+  consumes; ``forward`` is upstream's (trunk + neck -> (B, 256, h, w)); ``check_input`` names what
+  is wrong with an input before any kernel sees it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d, MLPBlock
+from segment_anything.modeling.image_encoder import PatchEmbed, window_partition, window_unpartition
 
 from fastsamclip.kernels import relpos_attention
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    img_size: int = 1024  # the resolution the weights were trained at (sets table sizes)
-    patch_size: int = 16  # pixels per patch side
-    in_chans: int = 3
-    embed_dim: int = 768  # transformer width
-    depth: int = 12  # number of blocks
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    out_chans: int = 256  # neck output channels (SAM's prompt embedding dim)
-    qkv_bias: bool = True
-    use_abs_pos: bool = True
-    use_rel_pos: bool = True
-    window_size: int = 14  # window side (tokens) of the non-global blocks
-    global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)  # blocks that attend over the whole grid
-    norm_eps: float = 1e-6  # LayerNorm eps (SAM: 1e-6)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["global_attn_indexes"] = list(self.global_attn_indexes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackboneConfig":
-        d = dict(d)
-        d["global_attn_indexes"] = tuple(d.get("global_attn_indexes", ()))
-        return cls(**d)
-
-
-BACKBONE_CONFIGS: Dict[str, BackboneConfig] = {
-    # SAM's three image encoders (segment_anything/build_sam.py).
-    "vit_b": BackboneConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": BackboneConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": BackboneConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-    # Small configs with the same structure (windowed + global blocks, padding, rel-pos), for
-    # tests and the CPU demo. Windows of 4 tokens on a 128px (8 x 8) grid; 6 tokens leave a
-    # padded remainder on the same grid, the case SAM's 64 x 64 grid with 14-token windows has.
-    "vit_tiny": BackboneConfig(img_size=128, embed_dim=64, depth=4, num_heads=2, window_size=6,
-                               global_attn_indexes=(1, 3), out_chans=32),
-    "vit_micro": BackboneConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3,
-                                global_attn_indexes=(1,), out_chans=16),
-}
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of a (B, C, H, W) tensor (upstream ``common.LayerNorm2d``)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, embedding_dim: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)  # B C H W -> B H W C
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -144,10 +68,10 @@ def relpos_tables(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
 
 
 class Attention(nn.Module):
-    """Multi-head attention with decomposed relative-position bias."""
+    """Multi-head attention with decomposed relative-position bias (upstream's constructor)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = True,
-                 input_size: Optional[Tuple[int, int]] = None) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, use_rel_pos: bool = False,
+                 rel_pos_zero_init: bool = True, input_size: Optional[Tuple[int, int]] = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
@@ -174,44 +98,20 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """(B, H, W, C) -> (B * windows, ws, ws, C) with zero padding to a multiple of ws."""
-    B, H, W, C = x.shape
-    pad_h = (window_size - H % window_size) % window_size
-    pad_w = (window_size - W % window_size) % window_size
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
-    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
-    return windows, (Hp, Wp)
-
-
-def window_unpartition(windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int],
-                       hw: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``window_partition``, cropping the padding away."""
-    Hp, Wp = pad_hw
-    H, W = hw
-    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
-    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
-    if Hp > H or Wp > W:
-        x = x[:, :H, :W, :].contiguous()
-    return x
-
-
 class Block(nn.Module):
-    """Transformer block; windowed attention when ``window_size > 0``, else global."""
+    """Transformer block; windowed attention when ``window_size > 0``, else global (upstream's)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 use_rel_pos: bool = True, window_size: int = 0,
-                 input_size: Optional[Tuple[int, int]] = None, norm_eps: float = 1e-6) -> None:
+                 norm_layer: Type[nn.Module] = nn.LayerNorm, act_layer: Type[nn.Module] = nn.GELU,
+                 use_rel_pos: bool = False, rel_pos_zero_init: bool = True, window_size: int = 0,
+                 input_size: Optional[Tuple[int, int]] = None) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos,
+                              rel_pos_zero_init=rel_pos_zero_init,
                               input_size=input_size if window_size == 0 else (window_size, window_size))
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio))
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,41 +136,48 @@ def resize_abs_pos(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor
 
 
 class ImageEncoderViT(nn.Module):
-    """SAM's image encoder. Input (B, 3, H, W) normalised pixels, H and W multiples of the
-    patch size; output (B, out_chans, H/16, W/16)."""
+    """SAM's image encoder (upstream's constructor). Input (B, 3, H, W) normalised pixels, H and W
+    multiples of the patch size; output (B, out_chans, H/16, W/16)."""
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, img_size: int = 1024, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, out_chans: int = 256,
+                 qkv_bias: bool = True, norm_layer: Type[nn.Module] = nn.LayerNorm,
+                 act_layer: Type[nn.Module] = nn.GELU, use_abs_pos: bool = True, use_rel_pos: bool = False,
+                 rel_pos_zero_init: bool = True, window_size: int = 0,
+                 global_attn_indexes: Tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.config = config
-        c = config
-        self.img_size = c.img_size
-        self.patch_size = c.patch_size
-        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
-        grid = c.img_size // c.patch_size
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.patch_embed = PatchEmbed(kernel_size=(patch_size, patch_size), stride=(patch_size, patch_size),
+                                      in_chans=in_chans, embed_dim=embed_dim)
+        grid = img_size // patch_size
         self.pos_embed: Optional[nn.Parameter] = None
-        if c.use_abs_pos:
-            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, c.embed_dim))
+        if use_abs_pos:
+            # Initialised at the pretraining image size; resized at other sizes (resize_abs_pos).
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
         self.blocks = nn.ModuleList(
-            Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos,
-                  window_size=c.window_size if i not in c.global_attn_indexes else 0,
-                  input_size=(grid, grid), norm_eps=c.norm_eps)
-            for i in range(c.depth)
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                  norm_layer=norm_layer, act_layer=act_layer, use_rel_pos=use_rel_pos,
+                  rel_pos_zero_init=rel_pos_zero_init,
+                  window_size=window_size if i not in global_attn_indexes else 0, input_size=(grid, grid))
+            for i in range(depth)
         )
         self.neck = nn.Sequential(
-            nn.Conv2d(c.embed_dim, c.out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(c.out_chans),
-            nn.Conv2d(c.out_chans, c.out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(c.out_chans),
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
         )
 
     def check_input(self, x: torch.Tensor) -> None:
         """Clear errors for images the encoder cannot take."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"image encoder: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.config.in_chans:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
-                f"image encoder: expected images of shape (B, {self.config.in_chans}, H, W), got "
-                f"{tuple(x.shape)}; add a batch dimension with x[None] or convert to {self.config.in_chans} channels"
+                f"image encoder: expected images of shape (B, {self.in_chans}, H, W), got "
+                f"{tuple(x.shape)}; add a batch dimension with x[None] or convert to {self.in_chans} channels"
             )
         H, W = x.shape[-2:]
         p = self.patch_size
@@ -282,7 +189,7 @@ class ImageEncoderViT(nn.Module):
         if not x.is_floating_point():
             raise TypeError(
                 f"image encoder: expected normalised floating-point pixels, got dtype {x.dtype}; "
-                "convert with fastsamclip's preprocessing (uint8 -> normalised float)"
+                "normalise uint8 pixels first (SAMCLIP.preprocess / fastsamclip.transforms.normalize)"
             )
         w = self.patch_embed.proj.weight
         if x.device != w.device:
@@ -309,16 +216,3 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_neck(self.forward_features(x))
-
-
-def get_backbone_config(name_or_config) -> BackboneConfig:
-    if isinstance(name_or_config, BackboneConfig):
-        return name_or_config
-    if name_or_config not in BACKBONE_CONFIGS:
-        raise ValueError(f"unknown backbone config {name_or_config!r}; known: {', '.join(BACKBONE_CONFIGS)}")
-    return BACKBONE_CONFIGS[name_or_config]
-
-
-def build_backbone(name_or_config="vit_b") -> ImageEncoderViT:
-    """``build_backbone("vit_b")``: SAM ViT-B's image encoder, randomly initialised."""
-    return ImageEncoderViT(get_backbone_config(name_or_config))

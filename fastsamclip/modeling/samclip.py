@@ -1,109 +1,80 @@
 """The merged SAM-CLIP model: one ViT backbone, a SAM head and a CLIP head.
 
-    images (B, 3, H, W), SAM-normalised
+    pixels (B, 3, H, W) uint8 / 0..255
+      -> preprocess                              SAM-normalised, padding zeroed
       -> image_encoder.forward_features          trunk tokens (B, h, w, C)
            -> image_encoder.forward_neck         SAM image embeddings (B, 256, h, w)
                 -> prompt_encoder + mask_decoder  masks for point / box / mask prompts
            -> clip_head                          pooled CLIP embedding (B, E), per-patch (B, h, w, E)
     text tokens -> text (the CLIP teacher's frozen text tower) -> (B, E)
 
+The modules are built by ``fastsamclip.modeling.build`` (``build_samclip``,
+``samclip_from_teachers``); this file holds what they compute. Parameter names of the SAM part
+equal ``segment_anything.Sam``'s (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
+
 Choices where the paper is silent (written down here so they are visible):
-- CLIP head MLP: two hidden layers of the backbone's width with GELU (ViT-B: 768 -> 768 -> 768
-  -> E). With three transformer blocks this adds ~24% parameters to ViT-B, the paper's "~25%".
 - The per-patch embedding applies the same LayerNorm + MLP to every patch token (the paper's
   "projection applied per patch" for zero-shot semantic segmentation).
 - Every stream feeds the backbone SAM-normalised pixels (SAM's mean/std on 0-255), whatever the
-  resolution; only the CLIP teacher sees CLIP's normalisation.
+  resolution; only the CLIP teacher sees CLIP's normalisation (each model normalises its own input).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsamclip.modeling.backbone import Block, ImageEncoderViT
-from fastsamclip.teachers import (
-    SAM_PIXEL_MEAN,
-    SAM_PIXEL_STD,
-    SamConfig,
-    build_mask_decoder,
-    build_prompt_encoder,
-    build_text_tower,
-    get_sam_config,
-    infer_sam_type,
-    text_state_dict,
-    tokenizer_for,
-)
-
-
-@dataclass(frozen=True)
-class CLIPHeadConfig:
-    num_blocks: int = 3  # transformer blocks, each initialised from the backbone's last block
-    hidden_dim: Optional[int] = None  # MLP hidden width (both layers); None: the backbone width
-    out_dim: int = 768  # the CLIP teacher's embedding size (ViT-L/14: 768, ViT-B/16: 512)
-    pool: str = "max"  # patch-token pooling: "max" (paper: beats "avg") or "avg"
-
-
-@dataclass(frozen=True)
-class SAMCLIPConfig:
-    sam: SamConfig = field(default_factory=SamConfig)  # backbone + SAM head
-    clip_head: CLIPHeadConfig = field(default_factory=CLIPHeadConfig)
-    text_model_name: str = ""  # open_clip model name of the teacher (for its tokenizer)
-    text_model_cfg: Optional[dict] = None  # open_clip model config; None: no text tower
-
-    def to_dict(self) -> dict:
-        return {"sam": self.sam.to_dict(), "clip_head": asdict(self.clip_head),
-                "text_model_name": self.text_model_name, "text_model_cfg": self.text_model_cfg}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAMCLIPConfig":
-        return cls(sam=SamConfig.from_dict(d["sam"]), clip_head=CLIPHeadConfig(**d["clip_head"]),
-                   text_model_name=d.get("text_model_name", ""), text_model_cfg=d.get("text_model_cfg"))
+from fastsamclip.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD, normalize
 
 
 class CLIPHead(nn.Module):
-    """Blocks -> pool over patches -> LayerNorm -> MLP (two hidden layers) -> E."""
+    """Blocks -> pool over patches -> LayerNorm -> MLP (two hidden layers) -> E.
 
-    def __init__(self, backbone: ImageEncoderViT, cfg: CLIPHeadConfig) -> None:
+    ``block``: the backbone's last block, copied ``num_blocks`` times (the paper initialises
+    every head block from it; ``init_from_block`` copies its weights again later)."""
+
+    def __init__(self, block: nn.Module, num_blocks: int, embed_dim: int, hidden_dim: int, out_dim: int,
+                 pool: str = "max") -> None:
         super().__init__()
-        b = backbone.config
-        last = backbone.blocks[-1]
-        grid = b.img_size // b.patch_size
-        self.blocks = nn.ModuleList(
-            Block(b.embed_dim, b.num_heads, b.mlp_ratio, b.qkv_bias, b.use_rel_pos,
-                  window_size=last.window_size, input_size=(grid, grid), norm_eps=b.norm_eps)
-            for _ in range(cfg.num_blocks)
-        )
-        if cfg.pool not in ("max", "avg"):
-            raise ValueError(f"CLIP head pool must be 'max' or 'avg', got {cfg.pool!r}")
-        self.pool = cfg.pool
-        hidden = cfg.hidden_dim or b.embed_dim
-        self.norm = nn.LayerNorm(b.embed_dim)
+        if pool not in ("max", "avg"):
+            raise ValueError(f"CLIP head pool must be 'max' or 'avg', got {pool!r}")
+        self.blocks = nn.ModuleList(copy.deepcopy(block) for _ in range(num_blocks))
+        self.pool = pool
+        self.norm = nn.LayerNorm(embed_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(b.embed_dim, hidden), nn.GELU(),
-            nn.Linear(hidden, hidden), nn.GELU(),
-            nn.Linear(hidden, cfg.out_dim),
+            nn.Linear(embed_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
         )
 
-    def init_from_backbone(self, backbone: ImageEncoderViT) -> None:
+    def init_from_block(self, block: nn.Module) -> None:
         for blk in self.blocks:
-            blk.load_state_dict(backbone.blocks[-1].state_dict())
+            blk.load_state_dict(block.state_dict())
+
+    @property
+    def projection(self) -> nn.Linear:
+        """The final Linear: ``pooled = projection(pooled_features(tokens))``."""
+        return self.mlp[-1]
 
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             features = blk(features)
         return features
 
-    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) head tokens -> (B, E)."""
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) head tokens -> (B, hidden): everything before the final projection, so a
+        loss can fuse the projection with the cosine (``linear_cosine_distill_loss``)."""
         flat = tokens.flatten(1, 2)
         x = flat.amax(dim=1) if self.pool == "max" else flat.mean(dim=1)
-        return self.mlp(self.norm(x))
+        return self.mlp[:-1](self.norm(x))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) head tokens -> (B, E)."""
+        return self.projection(self.pooled_features(tokens))
 
     def per_patch(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) head tokens -> (B, h, w, E)."""
@@ -152,55 +123,24 @@ def encode_prompts(prompt_encoder: nn.Module, points: Optional[Tuple[torch.Tenso
 
 
 class SAMCLIP(nn.Module):
-    """The merged model. Parameter names of the SAM part equal ``segment_anything.Sam``'s
-    (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``)."""
+    """The merged model (built by ``fastsamclip.modeling.build``)."""
 
-    def __init__(self, config: SAMCLIPConfig) -> None:
+    def __init__(self, config, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 clip_head: CLIPHead, text: Optional[nn.Module] = None,
+                 tokenizer_factory: Optional[Callable[[], Callable]] = None) -> None:
         super().__init__()
-        self.config = config
-        self.image_encoder = ImageEncoderViT(config.sam.backbone)
-        self.prompt_encoder = build_prompt_encoder(config.sam)
-        self.mask_decoder = build_mask_decoder(config.sam)
-        self.clip_head = CLIPHead(self.image_encoder, config.clip_head)
-        self.text = build_text_tower(config.text_model_cfg) if config.text_model_cfg else None
+        self.config = config  # a fastsamclip.modeling.build.SAMCLIPConfig (what a checkpoint stores)
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.clip_head = clip_head
+        self.text = text
         self._tokenizer = None
-        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1), False)
+        self._tokenizer_factory = tokenizer_factory
+        # SAM's statistics (0..255 units). Plain numbers, not buffers: a bf16 copy of the model
+        # must not round them (123.675 is 124 in bf16).
+        self.pixel_mean, self.pixel_std = SAM_PIXEL_MEAN, SAM_PIXEL_STD
         self.freeze_text()
-
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_teachers(cls, sam, clip_teacher=None, clip_head: Optional[CLIPHeadConfig] = None,
-                      sam_config=None) -> "SAMCLIP":
-        """The student as the paper initialises it: backbone and SAM head copied from the SAM
-        teacher, CLIP head blocks from the backbone's last block, the text tower copied from the
-        CLIP teacher (frozen). ``sam`` is a ``segment_anything.Sam``; its config is recognised
-        from its shapes unless ``sam_config`` (a name or ``SamConfig``) is given."""
-        if sam_config is None:
-            sam_config = infer_sam_type(sam.state_dict())
-            if sam_config is None:
-                raise ValueError("could not recognise the SAM teacher's config from its shapes; pass sam_config")
-        sam_cfg = get_sam_config(sam_config)
-        head = clip_head or CLIPHeadConfig(out_dim=clip_teacher.embed_dim if clip_teacher else 768)
-        if clip_teacher is not None and head.out_dim != clip_teacher.embed_dim:
-            raise ValueError(
-                f"CLIP head out_dim {head.out_dim} differs from the CLIP teacher's embedding size "
-                f"{clip_teacher.embed_dim}; the student must predict the teacher's embedding"
-            )
-        cfg = SAMCLIPConfig(
-            sam=sam_cfg, clip_head=head,
-            text_model_name=clip_teacher.model_name if clip_teacher else "",
-            text_model_cfg=copy.deepcopy(clip_teacher.model_cfg) if clip_teacher else None,
-        )
-        model = cls(cfg)
-        model.image_encoder.load_state_dict(sam.image_encoder.state_dict())
-        model.prompt_encoder.load_state_dict(sam.prompt_encoder.state_dict())
-        model.mask_decoder.load_state_dict(sam.mask_decoder.state_dict())
-        model.clip_head.init_from_backbone(model.image_encoder)
-        if clip_teacher is not None:
-            model.text.load_state_dict(text_state_dict(clip_teacher.model))
-            model._tokenizer = clip_teacher.tokenizer
-        return model
 
     def freeze_text(self) -> None:
         if self.text is not None:
@@ -217,15 +157,20 @@ class SAMCLIP(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if self.config.text_model_cfg is None:
+            if self._tokenizer_factory is None:
                 raise RuntimeError("this model has no text tower (it was built without a CLIP teacher)")
-            self._tokenizer = tokenizer_for(self.config.text_model_name, self.config.text_model_cfg)
+            self._tokenizer = self._tokenizer_factory()
         return self._tokenizer
 
+    def set_tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
     # ---------------------------------------------------------------- image side
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """0-255 pixels (B, 3, H, W) -> SAM-normalised floats."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
+    def preprocess(self, pixels: torch.Tensor, valid_hw=None) -> torch.Tensor:
+        """uint8 / 0..255 pixels (B, 3, H, W) -> SAM-normalised float32, zero outside ``valid_hw``
+        (the (h, w) of each image inside a padded input), as ``segment_anything.Sam.preprocess``."""
+        device = self.image_encoder.patch_embed.proj.weight.device
+        return normalize(pixels.to(device), self.pixel_mean, self.pixel_std, valid_hw)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder.forward_features(images)
@@ -245,8 +190,8 @@ class SAMCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, clip: bool = True, sam: bool = True,
                 clip_patches: bool = False) -> Dict[str, torch.Tensor]:
-        """One backbone pass for both heads. images: (B, 3, H, W) SAM-normalised, sides
-        multiples of 16. Returns a dict with ``clip`` (B, E), ``clip_patches`` (B, h, w, E),
+        """One backbone pass for both heads. images: (B, 3, H, W) SAM-normalised (``preprocess``),
+        sides multiples of 16. Returns a dict with ``clip`` (B, E), ``clip_patches`` (B, h, w, E),
         ``sam`` (B, 256, h, w), as asked."""
         features = self.forward_features(images)
         out: Dict[str, torch.Tensor] = {}

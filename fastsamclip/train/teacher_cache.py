@@ -23,12 +23,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fastsamclip.checkpoint import atomic_write
+from fastsamclip.data import ClipImageFolder, ClipWebDataset, SA1BDataset, is_shard_spec
+from fastsamclip.modeling import get_sam_config, load_clip_teacher, load_sam_teacher
+from fastsamclip.train.config import TrainConfig
+from fastsamclip.train.targets import TeacherTargets
+from fastsamclip.transforms import clip_pixels, sam_pixels
+
+logger = logging.getLogger("fastsamclip.train")
 
 FORMAT = "fastsamclip.teacher_cache"
 FORMAT_VERSION = 1
@@ -71,8 +81,6 @@ class TeacherCacheWriter:
             self._flush(kind)
 
     def _flush(self, kind: str) -> None:
-        from safetensors.torch import save_file
-
         pending = self._pending[kind]
         if not pending:
             return
@@ -131,8 +139,6 @@ class TeacherCache:
             return None
         h = self._handles.get(fname)
         if h is None:
-            from safetensors import safe_open
-
             # safe_open maps the file and reads only the asked tensor: chunk files stay on disk.
             h = self._handles[fname] = safe_open(os.path.join(self.root, fname), framework="pt")
         return h.get_tensor(name).float()
@@ -154,3 +160,79 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.entries.values())
+
+
+def cache_meta(sam, clip, sam_size: int) -> dict:
+    """What a cache was made with; a run with other teachers or sizes must not use it."""
+    return {"sam_teacher": fingerprint(sam.image_encoder), "clip_teacher": fingerprint(clip.model.visual),
+            "sam_image_size": int(sam_size), "clip_image_size": int(clip.image_size),
+            "clip_mean": list(clip.image_mean), "clip_std": list(clip.image_std)}
+
+
+@torch.no_grad()
+def cache_teachers(cfg: TrainConfig, out: Optional[str] = None, batch_size: int = 32, sam_teacher=None,
+                   clip_teacher=None, dtype: torch.dtype = torch.float32) -> str:
+    """Run the teachers once over D_CLIP (every image at every CLIP resolution of the three stages)
+    and D_SAM (every image at the SAM input size) and write the cache; returns its folder.
+
+    The teachers run through the same functions as in training (``TeacherTargets.live_clip`` /
+    ``live_sam`` on the same uint8 views), so cached targets equal live ones."""
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    sam = sam_teacher if sam_teacher is not None else load_sam_teacher(cfg.sam_checkpoint, cfg.sam_type)
+    clip = clip_teacher if clip_teacher is not None else load_clip_teacher(cfg.clip_model, cfg.clip_pretrained)
+    sam.to(device).eval()
+    clip.to(device).eval()
+    b = get_sam_config(cfg.sam_type).backbone
+    sam_size = cfg.sam_image_size or b.img_size
+    out = out or cfg.teacher_cache or os.path.join(cfg.out, "teacher-cache")
+    writer = TeacherCacheWriter(out, cache_meta(sam, clip, sam_size), dtype=dtype)
+    use_amp = device.type == "cuda" and cfg.amp in ("auto", "bf16")
+    ac = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else (
+        lambda: torch.autocast(device.type, enabled=False))
+    live = TeacherTargets(sam, clip, None, ac)
+    resolutions = sorted(set(cfg.clip_resolutions) | set(cfg.stage3_resolutions))
+
+    def clip_images():
+        if is_shard_spec(cfg.clip_data):
+            yield from ClipWebDataset(cfg.clip_data, shuffle_shards=False)
+        else:
+            folder = ClipImageFolder(cfg.clip_data)
+            for i in range(len(folder)):
+                item = folder[i]
+                if item is not None:
+                    yield item
+
+    pending: List[Tuple[str, object]] = []
+
+    def flush_clip():
+        for r in resolutions:
+            emb = live.live_clip(torch.stack([clip_pixels(im, r) for _, im in pending]).to(device))
+            for (k, _), e in zip(pending, emb):
+                writer.add("clip", clip_entry(k, r), e)
+        pending.clear()
+
+    n_clip = 0
+    for key, image in clip_images():
+        pending.append((key, image))
+        n_clip += 1
+        if len(pending) == batch_size:
+            flush_clip()
+    if pending:
+        flush_clip()
+    ds = SA1BDataset(cfg.sam_data, seed=cfg.seed, long_side=sam_size)
+    n_sam = 0
+    for s in range(0, len(ds), batch_size):
+        raws = [(ds.stems[i], ds.load_raw(i)) for i in range(s, min(len(ds), s + batch_size))]
+        raws = [(k, r) for k, r in raws if r is not None]
+        if not raws:
+            continue
+        views = [sam_pixels(r.image, sam_size) for _, r in raws]
+        emb = live.live_sam(torch.stack([v for v, _ in views]).to(device), [hw for _, hw in views])
+        for (k, _), e in zip(raws, emb):
+            writer.add("sam", k, e)
+        n_sam += len(raws)
+    path = writer.close()
+    logger.info("teacher cache %s: %d D_CLIP images x %d resolutions, %d SA-1B images", out, n_clip,
+                len(resolutions), n_sam)
+    return os.path.dirname(path)

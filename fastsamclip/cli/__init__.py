@@ -1,0 +1,29 @@
+"""The ``fastsamclip`` command. Each command group lives in its own module and registers its
+parser here: ``info``, ``demo``, ``merge`` / ``distill`` / ``cache-teachers``, ``predict``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from fastsamclip.cli import bench, demo, info, predict, train
+
+COMMANDS = (info, demo, train, predict, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastsamclip", description="SAM-CLIP: one ViT for masks and semantics")
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

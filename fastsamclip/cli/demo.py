@@ -1,0 +1,31 @@
+"""``fastsamclip demo``: the README's main command, on its embedded default."""
+
+from __future__ import annotations
+
+import sys
+
+from fastsamclip.demo import run_demo, run_distill_demo
+
+
+def cmd_demo(args) -> int:
+    if args.merge_only:
+        report = run_demo(out_dir=args.out, sam_type=args.sam_type)
+        ok = report["reload_identical"] and report["text_equals_teacher"] and report["mask_max_abs_diff_vs_sam"] < 1e-4
+        if not ok:
+            print("demo: the merged model does not match its teachers (see above)", file=sys.stderr)
+        return 0 if ok else 1
+    report = run_distill_demo(out_dir=args.out, sam_type=args.sam_type)
+    if not report["distillation_worked"]:
+        print("demo: distillation did not raise the student-teacher CLIP agreement (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("demo", help="distil small teachers into one student on CPU (all three stages) and "
+                                    "print the agreement table; --merge-only: merge, save, reload, run")
+    s.add_argument("--out", default=None, help="output folder (default ./fastsamclip-demo)")
+    s.add_argument("--sam-type", default="vit_tiny")
+    s.add_argument("--merge-only", action="store_true",
+                   help="only merge small teachers, save, reload and run on a sample picture (no training)")
+    s.set_defaults(fn=cmd_demo)

@@ -1,0 +1,277 @@
+"""D_CLIP readers: img2dataset WebDataset shards and plain image folders (captions unused).
+
+Both yield ``(key, PIL RGB image)``; unreadable samples are counted in ``skipped``
+(:class:`~fastsamclip.data.common.SkipCounter`), and a data path with no readable sample at all
+fails at construction (``validate``). Keys are unique per source: ``shard path:key`` would be,
+and a folder's keys are paths relative to its root.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tarfile
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from fastsamclip.data.common import SkipCounter, _worker, logger
+from fastsamclip.transforms import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb
+
+# Member suffixes img2dataset may use for the image, in order of preference.
+WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+
+
+def is_shard_spec(path: str) -> bool:
+    """A WebDataset shard spec (``.tar``, braces, ``::`` lists, URLs) rather than an image folder."""
+    return ".tar" in path or "{" in path or "::" in path or "://" in path
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+
+
+def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
+    """Expand a brace shard spec (``/data/cc3m/{00000..00099}.tar``) into existing shard paths.
+
+    Uses webdataset's expansion (``::`` separates several specs, braces via braceexpand); a
+    list of specs is expanded element by element. Local paths that do not exist are dropped
+    with one warning; remote URLs (``s3://``, ``pipe:``) cannot be checked and are kept.
+    Raises ``FileNotFoundError`` naming the spec if nothing is left.
+    """
+    from webdataset.shardlists import expand_urls  # optional dependency (extra "train")
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for s in specs for u in expand_urls(s)]
+    kept = [u for u in urls if not _is_local(u) or os.path.isfile(u.removeprefix("file://"))]
+    if not kept:
+        raise FileNotFoundError(
+            f"shard spec {spec!r} expands to {len(urls)} path(s) (first: {urls[:1]}) and none of "
+            "them exists; check the directory and the brace range, e.g. "
+            "'/data/cc3m/{00000..00099}.tar'")
+    if len(kept) < len(urls):
+        missing = [u for u in urls if u not in set(kept)]
+        logger.warning("shard spec %r: %d of %d shards do not exist and are left out (first: %s)",
+                       spec, len(missing), len(urls), missing[0])
+    return kept
+
+
+class ClipImageFolder(Dataset):
+    """A folder of images, searched recursively; yields ``(key, PIL RGB image)``.
+
+    ``key`` is the path relative to ``root`` without extension. ``dataset[i]`` returns ``None``
+    for an unreadable file (counted in ``skipped``); :func:`collate_clip` drops those.
+    ``dataset[(i, r)]`` returns ``(key, image, r)``: the form :class:`MultiResolutionBatchSampler`
+    asks for, so the collate knows the batch's resolution; an unreadable file then gives
+    ``(key, None, r)``, so that even a batch of only unreadable files still names its resolution.
+    """
+
+    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 validate: bool = True, probe_samples: int = 8):
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a folder")
+        exts = tuple(e.lower() for e in extensions)
+        self.files = sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(self.root, followlinks=True) for f in fs
+            if f.lower().endswith(exts))
+        if not self.files:
+            raise FileNotFoundError(
+                f"image folder {self.root!r} holds no file with an image extension {exts} "
+                "(searched recursively)")
+        self.skipped = SkipCounter(self.root)
+        if validate:
+            self.validate(probe_samples)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def key(self, index: int) -> str:
+        return os.path.splitext(os.path.relpath(self.files[index], self.root))[0]
+
+    def load(self, index: int, skipped: SkipCounter | None = None) -> Image.Image | None:
+        skipped = self.skipped if skipped is None else skipped
+        path = self.files[index]
+        try:
+            return decode_rgb(path)
+        except DECODE_ERRORS as e:
+            skipped.record("decode_error", path, repr(e))
+            return None
+
+    def __getitem__(self, index):
+        res = None
+        if isinstance(index, tuple):
+            index, res = index
+        image = self.load(index)
+        if res is not None:
+            return self.key(index), image, res
+        return None if image is None else (self.key(index), image)
+
+    def validate(self, probe_samples: int = 8) -> int:
+        """Decode the first ``probe_samples`` files; raise if none is readable. Returns the count read."""
+        probe = SkipCounter(self.root + " (probe)", quiet=True)
+        ok = sum(self.load(i, probe) is not None for i in range(min(probe_samples, len(self))))
+        if ok == 0:
+            raise RuntimeError(
+                f"image folder {self.root!r}: none of the first {min(probe_samples, len(self))} "
+                f"images could be decoded ({dict(probe)}); the files are corrupt or not images")
+        return ok
+
+
+class ClipWebDataset(IterableDataset):
+    """img2dataset WebDataset shards (``{key}.jpg`` + ``.txt`` / ``.json``); yields ``(key, image)``.
+
+    Shards are split across DDP ranks (shard ``i`` of the epoch's order goes to rank
+    ``i % world_size``) and then across DataLoader workers the same way, so every process reads
+    a disjoint set. With ``shuffle_shards`` the shard order is permuted per epoch with
+    ``seed`` (identical on every rank before the split); ``shuffle_buffer > 0`` shuffles
+    records within a buffer of that many raw (undecoded) samples, also seeded.
+
+    :meth:`records` is the resumable form used by :class:`MultiResolutionBatcher`: it yields
+    ``(key, image_or_None)`` for every record, ``None`` marking an unreadable one, and
+    ``records(start=n)`` skips the first ``n`` records without decoding them.
+    """
+
+    def __init__(self, shards: str | Sequence[str], *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle_shards: bool = True, shuffle_buffer: int = 0,
+                 validate: bool = True, probe_samples: int = 8):
+        self.spec = shards if isinstance(shards, str) else ",".join(shards)
+        self.shards = expand_shard_spec(shards)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if len(self.shards) < world_size:
+            raise ValueError(
+                f"shard spec {self.spec!r} has {len(self.shards)} shard(s) for {world_size} ranks; "
+                "every rank needs at least one shard (write smaller shards or use fewer ranks)")
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed  # seeds the per-epoch shard order and the shuffle buffer
+        self.shuffle_shards = shuffle_shards
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.skipped = SkipCounter(self.spec)
+        if validate:
+            self.validate(probe_samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shards_for_process(self, worker: tuple[int, int] | None = None) -> list[str]:
+        """This epoch's shards for this rank and DataLoader worker.
+
+        ``worker``: (worker id, number of workers) whose share to give; default: the DataLoader
+        worker running this code ((0, 1) outside one).
+        """
+        order = list(self.shards)
+        if self.shuffle_shards:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
+            order = [order[i] for i in perm]
+        mine = order[self.rank::self.world_size]
+        worker, num_workers = _worker() if worker is None else worker
+        return mine[worker::num_workers]
+
+    def _raw_samples(self, shards: list[str], skipped: SkipCounter) -> Iterator[dict]:
+        from webdataset import tarfile_samples
+
+        def handler(exn: Exception) -> bool:  # a broken tar stream: count it, go to the next shard
+            skipped.record("tar_error", str(exn.args[-1]) if exn.args else "?", repr(exn)[:200])
+            return True
+
+        yield from tarfile_samples([dict(url=u) for u in shards], handler=handler)
+
+    def _shuffled(self, samples: Iterator[dict], worker: int, pass_index: int) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        # Per rank, worker and pass: each process shuffles its own stream, reproducibly.
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, pass_index, 1])
+        buf: list[dict] = []
+        for s in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = int(rng.integers(len(buf)))
+            buf[j], s = s, buf[j]
+            yield s
+        order = rng.permutation(len(buf))
+        for j in order:
+            yield buf[j]
+
+    def _decode(self, sample: dict, skipped: SkipCounter) -> Image.Image | None:
+        key = sample.get("__key__", "?")
+        where = f"{sample.get('__url__', '?')}:{key}"
+        suffix = next((s for s in WDS_IMAGE_SUFFIXES if s in sample), None)
+        if suffix is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            skipped.record("missing_image", where, f"members: {members}")
+            return None
+        try:
+            return decode_rgb(sample[suffix])
+        except DECODE_ERRORS as e:
+            skipped.record("decode_error", where, repr(e))
+            return None
+
+    def records(self, start: int = 0, skipped: SkipCounter | None = None, repeat: bool = False,
+                worker: tuple[int, int] | None = None) -> Iterator[tuple[str, Image.Image | None]]:
+        """Every record of this process's stream for the epoch, from record ``start`` on.
+
+        ``repeat``: after the last record start another pass over the same shards (shuffle
+        buffer reseeded per pass), endlessly; ``start`` then counts across passes. A process
+        whose shards hold no record at all ends after one pass even so. ``worker``: as in
+        :meth:`shards_for_process`.
+        """
+        skipped = self.skipped if skipped is None else skipped
+        worker = _worker() if worker is None else worker
+        shards, i = self.shards_for_process(worker), 0
+        for pass_index in itertools.count():
+            in_pass = 0
+            for sample in self._shuffled(self._raw_samples(shards, skipped), worker[0], pass_index):
+                in_pass += 1
+                i += 1
+                if i <= start:  # resume: skip without decoding
+                    continue
+                yield sample.get("__key__", "?"), self._decode(sample, skipped)
+            if not repeat or in_pass == 0:
+                return
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        for key, image in self.records():
+            if image is not None:
+                yield key, image
+
+    def validate(self, probe_samples: int = 8) -> int:
+        """Read the first ``probe_samples`` records of the first shard(s); raise if none decodes."""
+        probe = SkipCounter(self.spec + " (probe)", quiet=True)
+        ok = seen = 0
+        samples = self._raw_samples(self.shards, probe)
+        for sample in samples:
+            seen += 1
+            ok += self._decode(sample, probe) is not None
+            if seen >= probe_samples:
+                break
+        if ok == 0:
+            raise RuntimeError(
+                f"shard spec {self.spec!r}: none of the first {seen} samples could be read "
+                f"({dict(probe) or 'no samples at all'}); check that the shards are img2dataset "
+                "WebDataset tars with .jpg/.png/.webp members")
+        return ok
+
+
+
+def count_shard_samples(shards: Sequence[str]) -> int:
+    """Samples in img2dataset shards: the ``*_stats.json`` 'successes' next to each shard when
+    present (img2dataset writes them), else one pass over the tar headers (no decoding)."""
+    total = 0
+    for s in shards:
+        stats = s[:-4] + "_stats.json" if s.endswith(".tar") else None
+        if stats and os.path.isfile(stats):
+            with open(stats) as f:
+                total += int(json.load(f).get("successes", 0))
+            continue
+        with tarfile.open(s) as t:
+            total += len({os.path.basename(n).split(".", 1)[0] for n in t.getnames()
+                          if n.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))})
+    return total
+

@@ -1,0 +1,109 @@
+"""The merged model's forward pass for inference: eager, or compiled once per input shape.
+
+``compile=True`` wraps the forward with ``torch.compile(fullgraph=True, dynamic=False)``, one
+compiled function per (input shape, outputs asked for): static shapes, so each compiles once and
+never recompiles. On CUDA the default mode is "reduce-overhead" (CUDA graphs: static shapes make
+them safe; their outputs live in memory the next replay overwrites, so they are copied out).
+``cache_dir``: a persistent Inductor cache, so a second process starts warm; Inductor reads its
+location from ``TORCHINDUCTOR_CACHE_DIR`` when it compiles, so the variable is set for the duration
+of each compiling call and restored after, never left changed in the process.
+
+Dynamo keeps the compiled graphs of one function (here: one code object for every shape, and
+every predictor in the process) up to ``recompile_limit`` (8) and silently runs eagerly past it;
+a ninth resolution would then never compile. The compiling call raises that limit for itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
+
+# Graphs one compiling call may add to the function's cache (see the module docstring).
+RECOMPILE_LIMIT = 1024
+# What each warm-up case runs: the outputs of set_image, embed_images and classify.
+WARMUP_OUTPUTS = {"set_image": dict(clip=True, sam=True, clip_patches=True),
+                  "embed": dict(clip=True, sam=True, clip_patches=False),
+                  "clip": dict(clip=True, sam=False, clip_patches=False)}
+
+
+@contextlib.contextmanager
+def _inductor_cache(cache_dir: Optional[str]) -> Iterator[None]:
+    if cache_dir is None:
+        yield
+        return
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    try:
+        with inductor_config.patch(fx_graph_cache=True):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+class Forward:
+    """``model(x, clip=..., sam=..., clip_patches=...)`` on SAM-normalised (B, 3, H, W)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool = False,
+                 backend: str = "inductor", mode: Optional[str] = None, cache_dir: Optional[str] = None):
+        self.model, self.device = model, device
+        self.compile, self.backend = compile, backend
+        # CUDA graphs ("reduce-overhead") replay the whole static-shape graph with one launch.
+        self.mode = mode or ("reduce-overhead" if device.type == "cuda" and backend == "inductor" else None)
+        self.cache_dir = None
+        if cache_dir is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            self.cache_dir = os.path.abspath(cache_dir)
+        self._compiled: Dict[Tuple, Callable] = {}
+
+    def __call__(self, x: torch.Tensor, clip: bool = True, sam: bool = True,
+                 clip_patches: bool = False) -> Dict[str, torch.Tensor]:
+        if not self.compile:
+            return self.model(x, clip=clip, sam=sam, clip_patches=clip_patches)
+        key = (tuple(x.shape), x.dtype, clip, sam, clip_patches)
+        fn = self._compiled.get(key)
+        if fn is None:
+            model = self.model
+
+            def run(t):
+                return model(t, clip=clip, sam=sam, clip_patches=clip_patches)
+
+            kw = {"mode": self.mode} if self.mode else {}
+            fn = torch.compile(run, fullgraph=True, dynamic=False, backend=self.backend, **kw)
+            with _inductor_cache(self.cache_dir), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+                out = fn(x)  # the compiling call
+            self._compiled[key] = fn
+        else:
+            out = fn(x)
+        if self.mode == "reduce-overhead":
+            out = {k: v.clone() for k, v in out.items()}
+        return out
+
+    @torch.no_grad()
+    def warmup(self, resolutions: Sequence[int], batch_sizes: Sequence[int], outputs: Sequence[str],
+               patch_size: int, dtype: torch.dtype) -> Dict[str, float]:
+        """Run (and, compiled, compile) every (resolution, batch, outputs) case; seconds per case."""
+        unknown = set(outputs) - set(WARMUP_OUTPUTS)
+        if unknown:
+            raise ValueError(f"warmup outputs must be among {sorted(WARMUP_OUTPUTS)}, got {sorted(unknown)}")
+        times: Dict[str, float] = {}
+        for res in resolutions:
+            if res % patch_size:
+                raise ValueError(f"warmup resolution {res} is not a multiple of {patch_size}")
+            for b in batch_sizes:
+                for name in outputs:
+                    x = torch.randn(b, 3, res, res, device=self.device, dtype=dtype)
+                    t0 = time.perf_counter()
+                    self(x, **WARMUP_OUTPUTS[name])
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    times[f"{name} {res}px batch {b}"] = time.perf_counter() - t0
+        return times

@@ -1,0 +1,74 @@
+"""Held-out agreement of the student with its teachers: the run's report card.
+
+On held-out SA-1B images: the cosine between the student's pooled CLIP embedding and the CLIP
+teacher's at each asked resolution (the same r x r view for both), and the mean IoU between the
+student's masks and the SAM teacher's for the same box and point prompts (both logits
+thresholded at 0; an empty union counts as agreement).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastsamclip.modeling import SAMCLIP
+from fastsamclip.train.targets import TeacherTargets, student_masks
+from fastsamclip.transforms import apply_boxes, apply_coords, clip_pixels, sam_pixels
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, h, w) bool, (M, h, w) bool -> (M,) IoU, 1 where both are empty."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def held_out_prompts(raw, k: int, sam_size: int, device: torch.device) -> Dict[str, object]:
+    """Up to ``k`` of a raw sample's drawn prompts of each kind, mapped to the model input frame."""
+    p, size, out = raw.prompts, raw.image.shape[:2], {}
+    if p.boxes is not None:
+        out["boxes"] = apply_boxes(torch.from_numpy(p.boxes[:k]), size, sam_size).to(device)
+    if p.points is not None:
+        out["points"] = (apply_coords(torch.from_numpy(p.points[:k]), size, sam_size).to(device),
+                         torch.from_numpy(p.point_labels[:k]).to(device))
+    return out
+
+
+@torch.no_grad()
+def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, sam_data, indices: Sequence[int],
+                       resolutions: Sequence[int], sam_size: int, masks_per_image: int, device: torch.device,
+                       autocast) -> dict:
+    """{"clip_cosine": {r: mean cosine}, "mask_iou": mean IoU, "images": n, "masks": m}; the
+    teachers always run live here (held-out images are not in the cache)."""
+    was_training = student.training
+    student.eval()
+    cos: Dict[int, list] = {int(r): [] for r in resolutions}
+    ious = []
+    for idx in indices:
+        raw = sam_data.load_raw(idx)
+        if raw is None:
+            continue
+        for r in cos:
+            x = clip_pixels(raw.image, r)[None].to(device)
+            t = targets.live_clip(x)
+            with autocast():
+                s = student(student.preprocess(x), sam=False)["clip"].float()
+            cos[r].append(F.cosine_similarity(s, t, dim=-1).item())
+        x, hw = sam_pixels(raw.image, sam_size)
+        x = x[None].to(device)
+        with autocast():
+            s_emb = student(student.preprocess(x, hw), clip=False, sam=True)["sam"]
+        t_emb = targets.live_sam(x, hw)
+        prompts = held_out_prompts(raw, min(masks_per_image, len(raw.prompts.indices)), sam_size, device)
+        if prompts:
+            s_l = student_masks(student, s_emb, prompts, (sam_size, sam_size))
+            t_l = targets.masks(t_emb[0], prompts)
+            ious += mask_iou(s_l[:, 0] > 0, t_l[:, 0] > 0).tolist()
+    student.train(was_training)
+    if not ious:
+        raise RuntimeError("no held-out SA-1B image could be read for the report")
+    return {"clip_cosine": {r: float(np.mean(v)) for r, v in cos.items()}, "mask_iou": float(np.mean(ious)),
+            "images": len(indices), "masks": len(ious)}

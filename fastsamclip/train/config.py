@@ -1,0 +1,152 @@
+"""The training configuration: every number of the recipe, each overridable by flag or file.
+
+Paper defaults for every field the paper states (DESIGN: the recipe); the others are marked
+"paper: not stated" with the choice made. ``fastsamclip distill --help`` lists the fields with
+these comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+STAGES = (1, 2, 3)
+
+
+@dataclass
+class TrainConfig:
+    # --- teachers and data
+    sam_checkpoint: Optional[str] = None  # official SAM .pth (sam_vit_b_01ec64.pth); None: random weights
+    sam_type: str = "vit_b"  # vit_b | vit_l | vit_h (vit_tiny / vit_micro for tests and the demo)
+    clip_model: str = "ViT-L-14"  # open_clip model name or local-dir:/folder (paper: OpenCLIP ViT-L/14)
+    clip_pretrained: Optional[str] = "datacomp_xl_s13b_b90k"  # open_clip tag or a local file; None: random
+    clip_data: str = ""  # D_CLIP: WebDataset shard spec ('/d/{00000..00099}.tar') or an image folder
+    sam_data: str = ""  # D_SAM: SA-1B folder of sa_N.jpg + sa_N.json
+    out: str = "samclip-out"  # output folder: checkpoints, metrics, report, merged model
+    init_from: Optional[str] = None  # start from a merged checkpoint instead of fresh from the teachers
+    teacher_cache: Optional[str] = None  # folder made by cache_teachers; None: live teachers only
+    head_hidden: Optional[int] = None  # CLIP head MLP width; None: the backbone width
+    # --- stage lengths: epochs over D_CLIP (paper 20 / 16 / 3); a positive *_steps overrides
+    stage1_epochs: float = 20.0  # head probing
+    stage2_epochs: float = 16.0  # multi-task distillation (paper early-stopped at 16)
+    stage3_epochs: float = 3.0  # resolution adaptation
+    stage1_steps: int = 0  # optimizer steps of stage 1; 0: from stage1_epochs
+    stage2_steps: int = 0
+    stage3_steps: int = 0
+    # --- batches (global over all ranks; each rank takes 1/world_size)
+    clip_batch: int = 2048  # D_CLIP images per step at clip_base_res (paper: 2048)
+    clip_base_res: int = 224  # resolution at which the CLIP batch is clip_batch; ~constant pixels otherwise
+    clip_resolutions: Tuple[int, ...] = (224, 448)  # CLIP-stream sides drawn per batch in stages 1-2
+    stage3_resolutions: Tuple[int, ...] = (224, 448, 1024)  # CLIP-stream sides in stage 3
+    sam_batch: int = 32  # SA-1B images per step (paper: 32)
+    masks_per_image: int = 32  # masks (prompts) per SA-1B image (paper: 32)
+    prompt_types: Tuple[str, ...] = ("box", "point")  # prompts used; with both, half the masks each
+    clip_micro_batch: int = 0  # per-rank images per fwd/bwd pass (gradient accumulation); 0: all at once
+    sam_micro_batch: int = 0  # per-rank SA-1B images per fwd/bwd pass; 0: all at once
+    sam_image_size: int = 0  # SAM-stream input side; 0: the backbone's native size (1024 for vit_b)
+    # --- optimisation
+    stage1_lr: float = 8e-4  # AdamW lr of the CLIP head in stage 1 (paper)
+    stage2_lr: float = 4e-5  # CLIP head lr in stage 2 (paper)
+    stage2_lr_scale: float = 0.1  # backbone and mask decoder lr = stage2_lr * this (paper: 4e-6)
+    stage3_lr: float = 8e-4  # CLIP head lr in stage 3 (paper)
+    weight_decay: float = 0.05  # on weight matrices only (paper: not stated)
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas (paper: not stated; torch defaults)
+    warmup_fraction: float = 0.05  # linear warm-up over this fraction of each stage (paper: not stated)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * this
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    sam_loss_weight: float = 10.0  # lambda of L_CLIP + lambda * L_SAM (paper: 10)
+    focal_weight: float = 20.0  # focal : dice = 20 : 1, SAM's own mask loss weights
+    dice_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    loss_backend: Optional[str] = None  # force the loss kernels: "triton" | "reference"; None: automatic
+    # --- engineering
+    seed: int = 0  # seeds data order, prompt draws, resolution draws and the global RNGs
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
+    amp: str = "auto"  # bf16 | off | auto (bf16 autocast on CUDA, off on CPU)
+    compile: bool = False  # torch.compile the image encoder and CLIP head (per-resolution graphs)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" to debug a compiled run)
+    activation_checkpointing: bool = False  # recompute backbone blocks in backward (1024 px batches)
+    num_workers: int = 0  # DataLoader workers for image folders and SA-1B (0: in-process)
+    checkpoint_every: int = 1000  # write out/checkpoints/last.pt every K optimizer steps (and at stage ends)
+    keep_stage_checkpoints: bool = True  # also keep stage{N}.pt at the end of each stage
+    resume: bool = False  # continue from out/checkpoints/last.pt
+    max_nan_skips: int = 20  # stop the run after this many skipped non-finite steps
+    log_every: int = 10  # metrics.jsonl / TensorBoard every N steps
+    progress: bool = True  # tqdm bar with img/s and losses (rank 0)
+    tensorboard: bool = True  # TensorBoard scalars in out/tb when tensorboard is installed
+    eval_images: int = 0  # held-out SA-1B images for the final report; 0: 1% (at least 1)
+    eval_resolutions: Tuple[int, ...] = ()  # CLIP cosine reported at these sides; (): stage-3 ones
+    eval_masks_per_image: int = 8  # prompts per held-out image for the mask IoU
+
+    def validate(self) -> None:
+        for name in ("clip_batch", "sam_batch", "masks_per_image", "clip_base_res"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not set(self.prompt_types) <= {"box", "point"} or not self.prompt_types:
+            raise ValueError(f"prompt_types must be a non-empty subset of ('box', 'point'), got {self.prompt_types}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.max_nan_skips < 0:
+            raise ValueError("max_nan_skips must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(f: dataclasses.Field, value):
+    """A value from JSON/YAML or the command line into the field's type (annotations are strings)."""
+    t = str(f.type)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() in ("none", "null") and t.startswith("Optional"):
+        return None
+    if t.startswith("Tuple"):
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        inner = float if "float" in t else int if "int" in t else str
+        return tuple(inner(v) for v in value)
+    if t == "bool":
+        if isinstance(value, str):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"{f.name}: expected true/false, got {value!r}")
+            return value.lower() in ("1", "true", "yes")
+        return bool(value)
+    if "int" in t:
+        return int(value)
+    if "float" in t:
+        return float(value)
+    return str(value)
+
+
+def config_from_dict(d: dict, base: Optional[TrainConfig] = None) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; known: {', '.join(fields)}")
+    cfg = dataclasses.replace(base or TrainConfig(), **{k: _coerce(fields[k], v) for k, v in d.items()})
+    cfg.validate()
+    return cfg
+
+
+def load_config_file(path: str) -> dict:
+    """A JSON or YAML file of TrainConfig fields."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml  # optional: PyYAML, only for YAML config files
+        except ImportError as e:
+            raise ImportError("reading a YAML config needs PyYAML (pip install pyyaml), or write it as JSON") from e
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return d
+
