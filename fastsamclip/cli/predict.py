@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from fastsamclip.cli.common import floats
+from fastsamclip.cli.common import floats, one_line_errors
 from fastsamclip.draw import draw_overlay
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
 
 
+@one_line_errors("predict", (ValueError, RuntimeError, OSError))  # CheckpointError, ImageReadError: ValueErrors
 def cmd_predict(args) -> int:
     """Each --points entry and each --boxes entry is one prompt; masks, overlays and a JSON per image."""
-    try:
-        return _predict(args)
-    except (ValueError, RuntimeError, OSError) as e:  # CheckpointError and ImageReadError are ValueErrors
-        print(f"predict: {e}".splitlines()[0], file=sys.stderr)
-        return 2
-
-
-def _predict(args) -> int:
     points = [floats(p, 2, "point") for p in args.points or []]
     boxes = [floats(b, 4, "box") for b in args.boxes or []]
     labels = None

@@ -1,0 +1,214 @@
+"""The package's imports, read from the source: three layers that import one way, no cycle.
+
+Layers and, inside the application, the order of its packages (a module imports only from its own
+package or from packages of a lower rank):
+
+    0  fastsamclip.kernels                     ops: torch and triton only
+    1  fastsamclip.transforms                  image geometry and pixel statistics
+    2  fastsamclip.modeling                    the models, their configs and builders
+    3  fastsamclip.checkpoint                  the merged checkpoint format
+    4  fastsamclip.data, fastsamclip.draw      readers, prompts, streams, sample data; pictures
+    5  fastsamclip.train, fastsamclip.predictor
+    6  fastsamclip.demo, fastsamclip.eval, fastsamclip.export, fastsamclip.serve
+    7  fastsamclip.cli, fastsamclip.bench      the commands and the benchmarks, on the public API
+
+Also: no import of the package's own modules inside a function, and the benchmarks use only the
+public API (``fastsamclip.kernels``' top-level names, no ``_private`` names anywhere).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set, Tuple
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where each installed package's sources are (setup.py's package_dir).
+SOURCES = {"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels", "fastsamclip.bench": "bench"}
+RANKS = {
+    "fastsamclip": -1,  # the package itself: its version, nothing else
+    "fastsamclip.kernels": 0,
+    "fastsamclip.transforms": 1,
+    "fastsamclip.modeling": 2,
+    "fastsamclip.checkpoint": 3,
+    "fastsamclip.data": 4, "fastsamclip.draw": 4,
+    "fastsamclip.train": 5, "fastsamclip.predictor": 5,
+    "fastsamclip.demo": 6, "fastsamclip.eval": 6, "fastsamclip.export": 6, "fastsamclip.serve": 6,
+    "fastsamclip.cli": 7, "fastsamclip.bench": 7,
+    "fastsamclip.__main__": 8,
+}
+
+
+@dataclass
+class Import:
+    module: str  # the importing module
+    target: str  # the imported module (for `from a import b`: a.b if that is a module, else a)
+    names: Tuple[str, ...]  # names taken with `from ... import`
+    line: int
+    in_function: bool
+
+
+def modules(sources: Dict[str, str], root: str) -> Dict[str, str]:
+    """module name -> file, for every .py file of the packages."""
+    out = {}
+    for pkg, folder in sources.items():
+        base = os.path.join(root, folder)
+        for d, _, files in os.walk(base):
+            if "__pycache__" in d or os.path.basename(d) in ("results", "csrc", "lib"):
+                continue
+            rel = os.path.relpath(d, base)
+            parts = [] if rel == "." else rel.split(os.sep)
+            for f in files:
+                if f.endswith(".py"):
+                    name = ".".join([pkg, *parts] + ([] if f == "__init__.py" else [f[:-3]]))
+                    out[name] = os.path.join(d, f)
+    return out
+
+
+def _resolve(module: str, is_pkg: bool, level: int, target: Optional[str]) -> str:
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def imports(mods: Dict[str, str]) -> List[Import]:
+    out = []
+    for name, path in mods.items():
+        tree = ast.parse(open(path).read(), path)
+        is_pkg = path.endswith("__init__.py")
+        funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+        inner = {id(n) for f in funcs for n in ast.walk(f) if n is not f}
+        for node in ast.walk(tree):
+            nested = id(node) in inner
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    out.append(Import(name, a.name, (), node.lineno, nested))
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, is_pkg, node.level, node.module) if node.level else node.module
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    target = sub if sub in mods else base
+                    out.append(Import(name, target, (a.name,), node.lineno, nested))
+    return out
+
+
+def rank(module: str) -> Optional[Tuple[str, int]]:
+    best = max((p for p in RANKS if module == p or (p != "fastsamclip" and module.startswith(p + "."))),
+               key=len, default=None)
+    return None if best is None else (best, RANKS[best])
+
+
+def violations(mods: Dict[str, str], imps: List[Import]) -> List[str]:
+    bad = []
+    for i in imps:
+        if not (i.target == "fastsamclip" or i.target.startswith("fastsamclip.")):
+            continue
+        where = f"{i.module}:{i.line} imports {i.target}"
+        if i.in_function:
+            bad.append(f"{where} inside a function (imports of the package's own modules go at the top)")
+        src, dst = rank(i.module), rank(i.target)
+        if src is None or dst is None:
+            bad.append(f"{where}: a module outside the declared layers")
+            continue
+        if dst[1] > src[1] or (dst[1] == src[1] and dst[0] != src[0]):
+            bad.append(f"{where}: {src[0]} (rank {src[1]}) may not import {dst[0]} (rank {dst[1]})")
+        if src[0] == "fastsamclip.bench":
+            if i.target.startswith("fastsamclip.kernels."):
+                bad.append(f"{where}: benchmarks use fastsamclip.kernels' public names, not its modules")
+            if any(n.startswith("_") for n in i.names):
+                bad.append(f"{where}: benchmarks use the public API, not {i.names}")
+    return bad
+
+
+def cycles(mods: Dict[str, str], imps: List[Import]) -> List[List[str]]:
+    """Strongly connected components (Tarjan) of the module-level import graph with a cycle."""
+    graph: Dict[str, Set[str]] = {m: set() for m in mods}
+    for i in imps:
+        if not i.in_function and i.target in graph and i.target != i.module:
+            graph[i.module].add(i.target)
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on: Set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def check(sources: Dict[str, str], root: str) -> List[str]:
+    mods = modules(sources, root)
+    imps = imports(mods)
+    return violations(mods, imps) + [f"import cycle: {' -> '.join(c)}" for c in cycles(mods, imps)]
+
+
+def test_the_package_imports_one_way_without_cycles():
+    problems = check(SOURCES, REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_kernels_import_torch_and_triton_only():
+    mods = modules({"fastsamclip.kernels": "kernels"}, REPO)
+    assert len(mods) > 5
+    third_party = {i.target.split(".")[0] for i in imports(mods)} - {"fastsamclip", "__future__"}
+    stdlib = {"contextlib", "ctypes", "dataclasses", "functools", "logging", "math", "os", "typing", "hashlib",
+              "json", "sys", "threading", "time", "warnings", "collections", "itertools", "platform", "pathlib",
+              "shutil", "subprocess", "tempfile", "importlib", "re", "enum", "abc", "inspect"}
+    assert third_party - stdlib <= {"torch", "triton", "numpy", "packaging"}, third_party - stdlib
+
+
+@pytest.mark.parametrize("case, expect", [
+    ({"fastsamclip/modeling/a.py": "from fastsamclip.data import x\n"}, "rank 2) may not import fastsamclip.data"),
+    ({"kernels/op.py": "import fastsamclip.transforms\n"}, "may not import fastsamclip.transforms"),
+    ({"fastsamclip/data/a.py": "def f():\n    from fastsamclip.transforms import y\n"}, "inside a function"),
+    ({"fastsamclip/train/a.py": "from fastsamclip.predictor import p\n"}, "may not import fastsamclip.predictor"),
+    ({"fastsamclip/data/a.py": "from fastsamclip.data import b\n",
+      "fastsamclip/data/b.py": "from fastsamclip.data import a\n"}, "import cycle"),
+    ({"bench/b.py": "from fastsamclip.kernels.relpos_attention import _select\n"}, "not its modules"),
+    ({"fastsamclip/zzz.py": "from fastsamclip.transforms import t\n"}, "outside the declared layers"),
+])
+def test_the_checker_catches_each_kind_of_violation(tmp_path, case, expect):
+    for rel, text in {"fastsamclip/__init__.py": "", "fastsamclip/transforms.py": "", "kernels/__init__.py": "",
+                      "bench/__init__.py": "", "fastsamclip/data/__init__.py": "", **case}.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    problems = check(SOURCES, str(tmp_path))
+    assert any(expect in p for p in problems), problems
+
+
+def test_no_module_grows_past_600_lines_without_saying_why():
+    long = []
+    for name, path in modules(SOURCES, REPO).items():
+        text = open(path).read()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if text.count("\n") > 650 and "lines" not in doc:
+            long.append(f"{name}: {text.count(chr(10))} lines")
+    assert not long, long
