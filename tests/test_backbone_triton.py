@@ -4,7 +4,8 @@ forward and backward, eager and under torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
-from fastsamclip.kernels import attention_triton, use_backend
+from fastsamclip.kernels import relpos_attention_triton as attention_triton
+from fastsamclip.kernels import use_backend
 from fastsamclip.modeling.backbone import BACKBONE_CONFIGS, build_backbone
 from fastsamclip.samples import _randomise_
 
