@@ -45,8 +45,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from fastsamclip.data import MultiResolutionConfig, samples
-from fastsamclip.kernels import backend_table, use_backend
-from fastsamclip.kernels._loss_dispatch import choose_path
+from fastsamclip.kernels import OPS, use_backend
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.train import Distiller, TrainConfig
 from fastsamclip.transforms import clip_pixels
@@ -130,15 +129,18 @@ def clip_batch_for(trainer, res: int, n: int) -> tuple:
 
 
 def backends_used(trainer, config: str) -> Dict[str, str]:
-    """The attention and loss backends this configuration's steps run."""
+    """The attention and loss backends this configuration's steps run (probe inputs of the step's
+    shapes: a 14 x 14 window at the backbone's head dim, the CLIP loss's fused projection)."""
     if config == "plain":
         return {"attention": "reference", "losses": "reference"}
     dev = trainer.device
     dtype = torch.bfloat16 if trainer.amp and dev.type == "cuda" else torch.float32
     b = trainer.student.config.sam.backbone
-    table = backend_table(str(dev), dtype, b.embed_dim // b.num_heads, needs_grad=True)
-    attention = next((row["name"] for row in table if row["ok"]), "none")
-    return {"attention": attention, "losses": choose_path("cosine_distill_loss", dev, (torch.float32,), None)}
+    q = torch.empty(1, 1, 196, b.embed_dim // b.num_heads, dtype=dtype, device=dev)
+    r = torch.empty(1, 1, 196, 14, dtype=dtype, device=dev)
+    x, w = torch.empty(2, 8, device=dev), torch.empty(4, 8, device=dev)
+    return {"attention": OPS["relpos_attention"].select(q, q, q, r, r, needs_grad=True).name,
+            "losses": OPS["linear_cosine_distill_loss"].select(x, w, None, torch.empty(2, 4, device=dev)).name}
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -200,7 +202,7 @@ def run_config(args, config: str, case_list: List[Case], teachers, clip_spec: st
             plain_loss[name] = loss
         extra["loss_vs_plain"] = (f"{abs(loss - plain_loss[name]) / max(abs(plain_loss[name]), 1e-12):.3g}"
                                   if name in plain_loss else "n/a: no plain row")
-    del trainer
+    trainer = None  # free the models before the next configuration
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

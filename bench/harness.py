@@ -11,12 +11,14 @@ inputs are random, never zeros.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -371,3 +373,105 @@ def plot_csv(path: str, out_png: Optional[str] = None, metric: str = "ms", last_
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss benchmarks (bench_cosine_distill, bench_linear_cosine_distill, bench_focal_dice)
+# ---------------------------------------------------------------------------------------------
+def use_triton_interpreter_without_gpu() -> None:
+    """Without a GPU the Triton kernels can only run in the interpreter, which reads
+    TRITON_INTERPRET when triton is first imported: call before importing fastsamclip.kernels."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+LOSS_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class LossCase:
+    name: str
+    make: Callable[[], tuple]  # -> (args, indices of the inputs that take a gradient)
+    fused: Callable
+    reference: Callable
+    flops: Optional[float]  # fwd + bwd
+    bytes_moved: Optional[float]  # fwd + bwd, the fused kernels' minimum traffic
+
+
+def random_tensor(shape, dtype, device, scale=1.0, requires_grad=False) -> torch.Tensor:
+    """Random normal values (never zeros: a zero tensor would time the kernels' easy paths)."""
+    return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(requires_grad)
+
+
+def _fwd_bwd(fn: Callable, args: Sequence, grad_idx: Sequence[int]) -> Callable[[], object]:
+    leaves = [args[i] for i in grad_idx]
+
+    def step():
+        return torch.autograd.grad(fn(*args), leaves)
+
+    return step
+
+
+def _rel_err(fn: Callable, args: Sequence, ref32: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = fn(*args).float()
+    return float((out - ref32).abs().item() / max(ref32.abs().item(), 1e-12))
+
+
+def run_loss_cases(bench: str, cases: Sequence[LossCase], dtype: torch.dtype, compile_backend: str) -> List[Result]:
+    """fwd + bwd of each case's ``fused`` op, its plain-torch ``eager`` reference and the reference
+    under ``torch.compile`` (compiled in the warm-up, never timed); each row carries the loss's
+    relative error against an fp32 reference of the same inputs (quality beside speed)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for case in cases:
+        torch.manual_seed(0)
+        args, grad_idx = case.make()
+        ref32 = case.reference(*[a.detach().float() for a in args]).detach()
+        # dynamic=False: cases of one benchmark share one reference function; without it the second
+        # shape would recompile with symbolic sizes, while training runs one static shape per graph.
+        compiled = torch.compile(case.reference, fullgraph=True, dynamic=False, backend=compile_backend)
+        competitors = [("eager", case.reference), ("fused", case.fused), ("compiled", compiled)]
+        for impl, fn in competitors:
+            try:
+                err = f"{_rel_err(fn, args, ref32):.2e}"
+            except Exception as e:  # reported in the row by run_case's own failure below
+                err = f"n/a ({type(e).__name__})"
+            results.append(run_case(bench, f"{case.name} {str(dtype).replace('torch.', '')}", impl, "fwd+bwd",
+                                    _fwd_bwd(fn, args, grad_idx), flops=case.flops, bytes_moved=case.bytes_moved,
+                                    loss_rel_err_vs_fp32=err,
+                                    **({"compile_backend": compile_backend} if impl == "compiled" else {})))
+        del args
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def loss_bench_main(bench: str, description: str, make_cases: Callable[[torch.dtype, str, bool], List[LossCase]],
+                    argv: Optional[Sequence[str]] = None) -> int:
+    """The command line of a loss benchmark: parse, run, append to the CSV, print, plot."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dtype", default="bf16", choices=sorted(LOSS_DTYPES),
+                   help="input dtype (default bf16; on CPU use fp32/fp16: the interpreter's bf16 math is wrong)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run; seconds in the interpreter)")
+    p.add_argument("--out", default=None, help=f"CSV to append to (default {RESULTS_DIR}/{bench}.csv)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the 'compiled' competitor (aot_eager: no codegen, fast warm-up)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available() and not a.quick:
+        print("no CUDA GPU: the full-size cases would take hours in the Triton interpreter; use --quick",
+              file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = LOSS_DTYPES[a.dtype]
+    results = run_loss_cases(bench, make_cases(dtype, device, a.quick), dtype, a.compile_backend)
+    path = append_csv(results, a.out)
+    print(format_table(results, baseline="eager"))
+    print(f"\nappended {len(results)} rows to {path}")
+    if not a.no_plot:
+        png = plot_csv(path)
+        if png:
+            print(f"plot: {png}")
+    return 0

@@ -121,7 +121,7 @@ def markdown(rows: Sequence[Row]) -> str:
     for name, v, goal, met, why in cl:
         lines.append(f"| {name} | {_fmt(v) + 'x' if v is not None else why} | {goal} | "
                      f"{'-' if met is None else ('yes' if met else '**no**')} |")
-    lines += ["", f"| workload | impl | dtype | img/s | p50 ms | p99 ms | peak MB | weights MB | J/img | max rel err |",
+    lines += ["", "| workload | impl | dtype | img/s | p50 ms | p99 ms | peak MB | weights MB | J/img | max rel err |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = parse_extra(r["extra"])

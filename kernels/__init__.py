@@ -1,66 +1,46 @@
-"""fastsamclip.kernels: the ops the model and the training loop call.
+"""fastsamclip.kernels: the ops the model, the training loop and the predictor call.
 
-Public surface only; models never import kernel internals.
+Public surface only; callers never import kernel internals. Every op has a plain-torch
+``*_reference`` beside its kernels and is dispatched by one mechanism (``dispatch.py``): the
+first able backend runs, a fallback is logged once, and a backend is forced with ``backend=``,
+``use_backend(name)`` or ``FASTSAMCLIP_BACKEND`` / ``FASTSAMCLIP_BACKEND_<OP>``.
+``op_table()`` lists every op's backends and whether they can run here.
+
+This package imports torch, triton (optional), numpy and the standard library only.
 """
 
-from .attention import (
-    AttentionBackend,
-    available_backends,
-    backend_table,
-    register_backend,
-    relpos_attention,
-    relpos_attention_reference,
-    select_backend,
-    use_backend,
-)
+import os as _os
 
-# Attention backends register themselves on import (triton first, then flex, ahead of sdpa).
-# Each says why it is unavailable when its dependency is missing; the guard keeps
-# `import fastsamclip.kernels` working whatever else goes wrong in their import.
-for _mod in ("attention_triton", "attention_flex"):
-    try:
-        __import__(f"{__name__}.{_mod}")
-    except Exception as _e:  # pragma: no cover
-        import logging as _logging
+from . import dispatch as _dispatch
+from .dispatch import OPS, Backend, Op, op_table, use_backend
 
-        _logging.getLogger("fastsamclip.kernels").warning("attention backend %s unavailable: %s", _mod, _e)
+# Ops register in import order, which is the order op_table() lists them.
+from .relpos_attention import relpos_attention, relpos_attention_reference  # noqa: E402, I001
+from .cosine_distill import cosine_distill_loss, cosine_distill_loss_reference  # noqa: E402
+from .linear_cosine_distill import linear_cosine_distill_loss, linear_cosine_distill_loss_reference  # noqa: E402
+from .focal_dice import focal_dice_loss, focal_dice_loss_reference  # noqa: E402
+from .preprocess import preprocess, preprocess_reference  # noqa: E402
+from .postprocess_masks import postprocess_masks, postprocess_masks_reference  # noqa: E402
+
+# Once, with every op registered: a forced backend nobody has raises here, naming the valid ones.
+_dispatch._apply_environment(_os.environ)
 
 __all__ = [
-    "AttentionBackend",
-    "available_backends",
-    "backend_table",
-    "register_backend",
+    "Backend",
+    "OPS",
+    "Op",
+    "cosine_distill_loss",
+    "cosine_distill_loss_reference",
+    "focal_dice_loss",
+    "focal_dice_loss_reference",
+    "linear_cosine_distill_loss",
+    "linear_cosine_distill_loss_reference",
+    "op_table",
+    "postprocess_masks",
+    "postprocess_masks_reference",
+    "preprocess",
+    "preprocess_reference",
     "relpos_attention",
     "relpos_attention_reference",
-    "select_backend",
     "use_backend",
 ]
-
-# Distillation losses. Without triton they run their plain-torch references; the guard keeps
-# `import fastsamclip.kernels` working whatever goes wrong in their import.
-try:
-    from .losses import (
-        cosine_distill_loss,
-        cosine_distill_loss_reference,
-        focal_dice_loss,
-        focal_dice_loss_reference,
-        linear_cosine_distill_loss,
-        linear_cosine_distill_loss_reference,
-    )
-except Exception as _e:  # pragma: no cover
-    import logging as _logging
-
-    _logging.getLogger("fastsamclip.kernels").warning("distillation losses unavailable: %s", _e)
-else:
-    __all__ += [
-        "cosine_distill_loss",
-        "cosine_distill_loss_reference",
-        "focal_dice_loss",
-        "focal_dice_loss_reference",
-        "linear_cosine_distill_loss",
-        "linear_cosine_distill_loss_reference",
-    ]
-
-from .preprocess import postprocess_masks, postprocess_masks_reference, preprocess, preprocess_reference  # noqa: E402
-
-__all__ += ["postprocess_masks", "postprocess_masks_reference", "preprocess", "preprocess_reference"]

@@ -12,30 +12,23 @@ Caveats:
 - The returned loss has ``torch.promote_types(student.dtype, teacher.dtype)``, as the reference; the per-row
   losses are reduced in fp32 first.
 - Block sizes are a heuristic (memory-bound kernel, ~4096 elements per tile), not autotuned;
-  the best values on H100/H200 are to be confirmed with ``python -m bench.bench_losses``.
+  the best values on H100/H200 are to be confirmed with ``python -m fastsamclip.bench.bench_cosine_distill``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._loss_dispatch import (
-    HAS_TRITON,
-    check_float_tensor,
-    check_reduction,
-    check_same_device,
-    choose_path,
-    reduce_rows,
-    tl,
-    triton,
-)
+from ._checks import check_float_tensor, check_reduction, check_same_device
+from ._triton import HAS_TRITON, UNAVAILABLE, tensor_refusals, tl, triton
+from .dispatch import Backend, Op, Probe, dtype_grad_probes, register_op
 
-__all__ = ["cosine_distill_loss", "cosine_distill_loss_reference", "CosineDistillFunction"]
+__all__ = ["OP", "cosine_distill_loss", "cosine_distill_loss_reference", "CosineDistillFunction"]
 
-OP = "cosine_distill_loss"
+NAME = "cosine_distill_loss"
 DEFAULT_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 
 
@@ -279,20 +272,61 @@ torch.library.register_autograd("fastsamclip::cosine_distill_fwd", CosineDistill
 
 
 # --------------------------------------------------------------------------------------------
-# Public function
+# The op (backends in priority order) and its public function
 # --------------------------------------------------------------------------------------------
 def _validate(student, teacher, reduction, eps) -> None:
-    check_float_tensor(OP, "student", student)
-    check_float_tensor(OP, "teacher", teacher)
+    check_float_tensor(NAME, "student", student)
+    check_float_tensor(NAME, "teacher", teacher)
     if student.shape != teacher.shape:
-        raise ValueError(f"{OP}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must "
+        raise ValueError(f"{NAME}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must "
                          "have the same shape (..., D)")
     if student.dim() < 1 or student.shape[-1] < 1:
-        raise ValueError(f"{OP}: inputs need a non-empty last dimension D, got shape {tuple(student.shape)}")
-    check_same_device(OP, student=student, teacher=teacher)
-    check_reduction(OP, reduction)
+        raise ValueError(f"{NAME}: inputs need a non-empty last dimension D, got shape {tuple(student.shape)}")
+    check_same_device(NAME, student=student, teacher=teacher)
+    check_reduction(NAME, reduction)
     if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{OP}: eps must be a non-negative number, got {eps!r}")
+        raise ValueError(f"{NAME}: eps must be a non-negative number, got {eps!r}")
+
+
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, lead_shape) -> torch.Tensor:
+    """Per-row losses (R,) -> mean / sum scalar, or the leading shape for ``"none"``."""
+    if reduction == "mean":
+        return loss_rows.mean()
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.reshape(lead_shape)
+
+
+def _cosine_distill_triton(student, teacher, reduction: str, eps: float) -> torch.Tensor:
+    D = student.shape[-1]
+    lead = student.shape[:-1]
+    out_dtype = torch.promote_types(student.dtype, teacher.dtype)
+    loss_rows, _, _ = torch.ops.fastsamclip.cosine_distill_fwd(
+        student.reshape(-1, D), teacher.detach().reshape(-1, D), float(eps))
+    return reduce_rows(loss_rows, reduction, lead).to(out_dtype)
+
+
+def _probes(device: str) -> List[Probe]:
+    def make(dtype, grad):
+        return (torch.empty(4, 8, dtype=dtype, device=device, requires_grad=grad),
+                torch.empty(4, 8, dtype=dtype, device=device)), {}
+
+    return dtype_grad_probes(device, make)
+
+
+OP = register_op(Op(NAME, probes=_probes))
+OP.register(Backend(
+    name="triton",
+    fn=_cosine_distill_triton,
+    description="fused Triton row kernels, fp32 accumulation (fwd + bwd)",
+    check=tensor_refusals,
+    is_available=lambda: UNAVAILABLE,
+))
+OP.register(Backend(
+    name="reference",
+    fn=cosine_distill_loss_reference,
+    description="plain torch, 1 - F.cosine_similarity",
+))
 
 
 def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean", *,
@@ -304,19 +338,11 @@ def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction:
         teacher: same shape; a constant target (detached if it requires grad).
         reduction: "mean" (over all rows), "sum", or "none" (per-row loss, shape ``student.shape[:-1]``).
         eps: norm clamp, as in ``F.cosine_similarity``.
-        backend: "triton" or "reference" to force a path; default: Triton where it can run.
+        backend: "triton" or "reference" to force one; default: Triton where it can run.
 
     Plain torch equivalent::
 
         (1 - F.cosine_similarity(student, teacher.detach(), dim=-1, eps=eps)).mean()
     """
     _validate(student, teacher, reduction, eps)
-    path = choose_path(OP, student.device, (student.dtype, teacher.dtype), backend)
-    if path == "reference":
-        return cosine_distill_loss_reference(student, teacher, reduction, eps)
-    D = student.shape[-1]
-    lead = student.shape[:-1]
-    out_dtype = torch.promote_types(student.dtype, teacher.dtype)
-    loss_rows, _, _ = torch.ops.fastsamclip.cosine_distill_fwd(
-        student.reshape(-1, D), teacher.detach().reshape(-1, D), float(eps))
-    return reduce_rows(loss_rows, reduction, lead).to(out_dtype)
+    return OP.select(student, teacher, backend=backend).fn(student, teacher, reduction, eps)

@@ -19,29 +19,24 @@ Caveats:
   values use exp2/log2 with ``(1 - p_t)**gamma`` taken as 0 where ``1 - p_t`` is 0.
 - Accumulation is fp32; the loss is returned in the logits' dtype. fp64 runs the reference.
 - BLOCK = 4096 pixels per program (a 256 x 256 mask is 16 programs): a heuristic for a
-  memory-bound element-wise kernel, to be confirmed on H100/H200 by ``bench/bench_losses.py``.
+  memory-bound element-wise kernel, to be confirmed on H100/H200 by ``bench/bench_focal_dice.py``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._loss_dispatch import (
-    HAS_TRITON,
-    check_float_tensor,
-    check_same_device,
-    choose_path,
-    tl,
-    triton,
-)
+from ._checks import check_float_tensor, check_same_device
+from ._triton import HAS_TRITON, UNAVAILABLE, tensor_refusals, tl, triton
+from .dispatch import Backend, Op, Probe, dtype_grad_probes, register_op
 
-__all__ = ["focal_dice_loss", "focal_dice_loss_reference", "FocalDiceFunction"]
+__all__ = ["OP", "focal_dice_loss", "focal_dice_loss_reference", "FocalDiceFunction"]
 
-OP = "focal_dice_loss"
+NAME = "focal_dice_loss"
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,23 +306,53 @@ torch.library.register_autograd("fastsamclip::focal_dice_fwd", FocalDiceFunction
 
 
 # --------------------------------------------------------------------------------------------
-# Public function
+# The op (backends in priority order) and its public function
 # --------------------------------------------------------------------------------------------
 def _validate(logits, target, focal_weight, dice_weight, alpha, gamma) -> None:
-    check_float_tensor(OP, "logits", logits)
-    check_float_tensor(OP, "target", target)
+    check_float_tensor(NAME, "logits", logits)
+    check_float_tensor(NAME, "target", target)
     if logits.dim() != 4:
-        raise ValueError(f"{OP}: logits must be (B, M, h, w), got shape {tuple(logits.shape)}")
+        raise ValueError(f"{NAME}: logits must be (B, M, h, w), got shape {tuple(logits.shape)}")
     if target.shape != logits.shape:
-        raise ValueError(f"{OP}: target {tuple(target.shape)} must have the logits' shape {tuple(logits.shape)}")
+        raise ValueError(f"{NAME}: target {tuple(target.shape)} must have the logits' shape {tuple(logits.shape)}")
     if logits.numel() == 0:
-        raise ValueError(f"{OP}: empty input {tuple(logits.shape)}")
-    check_same_device(OP, logits=logits, target=target)
+        raise ValueError(f"{NAME}: empty input {tuple(logits.shape)}")
+    check_same_device(NAME, logits=logits, target=target)
     for name, v in (("focal_weight", focal_weight), ("dice_weight", dice_weight), ("alpha", alpha), ("gamma", gamma)):
         if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{OP}: {name} must be a finite number, got {v!r}")
+            raise ValueError(f"{NAME}: {name} must be a finite number, got {v!r}")
     if gamma < 0:
-        raise ValueError(f"{OP}: gamma must be >= 0, got {gamma}")
+        raise ValueError(f"{NAME}: gamma must be >= 0, got {gamma}")
+
+
+def _focal_dice_triton(logits, target, focal_weight: float, dice_weight: float, alpha: float,
+                       gamma: float) -> torch.Tensor:
+    loss, _ = torch.ops.fastsamclip.focal_dice_fwd(logits, target.detach(), float(focal_weight), float(dice_weight),
+                                                   float(alpha), float(gamma))
+    return loss.to(logits.dtype)
+
+
+def _probes(device: str) -> List[Probe]:
+    def make(dtype, grad):
+        return (torch.empty(1, 2, 8, 8, dtype=dtype, device=device, requires_grad=grad),
+                torch.empty(1, 2, 8, 8, dtype=dtype, device=device)), {}
+
+    return dtype_grad_probes(device, make)
+
+
+OP = register_op(Op(NAME, probes=_probes))
+OP.register(Backend(
+    name="triton",
+    fn=_focal_dice_triton,
+    description="fused Triton sigmoid/focal/dice pass, deterministic reduction (fwd + bwd)",
+    check=tensor_refusals,
+    is_available=lambda: UNAVAILABLE,
+))
+OP.register(Backend(
+    name="reference",
+    fn=focal_dice_loss_reference,
+    description="plain torch, torchvision's sigmoid_focal_loss + SAM's dice",
+))
 
 
 def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float = 20.0, dice_weight: float = 1.0,
@@ -340,7 +365,7 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: fl
         focal_weight, dice_weight: SAM's 20 : 1 by default.
         alpha: focal class balance; alpha < 0 disables it (as in torchvision).
         gamma: focal exponent, >= 0.
-        backend: "triton" or "reference" to force a path.
+        backend: "triton" or "reference" to force one; default: Triton where it can run.
 
     Returns a scalar in the logits' dtype. Plain torch equivalent::
 
@@ -348,9 +373,5 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: fl
         + dice_weight * (1 - (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)).mean()
     """
     _validate(logits, target, focal_weight, dice_weight, alpha, gamma)
-    path = choose_path(OP, logits.device, (logits.dtype, target.dtype), backend)
-    if path == "reference":
-        return focal_dice_loss_reference(logits, target, focal_weight, dice_weight, alpha, gamma)
-    loss, _ = torch.ops.fastsamclip.focal_dice_fwd(logits, target.detach(), float(focal_weight), float(dice_weight),
-                                                   float(alpha), float(gamma))
-    return loss.to(logits.dtype)
+    be = OP.select(logits, target, backend=backend)
+    return be.fn(logits, target, focal_weight, dice_weight, alpha, gamma)

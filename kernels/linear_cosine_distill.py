@@ -31,22 +31,19 @@ Caveats:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._loss_dispatch import (
-    check_float_tensor,
-    check_reduction,
-    check_same_device,
-    choose_path,
-)
+from ._checks import check_float_tensor, check_reduction, check_same_device
+from ._triton import UNAVAILABLE, tensor_refusals
 from .cosine_distill import DEFAULT_EPS, _unit_stride, cosine_distill_loss_reference, cosine_rows_bwd, cosine_rows_fwd
+from .dispatch import Backend, Op, Probe, dtype_grad_probes, register_op
 
-__all__ = ["linear_cosine_distill_loss", "linear_cosine_distill_loss_reference", "LinearCosineDistillFunction"]
+__all__ = ["OP", "linear_cosine_distill_loss", "linear_cosine_distill_loss_reference", "LinearCosineDistillFunction"]
 
-OP = "linear_cosine_distill_loss"
+NAME = "linear_cosine_distill_loss"
 # Elements of y per chunk: 2**22 = 4096 rows x 1024 outputs, 8 MiB in bf16. Large enough that
 # each chunk's matmuls (4096 x 768 x 1024, ~6.4 GFLOP) keep an H100 busy, small enough that the
 # chunk is noise next to the activations.
@@ -250,36 +247,80 @@ torch.library.register_autograd("fastsamclip::linear_cosine_distill_fwd", Linear
 
 
 # --------------------------------------------------------------------------------------------
-# Public function
+# The op (backends in priority order) and its public function
 # --------------------------------------------------------------------------------------------
 def _validate(x, weight, bias, teacher, reduction, eps, chunk_size) -> None:
-    check_float_tensor(OP, "x", x)
-    check_float_tensor(OP, "weight", weight)
+    check_float_tensor(NAME, "x", x)
+    check_float_tensor(NAME, "weight", weight)
     if bias is not None:
-        check_float_tensor(OP, "bias", bias)
-    check_float_tensor(OP, "teacher", teacher)
+        check_float_tensor(NAME, "bias", bias)
+    check_float_tensor(NAME, "teacher", teacher)
     if weight.dim() != 2:
-        raise ValueError(f"{OP}: weight must be (N, K), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{NAME}: weight must be (N, K), got shape {tuple(weight.shape)}")
     N, K = weight.shape
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{OP}: x {tuple(x.shape)} must be (..., K) with K = weight.shape[1] = {K}")
+        raise ValueError(f"{NAME}: x {tuple(x.shape)} must be (..., K) with K = weight.shape[1] = {K}")
     if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"{OP}: bias must be (N,) = ({N},), got {tuple(bias.shape)}")
+        raise ValueError(f"{NAME}: bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     if tuple(teacher.shape) != tuple(x.shape[:-1]) + (N,):
-        raise ValueError(f"{OP}: teacher {tuple(teacher.shape)} must be x's leading shape + (N,) = "
+        raise ValueError(f"{NAME}: teacher {tuple(teacher.shape)} must be x's leading shape + (N,) = "
                          f"{tuple(x.shape[:-1]) + (N,)}")
     if N < 1:
-        raise ValueError(f"{OP}: weight has no output features")
+        raise ValueError(f"{NAME}: weight has no output features")
     dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1:
-        raise TypeError(f"{OP}: x, weight and bias must share one dtype (as F.linear), got "
+        raise TypeError(f"{NAME}: x, weight and bias must share one dtype (as F.linear), got "
                         f"{sorted(map(str, dtypes))}")
-    check_same_device(OP, x=x, weight=weight, bias=bias, teacher=teacher)
-    check_reduction(OP, reduction)
+    check_same_device(NAME, x=x, weight=weight, bias=bias, teacher=teacher)
+    check_reduction(NAME, reduction)
     if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{OP}: eps must be a non-negative number, got {eps!r}")
+        raise ValueError(f"{NAME}: eps must be a non-negative number, got {eps!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _linear_cosine_distill_triton(x, weight, bias, teacher, reduction: str, eps: float,
+                                  chunk_size: Optional[int]) -> torch.Tensor:
+    K = x.shape[-1]
+    N = weight.shape[0]
+    lead = x.shape[:-1]
+    grad_on = torch.is_grad_enabled()
+    grad_x = grad_on and x.requires_grad
+    grad_params = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    loss = torch.ops.fastsamclip.linear_cosine_distill_fwd(
+        x.reshape(-1, K), weight, bias, teacher.detach().reshape(-1, N), float(eps), reduction, grad_x, grad_params,
+        int(chunk_size or 0))[0]
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    return loss.to(torch.promote_types(x.dtype, teacher.dtype))
+
+
+def _reference(x, weight, bias, teacher, reduction: str, eps: float, chunk_size: Optional[int]) -> torch.Tensor:
+    # chunk_size is the kernel's tiling; the reference projects all rows at once.
+    return linear_cosine_distill_loss_reference(x, weight, bias, teacher, reduction, eps)
+
+
+def _probes(device: str) -> List[Probe]:
+    def make(dtype, grad):
+        mk = lambda *shape, g=False: torch.empty(shape, dtype=dtype, device=device, requires_grad=g)  # noqa: E731
+        return (mk(4, 8, g=grad), mk(6, 8, g=grad), mk(6, g=grad), mk(4, 6)), {}
+
+    return dtype_grad_probes(device, make)
+
+
+OP = register_op(Op(NAME, probes=_probes))
+OP.register(Backend(
+    name="triton",
+    fn=_linear_cosine_distill_triton,
+    description="chunked projection + fused Triton cosine, y and its gradient never whole (fwd + bwd)",
+    check=tensor_refusals,
+    is_available=lambda: UNAVAILABLE,
+))
+OP.register(Backend(
+    name="reference",
+    fn=_reference,
+    description="plain torch, F.linear then 1 - F.cosine_similarity (materialises the projection)",
+))
 
 
 def linear_cosine_distill_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -295,25 +336,12 @@ def linear_cosine_distill_loss(x: torch.Tensor, weight: torch.Tensor, bias: Opti
         reduction: "mean" | "sum" | "none" (per-row loss with x's leading shape).
         eps: norm clamp, as in ``F.cosine_similarity``.
         chunk_size: rows per chunk; default ``CHUNK_ELEMENTS // N`` (4096 rows at N = 1024).
-        backend: "triton" or "reference" to force a path.
+        backend: "triton" or "reference" to force one; default: Triton where it can run.
 
     Gradients flow to x, weight and bias. Plain torch equivalent::
 
         (1 - F.cosine_similarity(F.linear(x, weight, bias), teacher.detach(), dim=-1)).mean()
     """
     _validate(x, weight, bias, teacher, reduction, eps, chunk_size)
-    path = choose_path(OP, x.device, (x.dtype, teacher.dtype), backend)
-    if path == "reference":
-        return linear_cosine_distill_loss_reference(x, weight, bias, teacher, reduction, eps)
-    K = x.shape[-1]
-    N = weight.shape[0]
-    lead = x.shape[:-1]
-    grad_on = torch.is_grad_enabled()
-    grad_x = grad_on and x.requires_grad
-    grad_params = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    loss = torch.ops.fastsamclip.linear_cosine_distill_fwd(
-        x.reshape(-1, K), weight, bias, teacher.detach().reshape(-1, N), float(eps), reduction, grad_x, grad_params,
-        int(chunk_size or 0))[0]
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    return loss.to(torch.promote_types(x.dtype, teacher.dtype))
+    return OP.select(x, weight, bias, teacher, backend=backend).fn(x, weight, bias, teacher, reduction, eps,
+                                                                    chunk_size)

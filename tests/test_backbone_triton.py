@@ -4,14 +4,14 @@ forward and backward, eager and under torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
-from fastsamclip.kernels import attention_triton, use_backend
-from fastsamclip.modeling import BACKBONE_CONFIGS, build_backbone
 from fastsamclip.data.samples import randomise_zero_tables
+from fastsamclip.kernels import OPS, use_backend
+from fastsamclip.modeling import BACKBONE_CONFIGS, build_backbone
 
 from .helpers import assert_close_verbose
 
-pytestmark = pytest.mark.skipif(attention_triton.BACKEND.is_available() is not None,
-                                reason=str(attention_triton.BACKEND.is_available()))
+pytestmark = pytest.mark.skipif(OPS["relpos_attention"]["triton"].is_available() is not None,
+                                reason=str(OPS["relpos_attention"]["triton"].is_available()))
 
 
 def _model():

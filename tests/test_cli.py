@@ -10,12 +10,17 @@ import torch
 from fastsamclip.cli import main
 
 
-def test_info_lists_versions_and_backends(capsys):
+def test_info_lists_versions_and_every_op_with_its_backends(capsys):
+    from fastsamclip.kernels import OPS
+
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "open_clip_torch" in out
-    assert "attention backends" in out
-    assert "reference" in out and "sdpa" in out
+    for op, entry in OPS.items():
+        assert f"  {op} [" in out, op
+        for name in entry.names:
+            assert any(line.strip().startswith(name) for line in out.splitlines()), (op, name)
+    assert "no: " in out  # a backend that cannot run here says why
 
 
 def test_demo_runs_and_agrees_with_its_teachers(tmp_path):
@@ -47,7 +52,7 @@ def test_merge_command_writes_a_loadable_checkpoint(tmp_path):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "fastsamclip", "info"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "attention backends" in r.stdout
+    assert "relpos_attention [" in r.stdout
 
 
 def test_merge_with_wrong_sam_type_says_so(tmp_path, capsys):

@@ -21,8 +21,9 @@ BENCHMARKS = {
     "report": "the latest e2e run as Markdown, with the product's claims checked",
 }
 # The modules of fastsamclip.bench that run each name, in order.
-MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_attention",),
-           "losses": ("bench_losses",), "inference": ("bench_inference",), "report": ("report",)}
+MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
+           "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
+           "inference": ("bench_inference",), "report": ("report",)}
 # `bench all`: every benchmark that needs no input, in this order.
 BENCH_ALL = ("attention", "losses", "train", "inference", "e2e")
 

@@ -9,7 +9,7 @@ import torch
 
 from fastsamclip import __version__
 from fastsamclip.cli.common import package_version
-from fastsamclip.kernels import backend_table
+from fastsamclip.kernels import OPS, op_table
 
 PACKAGES = ("torch", "triton", "torchvision", "open_clip_torch", "segment-anything", "safetensors", "xformers",
             "flash-attn")
@@ -26,18 +26,22 @@ def cmd_info(args) -> int:
     else:
         print("device: cpu (no CUDA GPU visible)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print("\nattention backends (priority order; first able one is used):")
-    for dtype in (torch.bfloat16, torch.float16, torch.float32) if device == "cuda" else (torch.float32,):
-        for grad in (False, True):
-            rows = backend_table(device=device, dtype=dtype, needs_grad=grad, head_dim=args.head_dim)
-            print(f"  {device} {str(dtype).replace('torch.', '')} head_dim={args.head_dim} {'fwd+bwd' if grad else 'fwd'}:")
-            for r in rows:
-                status = "available" if r["ok"] else f"no: {r['why']}"
-                print(f"    {r['name']:10s} {status:50s} {r['description']}")
+    rows = op_table(device) + [dict(r, op="relpos_attention") for r in
+                               OPS["relpos_attention"].table(device, head_dim=args.head_dim)
+                               if args.head_dim != 64]
+    print("\nops and their backends (priority order; the first able one runs, a fallback is logged once):")
+    shown = set()
+    for r in rows:
+        key = (r["op"], r["probe"])
+        if key not in shown:
+            shown.add(key)
+            print(f"  {r['op']} [{device} {r['probe']}]:")
+        status = "available" if r["ok"] else f"no: {r['why']}"
+        print(f"    {r['backend']:10s} {status:60s} {r['description']}")
     return 0
 
 
 def register(sub) -> None:
     s = sub.add_parser("info", help="versions, device and every op's backends")
-    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--head-dim", type=int, default=64, help="also probe attention at this head dim (ViT-H: 80)")
     s.set_defaults(fn=cmd_info)

@@ -1,15 +1,12 @@
 """D_CLIP readers: img2dataset WebDataset shards and image folders, on real pictures."""
 
-import io
 import json
 import logging
 import os
 import tarfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("webdataset")
 pytest.importorskip("pycocotools")

@@ -1,21 +1,14 @@
 """Box and point prompts drawn from masks."""
 
-import io
-import json
-import logging
-import os
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("webdataset")
 pytest.importorskip("pycocotools")
 
 from fastsamclip import data as D  # noqa: E402
-from fastsamclip.data import samples as S  # noqa: E402
 
 from .conftest import check_boxes_contain, check_points_on  # noqa: E402
 

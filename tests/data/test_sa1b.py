@@ -1,15 +1,11 @@
 """D_SAM: the SA-1B layout, COCO RLE, skip accounting, model inputs."""
 
-import io
 import json
 import logging
-import os
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("webdataset")
 pytest.importorskip("pycocotools")

@@ -1,15 +1,9 @@
 """The multi-resolution sampler (map-style) and batcher (streams): determinism, DDP, exact resume."""
 
-import io
 import json
-import logging
-import os
-import tarfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("webdataset")
 pytest.importorskip("pycocotools")

@@ -1,10 +1,12 @@
-"""Fused Triton relpos attention (and the flex backend): numerics, registration, dispatch.
+"""The fused Triton backend of relpos_attention: numerics, registration, its refusals and its
+place in the automatic choice.
 
 On a machine without a GPU the kernels run in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1), so shapes stay small; GPU-only tests cover bf16 and full-size shapes.
 
 Accuracy rule (flash-attention's): against a float64 reference, the kernel's error may be at
-most FACTOR x the error of plain torch run in the same low precision, plus a small atol.
+most TORCH_ERROR_FACTOR x the error of plain torch run in the same low precision, plus a small
+atol (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -12,44 +14,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsamclip.kernels import attention as attn
-from fastsamclip.kernels import attention_flex, attention_triton
-from fastsamclip.kernels import relpos_attention, relpos_attention_reference, select_backend, use_backend
+from fastsamclip.kernels import _triton
+from fastsamclip.kernels import relpos_attention_triton as attention_triton
+from fastsamclip.kernels import OPS, relpos_attention, relpos_attention_reference, use_backend
 
-from .conftest import HAS_CUDA, requires_cuda
+from ..conftest import HAS_CUDA, requires_cuda
+from ..helpers import assert_close_verbose, assert_within_torch_error
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+OP = OPS["relpos_attention"]
 needs_triton = pytest.mark.skipif(attention_triton.BACKEND.is_available() is not None,
                                   reason=f"triton backend unavailable: {attention_triton.BACKEND.is_available()}")
 
-# Tolerances as data: kernel error <= factor * (plain-torch error at that dtype) + atol.
-TOL = {
-    torch.float32: dict(factor=2.0, atol=2e-5),
-    torch.float16: dict(factor=2.0, atol=2e-3),
-    torch.bfloat16: dict(factor=2.0, atol=1.5e-2),
-}
-
 NAMES = ("out", "dq", "dk", "dv", "d_rel_h", "d_rel_w")
-
-
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, bound: float, name: str) -> None:
-    """Max-abs comparison that says where and by how much it failed."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual.double() - expected.double()).abs()
-    nan = torch.isnan(actual)
-    if nan.any():
-        idx = nan.nonzero()[0].tolist()
-        raise AssertionError(f"{name}: {int(nan.sum())} NaN elements (unwritten or invalid), first at {idx}")
-    err = diff.max().item()
-    if err > bound:
-        flat = int(diff.argmax())
-        idx = list(torch.unravel_index(torch.tensor(flat), diff.shape))
-        idx = [int(i) for i in idx]
-        n_bad = int((diff > bound).sum())
-        raise AssertionError(
-            f"{name}: max abs error {err:.3e} > bound {bound:.3e} at {idx} "
-            f"(got {actual.flatten()[flat].item():.6g}, expected {expected.flatten()[flat].item():.6g}); "
-            f"{n_bad}/{diff.numel()} elements over the bound; mean error {diff.mean().item():.3e}")
 
 
 @pytest.fixture
@@ -80,17 +57,15 @@ def fwd_bwd(fn, inputs, dout):
 
 
 def check_against_reference(inputs, impl, dtype, scale=None):
-    """Run impl and plain torch at ``dtype``, both against float64; apply the FACTOR rule."""
+    """Run impl and plain torch at ``dtype``, both against float64; apply the TORCH_ERROR_FACTOR rule."""
     dout = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(7)).to(inputs[0].device, dtype)
     ref64 = [t.detach().double().requires_grad_() for t in inputs]
     exact = fwd_bwd(lambda *a: relpos_attention_reference(*a, scale=scale), ref64, dout.double())
     lowp = fwd_bwd(lambda *a: relpos_attention_reference(*a, scale=scale), inputs, dout)
     got = fwd_bwd(impl, inputs, dout)
-    tol = TOL[dtype]
     for name, g, lp, ex in zip(NAMES, got, lowp, exact):
         assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        torch_err = (lp.double() - ex).abs().max().item()
-        assert_close_verbose(g, ex, tol["factor"] * torch_err + tol["atol"], name)
+        assert_within_torch_error(g, ex, lp, dtype, name)
 
 
 # (B, heads, H, W, d): each exercises a different tiling path of the kernel.
@@ -132,7 +107,7 @@ def test_triton_strided_views(poisoned_outputs):
     rel_w = torch.randn(B, nh, N, W, device=DEVICE)
     out = attention_triton.relpos_attention_triton(q, k, v, rel_h, rel_w)
     expected = relpos_attention_reference(*(t.double() for t in (q, k, v, rel_h, rel_w)))
-    assert_close_verbose(out, expected, 1e-5, "out")
+    assert_close_verbose(out, expected, 1e-5, 0.0, "out")
 
 
 @needs_triton
@@ -160,7 +135,7 @@ def test_triton_in_torch_compile_fullgraph(compile_backend):
     got = fwd_bwd(compiled, inputs, dout)
     expected = fwd_bwd(lambda *a: relpos_attention_reference(*a).sum(-1).exp(), inputs, dout)
     for name, g, e in zip(("out",) + NAMES[1:], got, expected):
-        assert_close_verbose(g, e, 1e-4, name)
+        assert_close_verbose(g, e, 1e-4, 0.0, name)
 
 
 @needs_triton
@@ -200,33 +175,28 @@ def test_pruner_converts_block_n_to_grid_rows_and_respects_smem(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend chooser
+# Refusals and the automatic choice
 # ---------------------------------------------------------------------------------------------
-def test_priority_order():
-    order = [n for n in attn.PRIORITY if n in ("triton", "flex", "sdpa", "reference")]
-    assert order == ["triton", "flex", "sdpa", "reference"]
-
-
 @needs_triton
 def test_default_choice_and_forcing():
     inputs = make_inputs(1, 1, 4, 5, 16, torch.float32, requires_grad=False)
     # On CPU the kernel is the interpreter: able, but never picked automatically.
     auto = "triton" if HAS_CUDA else "sdpa"
-    assert select_backend(*inputs).name == auto
-    assert select_backend(*inputs, backend="triton").name == "triton"
-    assert select_backend(*inputs, backend="sdpa").name == "sdpa"
+    assert OP.select(*inputs).name == auto
+    assert OP.select(*inputs, backend="triton").name == "triton"
+    assert OP.select(*inputs, backend="sdpa").name == "sdpa"
     with use_backend("reference"):
-        assert select_backend(*inputs).name == "reference"
-        assert select_backend(*inputs, backend="triton").name == "triton"  # argument beats context
+        assert OP.select(*inputs).name == "reference"
+        assert OP.select(*inputs, backend="triton").name == "triton"  # argument beats context
     with use_backend("triton"):
-        assert select_backend(*inputs).name == "triton"
-    assert select_backend(*inputs).name == auto
+        assert OP.select(*inputs).name == "triton"
+    assert OP.select(*inputs).name == auto
     if not HAS_CUDA:
-        assert any("interpreter" in w for w in attention_triton.BACKEND.auto_check(*inputs, False))
+        assert any("interpreter" in w for w in attention_triton.BACKEND.auto_check(*inputs, needs_grad=False))
     # Forced backends really run, and agree.
     outs = {n: relpos_attention(*inputs, backend=n) for n in ("triton", "sdpa", "reference")}
     for n in ("triton", "sdpa"):
-        assert_close_verbose(outs[n], outs["reference"].double(), 1e-5, f"{n} vs reference")
+        assert_close_verbose(outs[n], outs["reference"].double(), 1e-5, 0.0, f"{n} vs reference")
 
 
 def test_triton_refusal_reasons():
@@ -246,64 +216,10 @@ def test_triton_refusal_reasons():
 
 
 def test_triton_availability_reasons(monkeypatch):
-    monkeypatch.setattr(attention_triton, "INTERPRET", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "no CUDA GPU" in attention_triton._is_available()
-    monkeypatch.setattr(attention_triton, "_TRITON_IMPORT_ERROR", "triton is not installed (x)")
-    assert "not installed" in attention_triton._is_available()
-
-
-def test_forced_backend_that_refuses_raises_with_reason():
-    inputs = make_inputs(1, 1, 4, 5, 16, torch.float64, requires_grad=False)
-    with pytest.raises(RuntimeError, match="'triton' was forced.*float64"):
-        relpos_attention(*inputs, backend="triton")
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        with use_backend("nope"):
-            pass
-
-
-def test_fallback_logs_and_error_lists_every_backend(monkeypatch, caplog):
-    inputs = make_inputs(1, 1, 4, 5, 16, torch.float64, requires_grad=False)
-    attn._logged.clear()
-    with caplog.at_level("WARNING", logger="fastsamclip.kernels"):
-        assert select_backend(*inputs).name == "sdpa"
-    assert "triton" in caplog.text and "float64" in caplog.text
-    for name in ("sdpa", "reference"):
-        monkeypatch.setattr(attn._BACKENDS[name], "check", lambda *a, _n=name: [f"{_n} refuses for the test"])
-    with pytest.raises(RuntimeError) as err:
-        select_backend(*inputs)
-    msg = str(err.value)
-    for name in ("triton", "flex", "sdpa", "reference"):
-        assert f"  {name}: " in msg, msg
-    assert "sdpa refuses for the test" in msg and "float64" in msg
-
-
-# ---------------------------------------------------------------------------------------------
-# FlexAttention backend
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif(attention_flex._flex_attention is None, reason="torch without flex_attention")
-def test_flex_score_mod_matches_reference_cpu_forward():
-    """The score_mod itself, through flex's eager path (forward; flex has no CPU backward)."""
-    inputs = make_inputs(2, 2, 5, 7, 16, torch.float32, device="cpu", requires_grad=False)
-    out = attention_flex.relpos_attention_flex(*inputs, compiled=False)
-    expected = relpos_attention_reference(*(t.double() for t in inputs))
-    assert_close_verbose(out, expected, 1e-5, "flex out")
-
-
-def test_flex_declares_cpu_limits():
-    inputs = make_inputs(1, 1, 4, 5, 16, torch.float32, device="cpu", requires_grad=False)
-    # flex has no CPU backward: it must refuse, saying why.
-    assert any("cpu" in w for w in attention_flex.BACKEND.check(*inputs, True))
-    # Its CPU forward is the unfused math path: never the automatic choice there.
-    assert select_backend(*inputs).name != "flex"
-    assert select_backend(*[t.requires_grad_() for t in inputs], needs_grad=True).name != "flex"
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_flex_cuda_fwd_bwd(dtype):
-    inputs = make_inputs(2, 2, 14, 14, 64, dtype)
-    check_against_reference(inputs, lambda *a: relpos_attention(*a, backend="flex"), dtype)
+    assert "no CUDA GPU" in _triton.unavailable(interpret=False, import_error=None)
+    assert "not installed" in _triton.unavailable(interpret=False, import_error="triton is not installed (x)")
+    assert _triton.unavailable(interpret=True, import_error=None) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,33 +243,6 @@ def test_triton_bf16(B, nh, H, W, d, poisoned_outputs):
 def test_triton_full_size(B, nh, H, W, d, dtype, poisoned_outputs):
     inputs = make_inputs(B, nh, H, W, d, dtype)
     check_against_reference(inputs, attention_triton.relpos_attention_triton, dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark smoke test: `python -m bench.bench_attention --quick` on CPU, into a temp CSV
-# ---------------------------------------------------------------------------------------------
-@needs_triton
-def test_bench_attention_quick_writes_rows(tmp_path, capsys):
-    from bench import bench_attention
-    from bench.harness import read_csv
-
-    out = tmp_path / "attention.csv"
-    impls = ["triton", "flex", "sdpa-bias", "sam-reference", "fold-sdpa-flash", "xformers-bias", "flash-nobias"]
-    bench_attention.main(["--quick", "--modes", "fwd,fwd+bwd", "--impls", *impls, "--out", str(out), "--no-plot"])
-    rows = read_csv(str(out))
-    assert {r["impl"] for r in rows} == set(impls)
-    n_cases = len({r["case"] for r in rows})
-    assert n_cases == 2 and len(rows) == n_cases * len(impls) * 2
-    for r in rows:  # missing competitors are rows with a reason, never gaps or crashes
-        assert r["status"] == "ok" or r["status"].startswith("skipped: "), r
-    for impl in ("triton", "sdpa-bias", "sam-reference", "fold-sdpa-flash"):
-        ok = [r for r in rows if r["impl"] == impl]
-        assert all(r["status"] == "ok" and float(r["ms"]) > 0 and float(r["tflops"]) > 0 for r in ok), ok
-        errs = [float(r["extra"].split("max_err=")[1].split(";")[0]) for r in ok]
-        assert max(errs) < 1e-4, (impl, errs)  # speed travels with agreement to the reference
-    assert "1.00x" in capsys.readouterr().out  # the sdpa-bias baseline against itself
-    bench_attention.main(["--quick", "--modes", "fwd", "--impls", "sdpa-bias", "--out", str(out), "--no-plot"])
-    assert len(read_csv(str(out))) == len(rows) + n_cases  # appends, never overwrites
 
 
 # ---------------------------------------------------------------------------------------------

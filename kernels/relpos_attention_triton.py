@@ -1,13 +1,14 @@
 """Fused Triton kernels for SAM's attention with decomposed relative-position bias.
 
-Plain-torch equivalent (``fastsamclip.kernels.attention.relpos_attention_reference``)::
+Plain-torch equivalent (``relpos_attention.relpos_attention_reference``)::
 
     S = q @ k^T * scale + rel_h[..., :, kh(n)] + rel_w[..., :, kw(n)]   # (B, heads, N, N)
     out = softmax(S, -1) @ v
 
 computed flash-attention style: the scores exist only as register tiles, the forward saves the
 per-row log-sum-exp (base 2) and the backward recomputes the probabilities from it. No tensor of
-size N x N is ever allocated, forward or backward.
+size N x N is ever allocated, forward or backward. (One op's kernels, launchers and registration
+in one file, in that order: over 600 lines, read top to bottom.)
 
 How the bias is added. Key tiles are whole rows of the key grid: a tile holds ``BH`` grid rows of
 ``W_PAD = next_pow2(max(W, 16))`` columns, so key ``j`` of a tile sits at
@@ -54,27 +55,15 @@ Caveats
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional
 
 import torch
 
-from .attention import AttentionBackend, register_backend
-
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except ImportError as e:  # optional dependency: the backend then says why it is unavailable
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"triton is not installed ({e})"
+from ._triton import INTERPRET, UNAVAILABLE, device_refusals, tl, triton
+from .dispatch import Backend
 
 __all__ = ["relpos_attention_triton", "BACKEND"]
 
-# Read once at import, like Triton itself (its @jit decorator reads the variable at import).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_W = 128  # widest key-grid row a tile can hold (W_PAD <= 128)
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -597,24 +586,11 @@ def relpos_attention_triton(q, k, v, rel_h, rel_w, scale: Optional[float] = None
 
 
 # --------------------------------------------------------------------------------------------
-# Backend registration
+# The backend (relpos_attention.py registers it first in the op's priority order)
 # --------------------------------------------------------------------------------------------
-def _is_available() -> Optional[str]:
-    if _TRITON_IMPORT_ERROR is not None:
-        return _TRITON_IMPORT_ERROR
-    if not INTERPRET and not torch.cuda.is_available():
-        return "no CUDA GPU and TRITON_INTERPRET=1 is not set"
-    return None
 
-
-_AVAILABLE_REASON = _is_available()  # fixed at import, like the interpreter switch
-
-
-def _check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
-    why = []
-    dev = q.device.type
-    if dev != "cuda" and not (dev == "cpu" and INTERPRET):
-        why.append(f"device {dev} (needs cuda, or cpu with TRITON_INTERPRET=1)")
+def _check(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
+    why = device_refusals(q.device)
     if q.dtype not in SUPPORTED_DTYPES:
         why.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -624,7 +600,7 @@ def _check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
     return why
 
 
-def _auto_check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
+def _auto_check(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
     # On CPU the kernels run in the Triton interpreter, ~1000x slower than sdpa (a 14x14 window,
     # one head, fwd+bwd: ~2 s): it is there to test the kernels, never to run a model.
     if q.device.type == "cpu":
@@ -632,12 +608,11 @@ def _auto_check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
     return []
 
 
-BACKEND = AttentionBackend(
+BACKEND = Backend(
     name="triton",
     fn=relpos_attention_triton,
     description="fused Triton flash attention, bias added in registers (fwd + bwd, no N x N tensor)",
     check=_check,
-    is_available=lambda: _AVAILABLE_REASON,
+    is_available=lambda: UNAVAILABLE,
     auto_check=_auto_check,
 )
-register_backend(BACKEND, priority=0)

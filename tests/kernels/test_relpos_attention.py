@@ -1,13 +1,15 @@
-"""relpos_attention: every plain backend against a float64 reference, forward and backward,
-the chooser, and input validation."""
+"""relpos_attention: the plain backends (reference, sdpa) against a float64 reference, forward and
+backward; the op's backends in priority order, its fallback log and errors; input validation.
+The fused kernels: test_relpos_attention_triton.py, test_relpos_attention_flex.py."""
 
 import pytest
 import torch
 
-from fastsamclip.kernels import attention as A
-from fastsamclip.kernels import relpos_attention, relpos_attention_reference, use_backend
+from fastsamclip.kernels import OPS, Backend, relpos_attention, relpos_attention_reference, use_backend
 
-from .helpers import TOLERANCES, assert_close_verbose
+from ..helpers import assert_close_verbose, tolerance
+
+OP = OPS["relpos_attention"]
 
 
 def explicit_reference(q, k, v, rel_h, rel_w, scale):
@@ -41,7 +43,7 @@ def test_backend_matches_float64(backend, shape, dtype):
     scale = 0.3  # not the default, so a scale mix-up shows
     out = relpos_attention(*inputs, scale=scale, backend=backend)
     ref = explicit_reference(*ref_inputs, scale)
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = tolerance("value", dtype)
     assert_close_verbose(out, ref, atol, rtol, f"{backend} out")
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
@@ -57,7 +59,7 @@ def test_default_scale_is_head_dim_rsqrt():
 
 def test_reference_is_sams_arithmetic():
     """The reference backend reproduces segment_anything's add_decomposed_rel_pos + softmax."""
-    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
 
     B, nh, H, W, d = 2, 3, 4, 6, 8
     q, k, v = (torch.randn(B * nh, H * W, d) for _ in range(3))
@@ -66,48 +68,77 @@ def test_reference_is_sams_arithmetic():
     attn = (q * d**-0.5) @ k.transpose(-2, -1)
     attn = add_decomposed_rel_pos(attn, q, rel_pos_h, rel_pos_w, (H, W), (H, W))
     expected = attn.softmax(-1) @ v
-    from fastsamclip.modeling.backbone import relpos_tables
-
+    # The op's tables, computed as SAM does before it adds them (add_decomposed_rel_pos).
+    Rh, Rw = get_rel_pos(H, H, rel_pos_h), get_rel_pos(W, W, rel_pos_w)
+    r_q = q.reshape(B * nh, H, W, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).reshape(B, nh, H * W, H)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).reshape(B, nh, H * W, W)
     q4 = q.view(B, nh, H * W, d)
-    rel_h, rel_w = relpos_tables(q4, rel_pos_h, rel_pos_w, (H, W))
     out = relpos_attention_reference(q4, k.view(B, nh, H * W, d), v.view(B, nh, H * W, d), rel_h, rel_w)
     assert torch.equal(out.reshape(B * nh, H * W, d), expected)
 
 
+def test_priority_order():
+    order = [n for n in OP.names if n in ("triton", "flex", "sdpa", "reference")]
+    assert order == ["triton", "flex", "sdpa", "reference"]
+
+
 def test_forcing_backends_and_errors():
     inputs = make_inputs(1, 1, 2, 3, 4, torch.float32, requires_grad=False)
-    assert A.select_backend(*inputs, backend="reference").name == "reference"
+    assert OP.select(*inputs, backend="reference").name == "reference"
     with use_backend("reference"):
-        assert A.select_backend(*inputs).name == "reference"
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        assert OP.select(*inputs).name == "reference"
+    with pytest.raises(ValueError, match="unknown backend 'nope' for relpos_attention; known: triton, flex"):
         relpos_attention(*inputs, backend="nope")
-    with pytest.raises(ValueError, match="unknown attention backend"):
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
         with use_backend("nope"):
             pass
 
 
-def test_refusals_are_listed_and_fallback_logged(caplog):
+def test_refusals_are_listed_and_fallback_logged(caplog, monkeypatch):
     inputs = make_inputs(1, 1, 2, 3, 4, torch.float32, requires_grad=False)
-    refuse = lambda *a: ["refuses everything, for the test"]  # noqa: E731
-    A.register_backend(A.AttentionBackend(
-        name="picky", fn=A.relpos_attention_reference, description="test backend", check=refuse), priority=0)
+    refuse = lambda *a, **k: ["refuses everything, for the test"]  # noqa: E731
+    OP.register(Backend(name="picky", fn=relpos_attention_reference, description="test backend", check=refuse),
+                priority=0)
     try:
         with caplog.at_level("WARNING", logger="fastsamclip.kernels"):
-            be = A.select_backend(*inputs)
+            be = OP.select(*inputs)
         assert be.name != "picky"
         assert "picky: refuses everything" in caplog.text
         with pytest.raises(RuntimeError, match="forced but cannot run"):
             relpos_attention(*inputs, backend="picky")
-        saved = list(A.PRIORITY)
-        A.PRIORITY[:] = ["picky"]
-        try:
-            with pytest.raises(RuntimeError, match="no backend can run this input:\n  picky: refuses"):
-                relpos_attention(*inputs)
-        finally:
-            A.PRIORITY[:] = saved
+        for be in OP.backends:
+            if be.name != "picky":
+                monkeypatch.setattr(be, "check", refuse)
+        with pytest.raises(RuntimeError, match="no backend can run this input:\n  picky: refuses"):
+            relpos_attention(*inputs)
     finally:
-        A.PRIORITY.remove("picky")
-        del A._BACKENDS["picky"]
+        OP.unregister("picky")
+
+
+def test_forced_backend_that_refuses_raises_with_reason():
+    inputs = make_inputs(1, 1, 4, 5, 16, torch.float64, requires_grad=False)
+    with pytest.raises(RuntimeError, match="'triton' was forced.*float64"):
+        relpos_attention(*inputs, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with use_backend("nope"):
+            pass
+
+
+def test_fallback_logs_and_error_lists_every_backend(monkeypatch, caplog):
+    inputs = make_inputs(1, 1, 4, 5, 16, torch.float64, requires_grad=False)
+    monkeypatch.setattr(OP, "_logged", set())
+    with caplog.at_level("WARNING", logger="fastsamclip.kernels"):
+        assert OP.select(*inputs).name == "sdpa"
+    assert "triton" in caplog.text and "float64" in caplog.text
+    for name in ("sdpa", "reference"):
+        monkeypatch.setattr(OP[name], "check", lambda *a, _n=name, **k: [f"{_n} refuses for the test"])
+    with pytest.raises(RuntimeError) as err:
+        OP.select(*inputs)
+    msg = str(err.value)
+    for name in ("triton", "flex", "sdpa", "reference"):
+        assert f"  {name}: " in msg, msg
+    assert "sdpa refuses for the test" in msg and "float64" in msg
 
 
 @pytest.mark.parametrize(
@@ -129,9 +160,12 @@ def test_bad_input_is_named(mutate, match):
         relpos_attention(*mutate(*inputs))
 
 
-def test_backend_table_lists_every_backend():
-    rows = A.backend_table(device="cpu", dtype=torch.float32)
-    names = [r["name"] for r in rows]
-    assert names == A.PRIORITY
+def test_table_lists_every_backend():
+    rows = OP.table(device="cpu")
+    names = [r["backend"] for r in rows if r["probe"] == "float32 head_dim=64 fwd"]
+    assert names == OP.names
     assert {"reference", "sdpa"} <= set(names)
     assert all(r["ok"] or r["why"] for r in rows)
+    assert {r["probe"] for r in rows} == {"float32 head_dim=64 fwd", "float32 head_dim=64 fwd+bwd"}
+    assert {r["probe"] for r in OP.table(device="cpu", head_dim=80)} == {"float32 head_dim=80 fwd",
+                                                                        "float32 head_dim=80 fwd+bwd"}

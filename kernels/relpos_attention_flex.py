@@ -1,6 +1,6 @@
 """FlexAttention backend for SAM's attention with decomposed relative-position bias.
 
-Plain-torch equivalent (``fastsamclip.kernels.attention.relpos_attention_reference``)::
+Plain-torch equivalent (``relpos_attention.relpos_attention_reference``)::
 
     S = q @ k^T * scale + rel_h[..., :, kh(n)] + rel_w[..., :, kw(n)]   # (B, heads, N, N)
     out = softmax(S, -1) @ v
@@ -14,7 +14,7 @@ N x N tensor exists; rel_h/rel_w are "captured buffers", and the compiled backwa
 gradients (accumulated with atomics: not bit-deterministic).
 
 Caveats (torch 2.14 as installed here; GPU claims from the torch source, verified on a GPU by
-``tests/test_attention_triton.py::test_flex_cuda_fwd_bwd``):
+``tests/kernels/test_relpos_attention_flex.py::test_flex_cuda_fwd_bwd``):
 
 * CUDA: compiled once per shape family (the compile happens on the first call, seconds); fp16,
   bf16, fp32; forward and backward, gradients to all five inputs.
@@ -35,9 +35,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-from packaging.version import Version
+from torch.torch_version import TorchVersion
 
-from .attention import AttentionBackend, register_backend
+from .dispatch import Backend
 
 try:
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
@@ -52,7 +52,7 @@ __all__ = ["relpos_attention_flex", "BACKEND"]
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Flex's Triton template needs head dim >= 16 (tl.dot's K); 256 is its largest head dim.
 # Gradients of captured buffers (rel_h/rel_w read inside score_mod) arrived in torch 2.6.
-_CAPTURED_GRADS = Version(torch.__version__.split("+")[0]) >= Version("2.6")
+_CAPTURED_GRADS = TorchVersion(torch.__version__) >= (2, 6)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 _compiled = None
@@ -97,7 +97,7 @@ def _is_available() -> Optional[str]:
     return None
 
 
-def _check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
+def _check(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
     why = []
     d = q.shape[-1]
     if q.device.type != "cuda":
@@ -111,13 +111,10 @@ def _check(q, k, v, rel_h, rel_w, needs_grad) -> List[str]:
     return why
 
 
-BACKEND = AttentionBackend(
+BACKEND = Backend(
     name="flex",
     fn=relpos_attention_flex,
     description="torch FlexAttention, bias read in score_mod, compiled (cuda only)",
     check=_check,
     is_available=_is_available,
 )
-# Behind triton (index 0) when it registered, ahead of sdpa and reference.
-register_backend(BACKEND, priority=1 if "triton" in __import__(
-    "fastsamclip.kernels.attention", fromlist=["PRIORITY"]).PRIORITY else 0)
