@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which one (default e2e)")
     s.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
     s.set_defaults(fn=cmd_bench)
+    __import__("fastsamclip.eval.cli", fromlist=["add_parser"]).add_parser(sub)  # `fastsamclip eval TASK`
     return p
 
 
