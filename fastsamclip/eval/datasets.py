@@ -139,8 +139,9 @@ class SemanticDataset:
         return _lut_map(_read_label_png(sample.label), self.lut, sample.label, self.valid_text)
 
     def encode_prediction(self, pred: np.ndarray) -> Image.Image:
-        """pred (H, W) train ids, -1 = no prediction -> a PNG in the dataset's label encoding."""
-        raise NotImplementedError
+        """pred (H, W) train ids, -1 = no prediction -> a PNG in the dataset's label encoding:
+        train ids as they are, 255 = none (the subclasses of files with another encoding say so)."""
+        return Image.fromarray(np.where(pred < 0, IGNORE, pred).astype(np.uint8), mode="L")
 
     def _check_nonempty(self, where: str) -> None:
         if not self.samples:
@@ -344,9 +345,8 @@ class COCOPanopticSemantic(SemanticDataset):
                                                f"segments_info in {os.path.basename(self.json_path)}")
         return out
 
-    def encode_prediction(self, pred: np.ndarray) -> Image.Image:
-        # COCO panoptic has no semantic label file of its own: train ids 0..132, 255 = none.
-        return Image.fromarray(np.where(pred < 0, IGNORE, pred).astype(np.uint8), mode="L")
+    # encode_prediction: the base's (COCO panoptic has no semantic label file of its own:
+    # train ids 0..132, 255 = none).
 
 
 SEMANTIC_DATASETS = {cls.name: cls for cls in (VOC2012, PascalContext59, ADE20K, COCOStuff164k, COCOPanopticSemantic)}

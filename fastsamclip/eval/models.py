@@ -52,29 +52,32 @@ class EvalModel:
             return None
         return f"the {self.kind} cannot run `eval {task}`" + (f" ({self.why_not[task]})" if task in self.why_not else "")
 
+    def _lacks(self, what: str):
+        return TypeError(f"the {self.kind} has no {what} (ask unsupported(task) first)")
+
     # image-text side ------------------------------------------------------------------------
     def default_resolution(self, task: str) -> int:
-        raise NotImplementedError
+        raise self._lacks("default resolution")
 
     def image_embeddings(self, rgbs: List[np.ndarray], resolution: int) -> torch.Tensor:
         """(B, E) unit pooled image embeddings."""
-        raise NotImplementedError
+        raise self._lacks("image embeddings")
 
     def class_embeddings(self, names: Sequence[str], templates: str) -> torch.Tensor:
         """(L, E) unit zero-shot class embeddings (mean of the templates' unit embeddings)."""
-        raise NotImplementedError
+        raise self._lacks("text side")
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, E) unit embeddings of the texts as given (captions)."""
-        raise NotImplementedError
+        raise self._lacks("text side")
 
     def logit_scale(self) -> float:
-        raise NotImplementedError
+        raise self._lacks("text side")
 
     # SAM side -------------------------------------------------------------------------------
     def box_masks(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """(P, 4) XYXY boxes in image pixels -> (P, H, W) bool, one mask per box (no multimask)."""
-        raise NotImplementedError
+        raise self._lacks("mask decoder")
 
 
 def zero_shot_classifier(model, tokenizer, names: Sequence[str], templates: str, device) -> torch.Tensor:
