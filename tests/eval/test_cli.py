@@ -150,3 +150,14 @@ def test_bad_input_is_one_line_and_exit_2(data, models, tmp_path, capsys):
         assert expected in err, (expected, err)
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert err.startswith(f"eval {argv[0]}: ")
+
+
+def test_limit_and_the_progress_bar_in_images_per_second(data, models, tmp_path, capsys):
+    rc, out, err = _run(capsys, ["eval", "semantic", "--checkpoint", models["merged"], "--data-root",
+                                 os.path.join(data["root"], "VOCdevkit"), "--dataset", "voc", "--templates", "simple",
+                                 "--resolution", "64", "--limit", "2", "--batch-size", "1", "--workers", "0",
+                                 "--out", str(tmp_path / "r.json")])
+    assert rc == 0, err
+    assert "img/s" in err and "semantic voc" in err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["images"]["evaluated"] == 2 and rep["images_per_second"] > 0
