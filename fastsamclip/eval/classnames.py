@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from typing import Dict, Sequence, Tuple
 
+import open_clip.zero_shot_metadata as zsm
+
 # Pascal VOC 2012 (the devkit's 21 classes, background = 0). Prompt-friendly spellings of the
 # devkit's 'diningtable', 'pottedplant', 'tvmonitor' (as GroupViT and TCL prompt them).
 VOC_CLASSES = (
@@ -258,16 +260,12 @@ def prompt_names(names: Sequence[str]) -> Tuple[str, ...]:
 
 def imagenet_classnames() -> Tuple[str, ...]:
     """open_clip's 1000 ImageNet names (the CLIP paper's curated list), in class-index order."""
-    import open_clip.zero_shot_metadata as zsm  # optional at import time: only for ImageNet
-
     return tuple(zsm.IMAGENET_CLASSNAMES)
 
 
 def templates(kind: str = "openai"):
     """The prompt templates: "openai" (the CLIP paper's 80, what the SAM-CLIP paper uses) or
     "simple" (open_clip's 7), as callables name -> sentence, from open_clip's metadata."""
-    import open_clip.zero_shot_metadata as zsm  # optional at import time
-
     if kind == "openai":
         return tuple(zsm.OPENAI_IMAGENET_TEMPLATES)
     if kind == "simple":

@@ -21,6 +21,7 @@ from fastsamclip.eval.common import EvalInputError, check_out_path, write_json
 from fastsamclip.eval.datasets import SEMANTIC_DATASETS, open_classify, open_retrieval, open_semantic
 from fastsamclip.eval.models import build_model
 from fastsamclip.eval.runner import Timer, base_report, init_distributed, markdown_table, skipped_line
+from fastsamclip.teachers import CheckpointError
 
 TASKS = {
     "classify": "zero-shot classification: top-1/top-5 on ImageNet, ImageNet-v2, Places365, an image folder or a CSV",
@@ -115,8 +116,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def cmd_eval(args, argv: Optional[List[str]] = None) -> int:
-    from fastsamclip.teachers import CheckpointError
-
     task = args.eval_task
     try:
         d, device = init_distributed(args.device)
@@ -135,8 +134,6 @@ def cmd_eval(args, argv: Optional[List[str]] = None) -> int:
 
 def _setup(task: str, args, device):
     """Everything that can fail on bad input before the first image: dataset, model, flags."""
-    from fastsamclip.teachers import CheckpointError
-
     check_out_path(args.out, args.overwrite)
     if args.limit is not None and args.limit < 1:
         raise EvalInputError(None, f"--limit must be at least 1, got {args.limit}")

@@ -32,6 +32,9 @@ Instances: ``coco`` (``annotations/instances_val2017.json`` + ``val2017/``) and 
 
 Retrieval: the Karpathy-split json (``dataset_flickr30k.json`` + ``flickr30k-images/``,
 ``dataset_coco.json`` + ``val2014/``...).
+
+Every layout lives in this one module (~650 lines) so that they share one set of checks and
+messages (split files, label PNG reading, value tables, the "looks like another dataset" hint).
 """
 
 from __future__ import annotations
@@ -304,7 +307,7 @@ class COCOPanopticSemantic(SemanticDataset):
         if not os.path.isdir(png_dir):
             raise EvalInputError(png_dir, "not found: the panoptic PNG folder beside the json "
                                           "(panoptic_annotations_trainval2017.zip holds it as a zip of its own)")
-        data = _load_json(self.json_path)
+        data = load_json(self.json_path)
         if not isinstance(data, dict) or "annotations" not in data or "categories" not in data:
             raise EvalInputError(self.json_path, "is not a COCO panoptic json (no 'annotations' / 'categories')")
         if data["annotations"] and "segments_info" not in data["annotations"][0]:
@@ -380,7 +383,7 @@ def check_label_size(sample, rgb: np.ndarray, label: np.ndarray) -> None:
                              index=sample.index)
 
 
-def _load_json(path: str):
+def load_json(path: str):
     if not os.path.isfile(path):
         raise EvalInputError(path, "not found")
     try:
@@ -636,7 +639,7 @@ def open_retrieval(name: str, root: str, split: str = "test", karpathy: Optional
         raise EvalInputError(None, f"unknown retrieval dataset {name!r}; known: {', '.join(KARPATHY_FILES)}")
     root = os.fspath(root)
     path = karpathy or os.path.join(root, KARPATHY_FILES[name])
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or "images" not in data:
         raise EvalInputError(path, "is not a Karpathy-split json (no 'images' list)")
     if data.get("dataset") and data["dataset"] != name:

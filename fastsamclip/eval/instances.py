@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from fastsamclip.eval.common import EvalInputError, read_rgb_or_skip, write_json
-from fastsamclip.eval.datasets import _load_json, instance_image_path, instances_paths
+from fastsamclip.eval.datasets import load_json, instance_image_path, instances_paths
 from fastsamclip.eval.models import EvalModel
 from fastsamclip.eval.runner import Dist, RankResult, gather_results, iterate
 
@@ -46,12 +46,12 @@ class InstanceSet:
     """The annotation file through pycocotools, checked against --dataset."""
 
     def __init__(self, name: str, root: str, split: str = "val", annotations: Optional[str] = None) -> None:
-        from pycocotools.coco import COCO  # pycocotools: the field's evaluator
+        from pycocotools.coco import COCO  # optional (the eval extra): the field's evaluator
 
         self.name = name
         self.split = split
         self.ann_file, self.image_root = instances_paths(name, root, split, annotations)
-        data = _load_json(self.ann_file)
+        data = load_json(self.ann_file)
         if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
             raise EvalInputError(self.ann_file, "is not a COCO-format instances json (needs images, annotations, categories)")
         is_lvis = bool(data["categories"]) and "frequency" in data["categories"][0]
@@ -84,7 +84,7 @@ class InstanceSet:
     def detections(self, path: str) -> Dict[int, List[Tuple[list, int, float]]]:
         """A COCO results file (list of {image_id, category_id, bbox XYWH, score}), checked to be
         for this image set; the top ``max_dets`` per image by score."""
-        dets = _load_json(path)
+        dets = load_json(path)
         if not isinstance(dets, list):
             raise EvalInputError(path, "is not a COCO results file (a JSON list of detections)")
         need = {"image_id", "category_id", "bbox", "score"}
@@ -120,7 +120,7 @@ def _xyxy_clipped(bbox: list, w: int, h: int) -> List[float]:
 
 def encode_masks(masks: np.ndarray) -> List[dict]:
     """(P, H, W) bool -> COCO RLEs with str counts (JSON-ready)."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # optional (the eval extra)
 
     if len(masks) == 0:
         return []
@@ -172,7 +172,7 @@ def run_shard(model, iset: InstanceSet, items: List[Tuple[int, int]], boxes: Dic
 
 
 def _lvis_eval_class():
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval  # optional (the eval extra)
 
     class LVISFederatedEval(COCOeval):
         """COCOeval with the LVIS API's federated rules (``lvis/eval.py``): unmatched detections of a
@@ -192,7 +192,7 @@ def _lvis_eval_class():
 def coco_evaluate(iset: InstanceSet, results: List[dict], image_ids: List[int]) -> Dict[str, Optional[float]]:
     """AP, AP50, AP75, APs/APm/APl (and APr/APc/APf for LVIS) in percent; None where COCOeval
     has nothing to average (no ground truth in an area range)."""
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval  # optional (the eval extra)
 
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     if not results:

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from segment_anything import SamPredictor
 
 from fastsamclip.data import preprocess_clip_image, preprocess_sam_image
 from fastsamclip.eval.classnames import templates as get_templates
@@ -84,8 +86,6 @@ def zero_shot_classifier(model, tokenizer, names: Sequence[str], templates: str,
     """(L, E) unit class embeddings through open_clip's ``build_zero_shot_classifier`` (the CLIP
     recipe: mean of the unit embeddings of every template filled with the name, renormalised);
     ``model`` is anything with ``encode_text(tokens, normalize=True)``."""
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier  # open_clip: optional at import
-
     tmpl = get_templates(templates)
     return build_zero_shot_classifier(model, tokenizer, list(names), tmpl,
                                       num_classes_per_batch=max(1, TEXT_BATCH // len(tmpl)), device=device).T.float()
@@ -219,8 +219,6 @@ class SAMTeacherModel(EvalModel):
 
     def __init__(self, checkpoint: Optional[str], sam_type: str, device: torch.device, sam=None) -> None:
         super().__init__(device)
-        from segment_anything import SamPredictor  # the teacher's own library
-
         self.sam = (sam if sam is not None else load_sam_teacher(checkpoint, sam_type)).to(device).eval()
         self.sam_predictor = SamPredictor(self.sam)
         self.native_size = int(self.sam.image_encoder.img_size)

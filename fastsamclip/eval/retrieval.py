@@ -12,7 +12,7 @@ reported. An image that cannot be decoded is left out with its captions, and lis
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 

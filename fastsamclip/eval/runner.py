@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from fastsamclip import __version__
 from fastsamclip.eval.common import EvalInputError, Skipped, first_error
@@ -126,8 +127,6 @@ def iterate(samples: Sequence, load: Callable, batch_size: int, workers: int, pr
                         num_workers=workers, collate_fn=_as_list, persistent_workers=False)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(samples), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
     try:
         for batch in loader:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from skimage.measure import label as components
 
 from fastsamclip.checkpoint import save_merged
 from fastsamclip.data import load_sample_images
@@ -187,8 +188,6 @@ def write_coco_panoptic(root: str, n: int = 3, seed: int = 4) -> Dict:
 
 def _objects(rgb: np.ndarray, k: int = 3) -> List[np.ndarray]:
     """Up to k object masks of a picture: the largest connected parts of its grey-level bands."""
-    from skimage.measure import label as components
-
     reg = regions(rgb, 3)
     found = []
     for r in range(3):
@@ -217,7 +216,7 @@ def _polygon(mask: np.ndarray) -> List[List[float]]:
 
 
 def _instances_json(root: str, n: int, seed: int, lvis: bool) -> dict:
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # optional (the eval / test extras)
 
     rng = np.random.default_rng(seed)
     thing = [(cid, name) for cid, name in cn.COCO_PANOPTIC_CATEGORIES if cid <= 90]

@@ -31,7 +31,6 @@ import os
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from fastsamclip.eval.common import EvalInputError, read_rgb_or_skip
 from fastsamclip.eval.datasets import SegSample, SemanticDataset, check_label_size
