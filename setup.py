@@ -73,7 +73,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastsamclip", "fastsamclip.modeling", "fastsamclip.data", "fastsamclip.train", "fastsamclip.predictor",
-              "fastsamclip.cli", "fastsamclip.kernels", "fastsamclip.bench"],
+              "fastsamclip.eval", "fastsamclip.cli", "fastsamclip.kernels", "fastsamclip.bench"],
     package_dir={"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels",
                  "fastsamclip.bench": "bench"},
     package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"]},
@@ -92,7 +92,9 @@ setup(
     extras_require={
         "train": ["webdataset>=0.2", "pycocotools", "tensorboard"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib", "webdataset>=0.2", "pycocotools"],
-        "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib", "torchmetrics"],
+        # `fastsamclip eval instances` scores masks with pycocotools' COCOeval.
+        "eval": ["pycocotools"],
         # Optional baselines for the kernel benchmarks; both need a CUDA torch.
         "baselines": ["xformers", "flash-attn"],
     },

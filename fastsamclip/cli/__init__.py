@@ -1,5 +1,6 @@
 """The ``fastsamclip`` command. Each command group lives in its own module and registers its
-parser here: ``info``, ``demo``, ``merge`` / ``distill`` / ``cache-teachers``, ``predict``, ``bench``."""
+parser here: ``info``, ``demo``, ``merge`` / ``distill`` / ``cache-teachers``, ``predict``, ``eval``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from fastsamclip.cli import bench, demo, info, predict, train
+from fastsamclip.cli import bench, demo, evaluate, info, predict, train
 
-COMMANDS = (info, demo, train, predict, bench)
+COMMANDS = (info, demo, train, predict, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

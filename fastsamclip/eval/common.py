@@ -1,0 +1,110 @@
+"""What every evaluation task shares: the bad-input error, skipped files, file hashes, JSON writing.
+
+``EvalInputError`` is the one exception for input the user must fix (a missing split file, a
+label map of the wrong size, ...): its message is ONE line that names the file and what is
+wrong, and the command prints it and exits 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import numpy as np
+
+from fastsamclip.predictor import to_rgb_uint8
+
+
+class EvalInputError(ValueError):
+    """Input the user must fix; ``str(e)`` is one line naming the file and the problem."""
+
+    def __init__(self, path: Optional[str], problem: str, index: int = -1) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the caller built
+        self.index = index  # sample index where it was found (-1: at set-up); the lowest one is reported
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
+
+    def __reduce__(self):  # crosses ranks in the gather, pickled
+        return type(self), (self.path, self.problem, self.index)
+
+
+@dataclass
+class Skipped:
+    """A file that could not be decoded: left out of the metrics, counted and listed."""
+
+    file: str
+    reason: str
+    index: int = -1  # sample index in the split
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "reason": self.reason}
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB through the predictor's conversion rule; raises ``ImageReadError``
+    (a ValueError) for a file that cannot be decoded."""
+    return to_rgb_uint8(path)
+
+
+def read_rgb_or_skip(path: str, index: int):
+    """(rgb, None) or (None, Skipped) for a corrupt or unreadable image."""
+    try:
+        return read_image(path), None
+    except (ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None, Skipped(path, reason, index)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finite_or_none(value: Any) -> Any:
+    """Replace NaN/Infinity (anywhere in nested dicts/lists) by None: JSON has no such numbers,
+    and a metric that is undefined (a class absent from the split) is reported as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_out_path(path: Optional[str], overwrite: bool) -> None:
+    if path and os.path.exists(path) and not overwrite:
+        raise EvalInputError(path, "exists already; pass --overwrite to replace it, or choose another --out")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic JSON write (temporary file + rename), refusing NaN/Infinity."""
+    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def first_error(errors: List[Optional[EvalInputError]]) -> Optional[EvalInputError]:
+    """The error found at the lowest sample index (set-up errors first), so every world size
+    reports the same line."""
+    found = [e for e in errors if e is not None]
+    return min(found, key=lambda e: e.index) if found else None
