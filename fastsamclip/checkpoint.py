@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fastsamclip.files import atomic_write
 from fastsamclip.modeling.build import SAMCLIPConfig, build_samclip
 from fastsamclip.modeling.samclip import SAMCLIP
 from fastsamclip.modeling.teachers import CheckpointError, check_state_dict
@@ -25,21 +25,6 @@ FORMAT_VERSION = "1"
 MAKE_ONE = ("make one with `fastsamclip merge --sam-checkpoint sam_vit_b_01ec64.pth --clip-model "
             "ViT-L-14 --clip-pretrained datacomp_xl_s13b_b90k --out merged.safetensors` "
             "(or train one with `fastsamclip distill`)")
-
-
-def atomic_write(path: str, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_merged(model: SAMCLIP, path: str) -> None:

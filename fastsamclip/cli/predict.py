@@ -3,7 +3,6 @@ merged checkpoint, written as PNGs, overlays and one JSON per image."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from fastsamclip.cli.common import floats, one_line_errors
 from fastsamclip.draw import draw_overlay
+from fastsamclip.files import write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
 
 
@@ -86,8 +86,7 @@ def cmd_predict(args) -> int:
                                   "pixel_fraction": {labels[c]: float((sem.label_map == c).mean()) for c in present},
                                   "class_scores": {lab: float(v) for lab, v in zip(labels, sem.class_scores)}}
         timings["total_image"] = round(sum(v for k, v in timings.items() if k != "load_checkpoint"), 2)
-        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(os.path.join(args.out, f"{stem}.json"), report)
         print(f"{path}: {len(masks)} masks" + (f", labels {labels}" if labels else "")
               + f" -> {args.out} ({timings['total_image']:.0f} ms)")
     return 0

@@ -1,4 +1,4 @@
-"""What every evaluation task shares: the bad-input error, skipped files, file hashes, JSON writing.
+"""What every evaluation task shares: the bad-input error, skipped files, file hashes.
 
 ``EvalInputError`` is the one exception for input the user must fix (a missing split file, a
 label map of the wrong size, ...): its message is ONE line that names the file and what is
@@ -8,12 +8,9 @@ wrong, and the command prints it and exits 2. Anything else is a bug and keeps i
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import tempfile
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -68,39 +65,9 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def finite_or_none(value: Any) -> Any:
-    """Replace NaN/Infinity (anywhere in nested dicts/lists) by None: JSON has no such numbers,
-    and a metric that is undefined (a class absent from the split) is reported as null."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def check_out_path(path: Optional[str], overwrite: bool) -> None:
     if path and os.path.exists(path) and not overwrite:
         raise EvalInputError(path, "exists already; pass --overwrite to replace it, or choose another --out")
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Atomic JSON write (temporary file + rename), refusing NaN/Infinity."""
-    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def first_error(errors: List[Optional[EvalInputError]]) -> Optional[EvalInputError]:

@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from fastsamclip.eval.common import EvalInputError, read_rgb_or_skip, write_json
+from fastsamclip.eval.common import EvalInputError, read_rgb_or_skip
+from fastsamclip.files import write_json
 from fastsamclip.eval.datasets import load_json, instance_image_path, instances_paths
 from fastsamclip.eval.models import EvalModel
 from fastsamclip.eval.runner import Dist, RankResult, gather_results, iterate

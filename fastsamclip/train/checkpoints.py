@@ -15,7 +15,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from fastsamclip.checkpoint import atomic_write
+from fastsamclip.files import atomic_write
 from fastsamclip.modeling.teachers import check_state_dict
 
 CHECKPOINT_FORMAT = "fastsamclip.train"

@@ -25,7 +25,6 @@ Choices where the paper is silent (all overridable, see :class:`~fastsamclip.tra
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 
 from fastsamclip.checkpoint import load_merged, save_merged
 from fastsamclip.data import ClipStream, MultiResolutionConfig, PromptConfig, SA1BDataset, SamStream
+from fastsamclip.files import write_json
 from fastsamclip.kernels import focal_dice_loss, linear_cosine_distill_loss
 from fastsamclip.modeling import SAMCLIP, CLIPHeadConfig, get_sam_config, load_clip_teacher, load_sam_teacher
 from fastsamclip.modeling import samclip_from_teachers
@@ -401,8 +401,7 @@ class Distiller:
             path = os.path.join(self.out, "merged.safetensors")
             save_merged(self.student, path)
             report["merged"] = path
-            with open(os.path.join(self.out, "report.json"), "w") as f:
-                json.dump(report, f, indent=2)
+            write_json(os.path.join(self.out, "report.json"), report)
             ev = report["eval"]
             logger.info("held-out agreement with the teachers: CLIP cosine %s, mask IoU %.4f",
                         {r: round(v, 4) for r, v in ev["clip_cosine"].items()}, ev["mask_iou"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+
+from fastsamclip.files import append_json_line
 
 logger = logging.getLogger("fastsamclip.train")
 
@@ -32,8 +33,7 @@ class MetricsLog:
     def log(self, rec: dict, last_of_stage: bool) -> None:
         if not self.enabled or not (rec["global_step"] % self.log_every == 0 or last_of_stage):
             return
-        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_json_line(os.path.join(self.out, "metrics.jsonl"), rec)  # a skipped step's NaN loss is null
         tb = self._writer()
         if tb is not None:
             for k, v in rec.items():

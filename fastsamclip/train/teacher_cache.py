@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastsamclip.checkpoint import atomic_write
+from fastsamclip.files import atomic_write, write_json
 from fastsamclip.data import ClipImageFolder, ClipWebDataset, SA1BDataset, is_shard_spec
 from fastsamclip.modeling import get_sam_config, load_clip_teacher, load_sam_teacher
 from fastsamclip.train.config import TrainConfig
@@ -96,12 +96,7 @@ class TeacherCacheWriter:
             self._flush(kind)
         index = {"format": FORMAT, "version": FORMAT_VERSION, **self.meta, "entries": self.entries}
         path = os.path.join(self.root, INDEX)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(index, f)
-
-        atomic_write(path, write)
+        write_json(path, index, indent=None)
         return path
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsamclip.eval.common import finite_or_none, write_json
+from fastsamclip.files import finite_or_none, write_json
 from fastsamclip.eval.metrics import (ConfusionMatrix, best_rank_of_positives, per_class_accuracy, stable_ranks,
                                       topk_accuracy)
 
