@@ -5,6 +5,7 @@
     masks, scores, low_res = predictor.segment(points=[[[x, y]]], point_labels=[[1]])
     probs = predictor.classify([image], ["cat", "dog"])
     result = predictor.semantic_segment(image, ["cat", "dog", "grass"], mode="composed")
+    records = predictor.generate(image, labels=["cat", "dog", "grass"])  # every mask, named
 
 ``set_image``/``segment``/``reset_image`` behave as ``segment_anything.SamPredictor``'s
 ``set_image``/``predict``/``reset_image``: prompts are in ORIGINAL image pixels, mapped with
@@ -41,6 +42,8 @@ from fastsamclip.checkpoint import load_merged
 from fastsamclip.kernels import preprocess as gpu_preprocess_op
 from fastsamclip.modeling import SAMCLIP
 from fastsamclip.predictor.engine import Forward
+from fastsamclip.predictor.everything import EverythingParams
+from fastsamclip.predictor.everything import generate as generate_everything
 from fastsamclip.predictor.semantic import SemanticResult, segment_clip, segment_composed
 from fastsamclip.predictor.text import TextEmbeddings, check_labels
 from fastsamclip.transforms import (
@@ -238,6 +241,31 @@ class SAMCLIPPredictor:
                 self.features, (self.img_size, self.img_size), points=pts,
                 boxes=boxes.to(dev) if boxes is not None else None,
                 masks=masks.to(dev) if masks is not None else None, multimask_output=multimask_output)
+
+    # ---------------------------------------------------------------- segment everything
+    @torch.no_grad()
+    def generate(self, image: Optional[ImageLike] = None, labels: Optional[Sequence[str]] = None,
+                 label_threshold: float = 0.0, templates="openai", **params) -> List[dict]:
+        """Every mask of the image (``SamAutomaticMaskGenerator.generate``), each named with ``labels``.
+
+        image: as ``set_image``; None: the current image, whose cached pass then serves the
+        full-image crop (the current image state is never changed). params: the generator's
+        (``points_per_side=32``, ``points_per_batch=64``, ``pred_iou_thresh=0.88``,
+        ``stability_score_thresh=0.95``, ``stability_score_offset=1.0``, ``box_nms_thresh=0.7``,
+        ``crop_n_layers=0``, ``crop_nms_thresh=0.7``, ``crop_overlap_ratio=512/1500``,
+        ``crop_n_points_downscale_factor=1``, ``point_grids=None``, ``min_mask_region_area=0``,
+        ``output_mode="binary_mask"`` | ``"uncompressed_rle"`` | ``"coco_rle"``), see
+        :class:`~fastsamclip.predictor.everything.EverythingParams`. Returns upstream's records
+        (``segmentation``, ``area``, ``bbox`` XYWH, ``predicted_iou``, ``point_coords``,
+        ``stability_score``, ``crop_box`` XYWH); with ``labels`` also ``label`` (None when its
+        probability is below ``label_threshold``), ``label_score``, ``label_probs`` and
+        ``label_similarity``, from the same backbone pass (pooling: :mod:`fastsamclip.predictor.everything`).
+        """
+        cfg = EverythingParams.from_kwargs(params)
+        if image is None:
+            self._require_image()
+        return generate_everything(self, None if image is None else to_rgb_uint8(image), cfg, labels,
+                                   label_threshold, templates)
 
     # ---------------------------------------------------------------- text side
     def logit_scale(self) -> float:
