@@ -205,6 +205,8 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
 
     say("[4/4] student vs teachers on the held-out images")
     rows = [(f"CLIP cosine @{r}px", before["clip_cosine"][r], after["clip_cosine"][r]) for r in after["clip_cosine"]]
+    for k, cos in after["clip_cosine_pooled"].items():  # the same head on k x k pooled tokens, same pass
+        rows += [(f"  tokens pooled {k}x{k} @{r}px", before["clip_cosine_pooled"][k][r], v) for r, v in cos.items()]
     rows.append(("mask IoU vs SAM teacher", before["mask_iou"], after["mask_iou"]))
     say(f"      {'':28s}{'before':>10s}{'after':>10s}")
     for name, b, a in rows:
@@ -214,7 +216,12 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
     say(f"      {'  bytes on disk':28s}{merged_bytes / 2**20:>8.1f}MB{teacher_bytes / 2**20:>8.1f}MB")
     cos_b = float(np.mean(list(before["clip_cosine"].values())))
     cos_a = float(np.mean(list(after["clip_cosine"].values())))
-    report.update(before=before, after=after, merged=result["merged"], merged_params=merged_params,
+    # How much CLIP agreement the cheap path gives up, at the worst resolution (after stage 3).
+    pooled_gap = max((after["clip_cosine"][r] - v for cos in after["clip_cosine_pooled"].values()
+                      for r, v in cos.items()), default=None)
+    if pooled_gap is not None:
+        say(f"      full minus pooled-token CLIP cosine, worst resolution: {pooled_gap:+.4f}")
+    report.update(before=before, after=after, merged=result["merged"], merged_params=merged_params, pooled_gap=pooled_gap,
                   teacher_params=sam_params + clip_params, merged_bytes=merged_bytes, teacher_bytes=teacher_bytes,
                   stage_steps=result["stage_steps"],
                   distillation_worked=cos_a > cos_b + 0.1 and after["mask_iou"] > 0.9)

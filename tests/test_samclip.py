@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastsamclip.modeling import CLIPHeadConfig, SAMCLIPConfig, build_samclip, encode_prompts, samclip_from_teachers
+from fastsamclip.modeling import (CLIPHeadConfig, SAMCLIPConfig, build_samclip, encode_prompts, pool_tokens,
+                                  samclip_from_teachers)
 from fastsamclip.data.samples import write_clip_local_dir, write_sam_checkpoint
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 
@@ -145,3 +146,31 @@ def test_head_hidden_width_option(setup):
     sam, clip, _ = setup
     model = samclip_from_teachers(sam, clip, clip_head=CLIPHeadConfig(out_dim=32, hidden_dim=48))
     assert model.clip_head.mlp[0].out_features == 48
+
+
+def test_pool_tokens_averages_each_cell_and_the_cut_border_cells():
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64)
+    out = pool_tokens(x, 2)
+    assert out.shape == (2, 3, 4, 3)
+    for i in range(3):
+        for j in range(4):  # the last row and column cells hold fewer tokens: their own mean
+            cell = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+            assert torch.allclose(out[:, i, j], cell.mean(dim=(1, 2))), (i, j)
+    assert pool_tokens(x, 1) is x
+    with pytest.raises(ValueError, match="positive"):
+        pool_tokens(x, 0)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_token_pooled_clip_path_is_the_head_on_pooled_trunk_tokens(setup, k):
+    _, clip, model = setup
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        full = model(x, clip=True, sam=True, clip_patches=True)
+        out = model(x, clip=True, sam=True, clip_patches=True, clip_token_pool=k)
+        tokens = model.clip_head.tokens(pool_tokens(model.forward_features(x), k))
+        by_hand = model.clip_head.mlp(model.clip_head.norm(tokens.flatten(1, 2).max(dim=1).values))
+    assert out["clip_patches"].shape == (1, -(-8 // k), -(-10 // k), clip.embed_dim)
+    assert_close_verbose(out["clip"], by_hand, 1e-6, 1e-6, "pooled path")
+    assert torch.equal(out["sam"], full["sam"])  # the SAM head never sees the pooling
+    assert not torch.allclose(out["clip"], full["clip"], atol=1e-3)  # a different path, not the full one

@@ -79,6 +79,8 @@ def cmd_distill(args) -> int:
         ev = report["eval"]
         print("held-out agreement with the teachers: CLIP cosine "
               + ", ".join(f"{r}px {v:.4f}" for r, v in ev["clip_cosine"].items())
+              + "".join(f"; on {k}x{k}-pooled tokens " + ", ".join(f"{r}px {v:.4f}" for r, v in cos.items())
+                        for k, cos in ev["clip_cosine_pooled"].items())
               + f"; mask IoU {ev['mask_iou']:.4f}; merged model {report['merged']}")
     return 0
 

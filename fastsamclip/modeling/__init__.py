@@ -19,7 +19,7 @@ from .build import (
     infer_sam_type,
     samclip_from_teachers,
 )
-from .samclip import SAMCLIP, CLIPHead, encode_prompts
+from .samclip import SAMCLIP, CLIPHead, encode_prompts, pool_tokens
 from .teachers import (
     CheckpointError,
     CLIPTeacher,

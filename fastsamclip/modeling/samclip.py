@@ -31,6 +31,21 @@ import torch.nn.functional as F
 from fastsamclip.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD, normalize
 
 
+def pool_tokens(features: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, h, w, C) trunk tokens -> (B, ceil(h/k), ceil(w/k), C), each the mean of its k x k cell
+    (a cell cut by the border averages the tokens it has); identity for k = 1.
+
+    The CLIP head at 1024 px is three global-attention blocks over 4096 tokens (about 0.33 TFLOP,
+    twice CLIP ViT-L/14 at 224 px); on 32 x 32 pooled tokens it costs about a sixth of that, on
+    16 x 16 about a twentieth (counted in ``bench/e2e.py``)."""
+    if k == 1:
+        return features
+    if k < 1:
+        raise ValueError(f"token_pool must be a positive integer, got {k}")
+    x = F.avg_pool2d(features.permute(0, 3, 1, 2), kernel_size=k, stride=k, ceil_mode=True)
+    return x.permute(0, 2, 3, 1)
+
+
 class CLIPHead(nn.Module):
     """Blocks -> pool over patches -> LayerNorm -> MLP (two hidden layers) -> E.
 
@@ -178,9 +193,14 @@ class SAMCLIP(nn.Module):
     def sam_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         return self.image_encoder.forward_neck(features)
 
-    def clip_embeddings(self, features: torch.Tensor, patches: bool = False, normalize: bool = False):
-        """Pooled (B, E), or with ``patches=True`` a pair (pooled (B, E), per-patch (B, h, w, E))."""
-        tokens = self.clip_head.tokens(features)
+    def clip_embeddings(self, features: torch.Tensor, patches: bool = False, normalize: bool = False,
+                        token_pool: int = 1):
+        """Pooled (B, E), or with ``patches=True`` a pair (pooled (B, E), per-patch (B, h', w', E)).
+
+        ``token_pool`` k > 1: the CLIP head runs on the trunk tokens averaged over k x k cells
+        (:func:`pool_tokens`; h' = ceil(h / k)) instead of all of them, the per-patch map on that
+        grid. k = 1 is the paper's path."""
+        tokens = self.clip_head.tokens(pool_tokens(features, token_pool))
         pooled = self.clip_head.pooled(tokens)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
         if not patches:
@@ -189,15 +209,16 @@ class SAMCLIP(nn.Module):
         return pooled, (F.normalize(per_patch, dim=-1) if normalize else per_patch)
 
     def forward(self, images: torch.Tensor, clip: bool = True, sam: bool = True,
-                clip_patches: bool = False) -> Dict[str, torch.Tensor]:
+                clip_patches: bool = False, clip_token_pool: int = 1) -> Dict[str, torch.Tensor]:
         """One backbone pass for both heads. images: (B, 3, H, W) SAM-normalised (``preprocess``),
         sides multiples of 16. Returns a dict with ``clip`` (B, E), ``clip_patches`` (B, h, w, E),
-        ``sam`` (B, 256, h, w), as asked."""
+        ``sam`` (B, 256, h, w), as asked. ``clip_token_pool`` k > 1: the CLIP head takes the trunk
+        tokens pooled k x k (see ``clip_embeddings``), its per-patch map at that grid."""
         features = self.forward_features(images)
         out: Dict[str, torch.Tensor] = {}
         if clip or clip_patches:
-            pooled, per_patch = self.clip_embeddings(features, patches=True) if clip_patches else (
-                self.clip_embeddings(features), None)
+            pooled, per_patch = (self.clip_embeddings(features, patches=True, token_pool=clip_token_pool)
+                                 if clip_patches else (self.clip_embeddings(features, token_pool=clip_token_pool), None))
             if clip:
                 out["clip"] = pooled
             if clip_patches:

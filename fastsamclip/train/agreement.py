@@ -2,7 +2,8 @@
 
 - CLIP: on the held-out D_CLIP images (a hash split, the paper's 1%), the cosine between the
   student's pooled CLIP embedding and the CLIP teacher's at each asked resolution (the same r x r
-  view for both).
+  view for both); for the full-token path and, side by side, for each token-pooled path (the CLIP
+  head on the trunk tokens averaged k x k) from the same backbone pass.
 - SAM: on the held-out SA-1B images, the mean IoU between the student's masks and the SAM
   teacher's for the same box and point prompts (both logits thresholded at 0; an empty union
   counts as agreement).
@@ -43,22 +44,27 @@ def held_out_prompts(raw, k: int, sam_size: int, device: torch.device) -> Dict[s
 @torch.no_grad()
 def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, clip_images: Sequence, sam_data,
                        indices: Sequence[int], resolutions: Sequence[int], sam_size: int, masks_per_image: int,
-                       device: torch.device, autocast, batch_size: int = 16) -> dict:
-    """{"clip_cosine": {r: mean cosine}, "clip_images": n, "mask_iou": mean IoU, "images": n,
-    "masks": m}; ``clip_images``: held-out D_CLIP ``(identity, image)`` pairs. The teachers run
-    live here (held-out images are never in the cache)."""
+                       device: torch.device, autocast, batch_size: int = 16, token_pools: Sequence[int] = ()
+                       ) -> dict:
+    """{"clip_cosine": {r: mean cosine}, "clip_cosine_pooled": {k: {r: mean cosine}}, "clip_images":
+    n, "mask_iou": mean IoU, "images": n, "masks": m}; ``clip_images``: held-out D_CLIP
+    ``(identity, image)`` pairs. The teachers run live here (held-out images are never in the cache)."""
     was_training = student.training
     student.eval()
     if not clip_images:
         raise DataError("no held-out D_CLIP image could be read for the report")
-    cos: Dict[int, list] = {int(r): [] for r in resolutions}
-    for r in cos:
+    pools = (1,) + tuple(int(k) for k in token_pools)
+    cos: Dict[int, Dict[int, list]] = {k: {int(r): [] for r in resolutions} for k in pools}
+    for r in cos[1]:
         for i in range(0, len(clip_images), batch_size):
             x = torch.stack([clip_pixels(im, r) for _, im in clip_images[i:i + batch_size]]).to(device)
             t = targets.live_clip(x)
             with autocast():
-                s = student(student.preprocess(x), sam=False)["clip"].float()
-            cos[r] += F.cosine_similarity(s, t, dim=-1).tolist()
+                feats = student.forward_features(student.preprocess(x))
+            for k in pools:
+                with autocast():
+                    s = student.clip_embeddings(feats, token_pool=k).float()
+                cos[k][r] += F.cosine_similarity(s, t, dim=-1).tolist()
     ious = []
     for idx in indices:
         raw = sam_data.load_raw(idx)
@@ -77,5 +83,6 @@ def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, clip_images: S
     student.train(was_training)
     if not ious:
         raise DataError("no held-out SA-1B image could be read for the report")
-    return {"clip_cosine": {r: float(np.mean(v)) for r, v in cos.items()}, "clip_images": len(clip_images),
+    means = {k: {r: float(np.mean(v)) for r, v in c.items()} for k, c in cos.items()}
+    return {"clip_cosine": means.pop(1), "clip_cosine_pooled": means, "clip_images": len(clip_images),
             "mask_iou": float(np.mean(ious)), "images": len(indices), "masks": len(ious)}

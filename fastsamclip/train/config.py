@@ -45,6 +45,7 @@ class TrainConfig:
     clip_base_res: int = 224  # resolution at which the CLIP batch is clip_batch; ~constant pixels otherwise
     clip_resolutions: Tuple[int, ...] = (224, 448)  # CLIP-stream sides drawn per batch in stages 1-2
     stage3_resolutions: Tuple[int, ...] = (224, 448, 1024)  # CLIP-stream sides in stage 3
+    stage3_token_pools: Tuple[int, ...] = (2,)  # stage 3 also trains the CLIP head on the trunk tokens pooled k x k (the cheap path at 1024 px), loss averaged over the paths (paper: full tokens only); (): paper only
     sam_batch: int = 32  # SA-1B images per step (paper: 32)
     masks_per_image: int = 32  # masks (prompts) per SA-1B image (paper: 32)
     prompt_types: Tuple[str, ...] = ("box", "point")  # prompts used; with both, half the masks each
@@ -100,6 +101,10 @@ class TrainConfig:
             raise ConfigError("max_nan_skips must be >= 0")
         if not 0.0 < self.clip_holdout < 0.5:
             raise ConfigError(f"clip_holdout must be in (0, 0.5), got {self.clip_holdout}; the paper holds out 0.01")
+        bad = [k for k in self.stage3_token_pools if k < 2]
+        if bad:
+            raise ConfigError(f"stage3_token_pools {tuple(self.stage3_token_pools)}: each factor pools k x k tokens and "
+                              "must be >= 2 (the full-token path is always trained); () trains the paper's path only")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite starts it over: give one of them")
 

@@ -4,7 +4,8 @@
     stage 2  multi-task distill    per step: D_CLIP batch fwd+bwd on L_CLIP, then D_SAM batch
                                    fwd+bwd on lambda * L_SAM (lambda 10), ONE optimizer step;
                                    lr 4e-5 CLIP head, 0.1x backbone and mask decoder
-    stage 3  resolution adaptation backbone frozen; CLIP head at 224/448/1024; lr 8e-4
+    stage 3  resolution adaptation backbone frozen; CLIP head at 224/448/1024; lr 8e-4; and on
+                                   the trunk tokens pooled 2 x 2 (``stage3_token_pools``)
 
     L_CLIP = mean(1 - cos(student pooled CLIP embedding, CLIP teacher image embedding))
     L_SAM  = focal + dice of the student's low-res mask logits against sigmoid(SAM teacher's
@@ -19,6 +20,10 @@ Choices where the paper is silent (all overridable, see :class:`~fastsamclip.tra
   single-output decoding (``multimask_output=False``) for both, for student and teacher alike.
 - The final projection of the CLIP head and the cosine run as one fused op
   (``linear_cosine_distill_loss``), in fp32.
+- Stage 3 also trains the CLIP head on the trunk tokens average-pooled k x k (default k = 2,
+  ``stage3_token_pools``), L_CLIP averaged over the full and the pooled paths, so one checkpoint
+  serves both: at 1024 px the pooled head costs a fifth of the full one. The backbone is frozen
+  there, so the extra path adds only a head pass.
 - A skipped (non-finite) step still advances the schedule and the data, so a resumed or skipping
   run stays aligned with the data order.
 """
@@ -57,6 +62,7 @@ from fastsamclip.modeling import (
     get_sam_config,
     load_clip_teacher,
     load_sam_teacher,
+    pool_tokens,
     samclip_from_teachers,
 )
 from fastsamclip.train.agreement import evaluate_agreement
@@ -280,20 +286,24 @@ class Distiller:
         mb = self.cfg.clip_micro_batch or max(n, 1)
         total = 0.0
         frozen_backbone = stage in (1, 3)
+        pools = (1,) + tuple(self.cfg.stage3_token_pools) if stage == 3 else (1,)
         head = self.student.clip_head
+        proj = head.projection
         for s in range(0, n, mb):
-            x, k = pixels[s:s + mb], keys[s:s + mb]
-            target = self.targets.clip_embeddings(k, x, res)
+            x, ks = pixels[s:s + mb], keys[s:s + mb]
+            target = self.targets.clip_embeddings(ks, x, res)
             with self._autocast():
                 if frozen_backbone:  # nothing to train below the head: keep no activations
                     with torch.no_grad():
                         feats = self.student.forward_features(self.student.preprocess(x))
                 else:
                     feats = self.student.forward_features(self.student.preprocess(x))
-                hidden = head.pooled_features(head.tokens(feats))
-            proj = head.projection
-            loss = linear_cosine_distill_loss(hidden.float(), proj.weight, proj.bias, target,
-                                              backend=self.cfg.loss_backend)
+            loss = 0.0
+            for pool in pools:  # the full path, then each pooled one: the mean of their L_CLIP
+                with self._autocast():
+                    hidden = head.pooled_features(head.tokens(pool_tokens(feats, pool)))
+                loss = loss + linear_cosine_distill_loss(hidden.float(), proj.weight, proj.bias, target,
+                                                         backend=self.cfg.loss_backend) / len(pools)
             (loss * (x.shape[0] / denominator)).backward()
             total += loss.item() * x.shape[0]
         return total, n
@@ -499,6 +509,9 @@ class Distiller:
             ev = report["eval"]
             logger.info("held-out agreement with the teachers: CLIP cosine %s on %d D_CLIP images, mask IoU %.4f",
                         {r: round(v, 4) for r, v in ev["clip_cosine"].items()}, ev["clip_images"], ev["mask_iou"])
+            for k, cos in ev["clip_cosine_pooled"].items():
+                logger.info("CLIP cosine of the head on %dx%d-pooled tokens: %s", k, k,
+                            {r: round(v, 4) for r, v in cos.items()})
         self.metrics.close()
         return report
 
@@ -512,7 +525,8 @@ class Distiller:
         return evaluate_agreement(self.student, self.targets, self._clip_eval_images, self.sam_data,
                                   self.eval_indices if indices is None else indices,
                                   self.cfg.eval_resolutions or self.cfg.stage3_resolutions, self.sam_size,
-                                  self.cfg.eval_masks_per_image, self.device, self._autocast)
+                                  self.cfg.eval_masks_per_image, self.device, self._autocast,
+                                  token_pools=self.cfg.stage3_token_pools)
 
 
 def train(cfg: TrainConfig, **teachers) -> dict:

@@ -12,7 +12,7 @@ import torch
 from fastsamclip import data
 from fastsamclip.data import samples
 from fastsamclip.data.samples import TINY_CLIP_CFG, write_clip_local_dir, write_sam_checkpoint
-from fastsamclip.errors import DataError
+from fastsamclip.errors import ConfigError, DataError
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.train import Distiller, TrainingStopped, cache_teachers
 
@@ -43,6 +43,44 @@ def test_one_step_of_each_stage_trains_the_right_parameters(env, tmp_path, stage
     trained = {"clip_head"} | ({"image_encoder", "mask_decoder"} if stage == 2 else set())
     for name, (mod, before) in parts.items():
         assert changed(before, mod) == (name in trained), f"stage {stage}: {name} changed={changed(before, mod)}"
+
+
+@pytest.mark.parametrize("pools", [(2,), (2, 4), ()])
+def test_stage3_trains_the_head_on_full_and_pooled_tokens_alike(env, tmp_path, pools):
+    # The stage-3 gradient is that of the mean of L_CLIP over the full path and each pooled one;
+    # an ignored, mis-weighted or mis-pooled path changes it.
+    t = trainer(env, tmp_path, stage3_token_pools=pools)
+    s, head = t.student, t.student.clip_head
+    keys, pixels, res = t._clip_stream(3).next()
+    params = [p for p in head.parameters()]
+    for p in s.parameters():
+        p.grad = None
+    total, n = t.clip_step(3, keys, pixels, res, denominator=pixels.shape[0])
+    got = [p.grad.clone() for p in params]
+    for p in s.parameters():
+        p.grad = None
+    target = t.targets.live_clip(pixels)
+    with torch.no_grad():
+        feats = s.forward_features(s.preprocess(pixels))
+    losses = [(1 - torch.cosine_similarity(s.clip_embeddings(feats, token_pool=k), target, dim=-1)).mean()
+              for k in (1,) + pools]
+    want_loss = torch.stack(losses).mean()
+    want = torch.autograd.grad(want_loss, params, retain_graph=True)
+    assert total / n == pytest.approx(want_loss.item(), rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # Stage 1 stays the paper's full-token path whatever the pools.
+    for p in s.parameters():
+        p.grad = None
+    t.clip_step(1, keys, pixels, res, denominator=pixels.shape[0])
+    want1 = torch.autograd.grad(losses[0], params)
+    for p, w in zip(params, want1):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)
+
+
+def test_token_pools_below_two_are_refused(env, tmp_path):
+    with pytest.raises(ConfigError, match="stage3_token_pools"):
+        trainer(env, tmp_path, stage3_token_pools=(1,))
 
 
 def test_stage2_lr_groups_head_vs_scaled_backbone_and_decoder(env, tmp_path):
@@ -221,6 +259,7 @@ def test_distill_command_with_config_file_and_overrides(env, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["stage_steps"] == {"1": 1, "2": 1, "3": 1}
     assert set(report["eval"]["clip_cosine"]) == {"64", "128"} and 0 <= report["eval"]["mask_iou"] <= 1
+    assert set(report["eval"]["clip_cosine_pooled"]["2"]) == {"64", "128"}  # the pooled path, side by side
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lrs[1] == pytest.approx(3e-3)  # the command line beat the config file's 1e-3
     assert os.path.isfile(out / "checkpoints" / "stage3.pt")
