@@ -2,6 +2,8 @@
 backward; the op's backends in priority order, its fallback log and errors; input validation.
 The fused kernels: test_relpos_attention_triton.py, test_relpos_attention_flex.py."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -50,6 +52,25 @@ def test_backend_matches_float64(backend, shape, dtype):
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
     for name, g, rg in zip(["dq", "dk", "dv", "drel_h", "drel_w"], grads, ref_grads):
         assert_close_verbose(g, rg, atol * 5, rtol * 5, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget_heads", [1, 2, 4])
+def test_sdpa_cpu_inference_groups_heads_and_matches_float64(monkeypatch, dtype, budget_heads):
+    # Without gradients on the CPU the bias is built a few (batch, head) pairs at a time: a ragged
+    # last group (6 pairs in groups of 4), a wrong slice or a stale buffer would show here.
+    mod = importlib.import_module("fastsamclip.kernels.relpos_attention")  # the package exports the function
+    B, nh, H, W, d = 2, 3, 5, 7, 16
+    monkeypatch.setattr(mod, "SDPA_CPU_BIAS_ELEMENTS", budget_heads * (H * W) ** 2)
+    inputs = make_inputs(B, nh, H, W, d, dtype, requires_grad=False)
+    ref = explicit_reference(*[x.double() for x in inputs], 0.3)
+    with torch.no_grad():
+        out = relpos_attention(*inputs, scale=0.3, backend="sdpa")
+    atol, rtol = tolerance("value", dtype)
+    assert_close_verbose(out, ref, atol, rtol, f"grouped sdpa, {budget_heads} heads a group")
+    whole = torch.nn.functional.scaled_dot_product_attention(
+        *inputs[:3], attn_mask=mod.materialized_bias(*inputs[3:]), scale=0.3)
+    assert torch.allclose(out.float(), whole.float(), atol=atol, rtol=rtol)
 
 
 def test_default_scale_is_head_dim_rsqrt():
