@@ -63,9 +63,10 @@ def package_name(resolution: int) -> str:
 
 def is_triton_op(name: str) -> bool:
     """Whether ``name`` was registered with ``torch.library.triton_op`` (Inductor can see its
-    kernels). torch has no public query: triton_op records the kernels of each op it registers
-    in ``torch._library.triton`` (torch 2.6 to 2.14), custom_op does not."""
-    return bool(torch_library_triton.get_triton_kernels_for_op(name))
+    kernels). torch has no public query: triton_op records every op it registers, with its
+    kernels, in ``torch._library.triton.triton_ops_to_kernels`` (torch 2.6 to 2.14); custom_op
+    does not."""
+    return name in getattr(torch_library_triton, "triton_ops_to_kernels", {})
 
 
 def attention_candidates(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
