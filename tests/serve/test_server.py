@@ -5,37 +5,26 @@ share a backbone pass; bad requests are 4xx JSON; a bounded storm of good and ba
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fastsamclip.cli import main
 from fastsamclip.data.sa1b import rle_run_lengths
 from fastsamclip.predictor import SAMCLIPPredictor
+from fastsamclip.serve import ServerProcess
 
 httpx = pytest.importorskip("httpx", reason="the HTTP client of these tests (extra 'serve'); CI installs it")
 pytest.importorskip("litserve", reason="the server needs litserve (extra 'serve'); CI installs it")
 
 LABELS = ["cat", "dog", "grass"]
 BATCH_WINDOW_MS = 150  # long enough on a loaded 2-core machine for concurrent requests to meet
-START_DEADLINE_S = 180  # loading: spawn a worker (imports torch), load and warm the model
+START_DEADLINE_S = 180  # seconds; loading: spawn a worker (imports torch), load and warm the model
 MAX_IMAGE_MP = 1.0  # so that a "huge" test image stays small on disk
 MAX_REQUEST_MB = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -58,41 +47,15 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(micro, tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastsamclip", "serve", "--checkpoint", micro["merged"], "--host", "127.0.0.1",
-         "--port", str(port), "--max-batch-size", "4", "--batch-timeout-ms", str(BATCH_WINDOW_MS),
-         "--max-image-mp", str(MAX_IMAGE_MP), "--max-request-mb", str(MAX_REQUEST_MB), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_DEADLINE_S
-    ready = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            ready = httpx.get(f"{url}/ready", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            pass
-        if ready:
-            break
-        try:
-            proc.wait(timeout=0.25)  # the pause between polls, cut short if the server exits
-        except subprocess.TimeoutExpired:
-            pass
-    if not ready:
-        proc.kill()
-        raise AssertionError(f"server not ready after {START_DEADLINE_S} s:\n{open(log_path).read()[-4000:]}")
-    predictor = SAMCLIPPredictor(micro["merged"], device="cpu")
-    yield {"url": url, "proc": proc, "log": log_path, "predictor": predictor, **micro}
-    proc.send_signal(signal.SIGINT)  # LitServe's graceful shutdown: workers and manager end too
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this fixture started, and only it
-        proc.wait(timeout=10)
-    log.close()
+    log_path = str(tmp_path_factory.mktemp("serve") / "server.log")
+    proc = ServerProcess(micro["merged"], ["--max-batch-size", "4", "--batch-timeout-ms", str(BATCH_WINDOW_MS),
+                                           "--max-image-mp", str(MAX_IMAGE_MP), "--max-request-mb",
+                                           str(MAX_REQUEST_MB), "--device", "cpu"],
+                         log_path=log_path, start_timeout=START_DEADLINE_S,
+                         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    with proc:
+        predictor = SAMCLIPPredictor(micro["merged"], device="cpu")
+        yield {"url": proc.url, "proc": proc, "log": log_path, "predictor": predictor, **micro}
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +271,7 @@ def test_a_bounded_storm_of_good_and_bad_requests(server):
         else:
             assert r.status_code == 200, (path, r.text[:300])
             check(r.json())
-    assert server["proc"].poll() is None
+    assert server["proc"].alive()
     assert httpx.get(f"{server['url']}/health", timeout=10).json() == {"status": "alive", "ready": True}
     log = open(server["log"]).read()
     assert "Traceback" not in log, log[-3000:]
