@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from fastsamclip.files import atomic_write
 from fastsamclip.modeling.build import SAMCLIPConfig, build_samclip
 from fastsamclip.modeling.samclip import SAMCLIP
-from fastsamclip.modeling.teachers import CheckpointError, check_state_dict
+from fastsamclip.modeling.teachers import CheckpointError, check_finite, check_state_dict
 
 FORMAT = "fastsamclip.samclip"
 FORMAT_VERSION = "1"
@@ -59,7 +59,12 @@ def load_merged(path: str, device: Union[str, torch.device] = "cpu") -> SAMCLIP:
     """The merged model from its file, on ``device``, in eval mode."""
     cfg = read_merged_config(path)
     model = build_samclip(cfg)
-    sd = load_file(path)
+    try:
+        sd = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for a cut or damaged file
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "the file is cut or damaged: copy or export it again") from e
     check_state_dict(model, sd, "merged", path)
+    check_finite(sd, "merged", path)
     model.load_state_dict(sd)
     return model.to(device).eval()

@@ -24,7 +24,12 @@ from PIL import Image
 from fastsamclip.checkpoint import load_merged, save_merged
 from fastsamclip.data import samples
 from fastsamclip.draw import draw_overlay
-from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
+from fastsamclip.modeling import (
+    load_clip_teacher,
+    load_sam_teacher,
+    sam_preprocess,
+    samclip_from_teachers,
+)
 from fastsamclip.train import Distiller, TrainConfig
 from fastsamclip.transforms import sam_pixels
 
@@ -140,7 +145,7 @@ def _demo_crops(images: dict, per_image: int, side: int, seed: int = 0) -> List[
 
 
 def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", quiet: bool = False,
-                     stage_steps: Sequence[int] = (60, 30, 15), clip_batch: int = 16) -> dict:
+                     stage_steps: Sequence[int] = (60, 30, 15), clip_batch: int = 16, overwrite: bool = False) -> dict:
     """Small teachers in the official formats, a small dataset in the real formats (WebDataset
     shards, SA-1B json with COCO RLE masks), all three stages on the CPU, and a before/after table.
 
@@ -163,15 +168,16 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
         say("[2/4] writing a small dataset in the real formats (WebDataset shards, SA-1B json + RLE masks)")
         pictures = samples.load_sample_images(max_side=160)
         names = list(pictures)
-        held_out = names[-3:]  # never seen in training, by either stream
+        held_out = names[-3:]  # SA-1B pictures never seen in training, by either stream
         train_pics = {n: pictures[n] for n in names[:-3]}
         crops = _demo_crops(train_pics, per_image=6, side=128)
+        clip_holdout = 0.15  # of the crops, chosen by a hash of each one's identity (the paper holds out 1%)
         shards = samples.write_clip_shards(os.path.join(work, "clip_data"), crops, shard_size=16)
         sa1b = os.path.join(work, "sa1b")
         samples.write_sa1b(sa1b, [(pictures[n], samples.synthetic_masks(pictures[n])) for n in names])
         spec = os.path.join(work, "clip_data", "{00000..%05d}.tar" % (len(shards) - 1))
-        say(f"      D_CLIP: {len(crops)} images in {len(shards)} shards; D_SAM: {len(names)} SA-1B images "
-            f"({len(held_out)} held out: {', '.join(held_out)})")
+        say(f"      D_CLIP: {len(crops)} crops in {len(shards)} shards ({clip_holdout:.0%} held out by hash); "
+            f"D_SAM: {len(names)} SA-1B images ({len(held_out)} held out: {', '.join(held_out)})")
 
         s1, s2, s3 = stage_steps
         cfg = TrainConfig(
@@ -182,6 +188,7 @@ def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", 
             # of the paper's 224/448 CLIP mix and 1024 px SAM stream.
             clip_batch=clip_batch, clip_base_res=64, clip_resolutions=(64, 96), stage3_resolutions=(64, 96, 128),
             sam_batch=2, masks_per_image=8, eval_images=len(held_out), eval_resolutions=(64, 96, 128),
+            clip_holdout=clip_holdout, overwrite=overwrite,
             # Short stages: a short warm-up; otherwise the paper's learning rates.
             warmup_fraction=0.1, progress=not quiet, tensorboard=False,
             checkpoint_every=0, log_every=5)

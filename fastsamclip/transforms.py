@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from fastsamclip.errors import InputError
 from fastsamclip.kernels import postprocess_masks as _postprocess_masks_op
 
 # ------------------------------------------------------------------------------------ statistics
@@ -61,7 +62,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 ImageLike = Union[np.ndarray, torch.Tensor, "os.PathLike", str, Image.Image]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An image file that cannot be opened or decoded."""
 
 

@@ -57,13 +57,15 @@ def test_console_script_entry_point():
 
 def test_merge_with_wrong_sam_type_says_so(tmp_path, capsys):
     from fastsamclip.data.samples import write_clip_local_dir, write_sam_checkpoint
-    from fastsamclip.modeling import CheckpointError
 
     sam = write_sam_checkpoint(str(tmp_path / "sam.pth"), "vit_micro")
     clip = write_clip_local_dir(str(tmp_path / "clip"))
-    with pytest.raises(CheckpointError, match="pass --sam-type vit_micro"):
-        main(["merge", "--sam-checkpoint", sam, "--sam-type", "vit_tiny", "--clip-model", clip,
-              "--out", str(tmp_path / "m.safetensors")])
+    rc = main(["merge", "--sam-checkpoint", sam, "--sam-type", "vit_tiny", "--clip-model", clip,
+               "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("merge: ") and "pass --sam-type vit_micro" in err
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_bench_command_runs_a_benchmark_into_the_results_folder(tmp_path):

@@ -227,6 +227,43 @@ def test_composed_mode_uses_the_sam_head(setup):
     assert none.prompted == [] and (none.label_map == -1).all() and not none.scores.any()
 
 
+def test_composed_mode_prompts_the_sam_head_with_the_class_map_and_points_inside_it(setup, monkeypatch):
+    """The SAM head gets, per prompted class, its coarse CLIP map as the mask prompt and points on
+    that class's best patches: both recomputed here from the CLIP head's per-patch embeddings."""
+    p, image = setup["predictor"], setup["image"]
+    labels = ["cat", "dog", "grass"]
+    calls = []
+    real = p.decode
+
+    def spy(coords, point_labels, boxes, masks, multimask_output):
+        calls.append((coords.clone(), point_labels.clone(), boxes, masks))
+        return real(coords, point_labels, boxes, masks, multimask_output)
+
+    monkeypatch.setattr(p, "decode", spy)
+    res = p.semantic_segment(image, labels, mode="composed", threshold=0.3, points_per_class=3)
+    assert len(calls) == 1 and res.prompted
+    coords, plabels, boxes, masks = calls[0]
+    assert boxes is None and masks is not None and masks.shape == (len(res.prompted), 1, 32, 32)
+    # The class maps, independently: softmax over classes of scale * cos(patch, class text).
+    text = p.text_embeddings(labels)
+    cos = F.normalize(p.clip_patches[0].float(), dim=-1) @ text.T  # (8, 8, L)
+    probs = (p.logit_scale() * cos).softmax(-1).permute(2, 0, 1)
+    vh, vw = (-(-s // 16) for s in p.input_size)  # patches holding image pixels
+    for k, c in enumerate(res.prompted):
+        cls = probs[c].clone()
+        cls[vh:], cls[:, vw:] = 0.0, 0.0  # the padding carries no class
+        up = F.interpolate(cls[None, None], scale_factor=4, mode="bilinear", align_corners=False)[0, 0]
+        assert_close_verbose(masks[k, 0], torch.logit(up, eps=1e-3), 1e-5, 1e-5, f"mask prompt of {labels[c]}")
+        valid = probs[c, :vh, :vw]
+        pts = coords[k][plabels[k] == 1]
+        assert len(pts) >= 1
+        best = set(torch.argsort(valid.flatten(), descending=True)[:8].tolist())
+        for x, y in pts.tolist():
+            r, q = int(y // 16), int(x // 16)
+            assert r < vh and q < vw, (x, y)  # inside the image
+            assert r * vw + q in best and valid[r, q] >= 0.3, (labels[c], x, y)  # on the class's region
+
+
 @pytest.mark.parametrize("kind", ["gray", "gray1", "rgba", "uint16", "float", "tiny", "tall", "pil_i16"])
 def test_awkward_images(setup, kind):
     p = setup["predictor"]

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, List, Tuple, Type
 
-from fastsamclip.modeling import CheckpointError
-from fastsamclip.transforms import ImageReadError
+from fastsamclip.errors import InputError
 
 # Errors that mean "the input is not what the command needs": one line, exit 2. Anything else is a
 # bug and keeps its traceback.
-INPUT_ERRORS: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
-                                                CheckpointError, ImageReadError)
+INPUT_ERRORS: Tuple[Type[BaseException], ...] = (InputError, FileNotFoundError, NotADirectoryError,
+                                                IsADirectoryError, PermissionError)
 
 
 def package_version(dist: str) -> str:
@@ -38,6 +38,30 @@ def one_line_errors(name: str, errors: Tuple[Type[BaseException], ...] = INPUT_E
         return run
 
     return wrap
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not when it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """This package's messages at ``level`` on stderr; other libraries' (open_clip logs every
+    model it builds at INFO) stay at WARNING."""
+    log = logging.getLogger("fastsamclip")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
 
 
 def floats(text: str, n: int, what: str) -> List[float]:

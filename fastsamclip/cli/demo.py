@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from fastsamclip.cli.common import one_line_errors
 from fastsamclip.demo import run_demo, run_distill_demo
 
 
+@one_line_errors("demo")
 def cmd_demo(args) -> int:
     if args.merge_only:
         report = run_demo(out_dir=args.out, sam_type=args.sam_type)
@@ -14,7 +16,7 @@ def cmd_demo(args) -> int:
         if not ok:
             print("demo: the merged model does not match its teachers (see above)", file=sys.stderr)
         return 0 if ok else 1
-    report = run_distill_demo(out_dir=args.out, sam_type=args.sam_type)
+    report = run_distill_demo(out_dir=args.out, sam_type=args.sam_type, overwrite=args.overwrite)
     if not report["distillation_worked"]:
         print("demo: distillation did not raise the student-teacher CLIP agreement (see the table)", file=sys.stderr)
         return 1
@@ -26,6 +28,7 @@ def register(sub) -> None:
                                     "print the agreement table; --merge-only: merge, save, reload, run")
     s.add_argument("--out", default=None, help="output folder (default ./fastsamclip-demo)")
     s.add_argument("--sam-type", default="vit_tiny")
+    s.add_argument("--overwrite", action="store_true", help="replace the run an earlier demo left in --out")
     s.add_argument("--merge-only", action="store_true",
                    help="only merge small teachers, save, reload and run on a sample picture (no training)")
     s.set_defaults(fn=cmd_demo)

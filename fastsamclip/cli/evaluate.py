@@ -18,10 +18,21 @@ from typing import List, Optional
 
 from fastsamclip.eval import classify, instances, retrieval, semantic
 from fastsamclip.eval.common import EvalInputError, check_out_path
-from fastsamclip.files import write_json
-from fastsamclip.eval.datasets import SEMANTIC_DATASETS, open_classify, open_retrieval, open_semantic
+from fastsamclip.eval.datasets import (
+    SEMANTIC_DATASETS,
+    open_classify,
+    open_retrieval,
+    open_semantic,
+)
 from fastsamclip.eval.models import build_model
-from fastsamclip.eval.runner import Timer, base_report, init_distributed, markdown_table, skipped_line
+from fastsamclip.eval.runner import (
+    Timer,
+    base_report,
+    init_distributed,
+    markdown_table,
+    skipped_line,
+)
+from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
 
 TASKS = {

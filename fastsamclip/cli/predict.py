@@ -1,112 +1,260 @@
-"""``fastsamclip predict``: masks for point/box prompts, zero-shot labels and semantic maps with a
-merged checkpoint, written as PNGs, overlays and one JSON per image."""
+"""``fastsamclip predict``: masks for point/box prompts, every mask of the image with its name,
+zero-shot labels and semantic maps with a merged checkpoint; PNGs, overlays and one JSON per image.
+
+Prompts as people write them: each ``--points`` value is ONE prompt of one or more points,
+``x,y`` (foreground) or ``x,y,label`` (1 foreground, 0 background), separated by ``;``; each
+``--boxes`` value is ONE prompt of a box ``x0,y0,x1,y1`` optionally followed by points of the
+same prompt (``"10,10,200,150;120,80,1;60,40,0"``). A single point is ambiguous, so its prompt
+asks for SAM's three masks and keeps the best-scored; any other prompt asks for one mask.
+
+Each image is computed whole before any of its files is written, so an image whose prompt does
+not fit it (or that cannot be read) is reported on one line and skipped, the others are still
+done, and the command exits 2 at the end. Two inputs with the same file name get distinct
+output names (``photo``, ``photo-2``; the JSON names its image).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from segment_anything.utils.amg import rle_to_mask
 
-from fastsamclip.cli.common import floats, one_line_errors
-from fastsamclip.draw import draw_overlay
+from fastsamclip.cli.common import INPUT_ERRORS, one_line_errors
+from fastsamclip.draw import draw_named_masks, draw_overlay
 from fastsamclip.files import write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
+from fastsamclip.predictor.everything import EverythingParams, coco_rle
 
 
-@one_line_errors("predict", (ValueError, RuntimeError, OSError))  # CheckpointError, ImageReadError: ValueErrors
+def parse_prompt(text: str, kind: str) -> dict:
+    """One ``--points`` / ``--boxes`` value -> {"points": [[x, y], ...], "labels": [1|0, ...], "box": [4] or None}."""
+    items = [t for t in text.replace(" ", "").split(";") if t]
+    if not items:
+        raise ValueError(f"{kind} prompt {text!r} is empty")
+    box: Optional[List[float]] = None
+    points: List[List[float]] = []
+    labels: List[int] = []
+    for k, item in enumerate(items):
+        try:
+            vals = [float(v) for v in item.split(",")]
+        except ValueError:
+            vals = []
+        if kind == "box" and k == 0:
+            if len(vals) != 4:
+                raise ValueError(f"box {item!r}: expected 4 comma-separated numbers x0,y0,x1,y1 (then optional "
+                                 f"';x,y,label' points), in {text!r}")
+            box = vals
+            continue
+        if len(vals) not in (2, 3):
+            raise ValueError(f"point {item!r}: expected 2 comma-separated numbers x,y (or 3: x,y,label), "
+                             f"in {text!r}")
+        if len(vals) == 3 and vals[2] not in (0.0, 1.0):
+            raise ValueError(f"point {item!r}: the label must be 1 (foreground) or 0 (background)")
+        if not all(np.isfinite(vals)):
+            raise ValueError(f"point {item!r}: coordinates must be finite numbers")
+        points.append(vals[:2])
+        labels.append(int(vals[2]) if len(vals) == 3 else 1)
+    return {"points": points, "labels": labels, "box": box}
+
+
+def unique_stems(paths: Sequence[str]) -> List[str]:
+    """Output name stems, one per input: the file name without extension, ``-2``, ``-3``... for repeats."""
+    stems: List[str] = []
+    taken = set()
+    plain = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for stem in plain:
+        name, k = stem, 1
+        while name in taken or (name != stem and name in plain):
+            k += 1
+            name = f"{stem}-{k}"
+        taken.add(name)
+        stems.append(name)
+    return stems
+
+
+def _segment_prompts(predictor: SAMCLIPPredictor, prompts: List[Tuple[str, int, dict]]):
+    """Masks of every prompt, prompts of one shape batched in one decoder call.
+
+    Returns per prompt (masks (K, H, W), scores (K,)), in the order given.
+    """
+    groups: Dict[tuple, List[int]] = {}
+    for j, (_, _, pr) in enumerate(prompts):
+        groups.setdefault((len(pr["points"]), pr["box"] is not None), []).append(j)
+    out: List[Optional[tuple]] = [None] * len(prompts)
+    for (n_points, has_box), members in groups.items():
+        kw = {}
+        if n_points:
+            kw["points"] = np.array([prompts[j][2]["points"] for j in members], dtype=np.float64)
+            kw["point_labels"] = np.array([prompts[j][2]["labels"] for j in members])
+        if has_box:
+            kw["boxes"] = np.array([prompts[j][2]["box"] for j in members], dtype=np.float64)
+        multimask = n_points == 1 and not has_box  # SAM's advice: three masks for an ambiguous point
+        m, s, _ = predictor.segment(multimask_output=multimask, **kw)
+        for k, j in enumerate(members):
+            out[j] = (m[k], s[k])
+    return out
+
+
+def _everything_params(args) -> EverythingParams:
+    return EverythingParams(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+                            box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers,
+                            min_mask_region_area=args.min_mask_region_area, output_mode="uncompressed_rle")
+
+
+def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms) -> str:
+    """Everything for one image, computed first, then written; returns the summary line."""
+    ms = lambda t: round((time.perf_counter() - t) * 1e3, 2)  # noqa: E731
+    timings = {"load_checkpoint": round(load_ms, 2)}
+    t = time.perf_counter()
+    image = to_rgb_uint8(path)
+    timings["read"] = ms(t)
+    t = time.perf_counter()
+    predictor.set_image(image)
+    timings["set_image"] = ms(t)
+    report: dict = {"image": path, "size_hw": list(image.shape[:2]), "prompts": [], "timings_ms": timings}
+    pngs: Dict[str, np.ndarray] = {}  # file name -> picture, written at the end
+    overlays = []  # (draw function, args, kwargs)
+    masks, names, drawn = [], [], []
+    if prompts:
+        t = time.perf_counter()
+        results = _segment_prompts(predictor, prompts)
+        timings["segment"] = ms(t)
+        for (kind, i, pr), (pm, ps) in zip(prompts, results):
+            best = int(ps.argmax())  # one mask, or SAM's rule for an ambiguous point: highest predicted IoU
+            name = f"{stem}_{kind}{i}.png"
+            pngs[name] = pm[best].astype(np.uint8) * 255
+            masks.append(pm[best])
+            names.append(f"{kind} {i} (score {ps[best]:.2f})")
+            drawn.append({"name": f"{kind} {i}", "points": [(*xy, lab) for xy, lab in zip(pr["points"], pr["labels"])],
+                          "box": pr["box"]})
+            report["prompts"].append({"kind": kind, "points": pr["points"], "point_labels": pr["labels"],
+                                      "box": pr["box"], "scores": ps.tolist(), "best": best, "mask": name})
+        overlays.append((draw_overlay, (image, masks, names, f"{stem}_overlay.png"),
+                         dict(title=os.path.basename(path), prompts=drawn)))
+    if args.everything:
+        t = time.perf_counter()
+        records = predictor.generate(None, labels=labels, label_threshold=args.label_threshold,
+                                     **{k: getattr(params, k) for k in EverythingParams.__dataclass_fields__})
+        timings["everything"] = ms(t)
+        t = time.perf_counter()
+        rles = [r["segmentation"] for r in records]
+        for r in records:
+            r["segmentation"] = coco_rle(r["segmentation"])
+        timings["everything_encode"] = ms(t)
+        # Decoded one at a time while drawing, each reduced at once: never all masks at full size.
+        everything_masks = (rle_to_mask(rle) for rle in rles)
+        report["everything"] = {"params": {k: getattr(params, k) for k in EverythingParams.__dataclass_fields__
+                                           if k not in ("point_grids", "output_mode")},
+                                "output_mode": "coco_rle", "labels": list(labels) if labels else None,
+                                "label_threshold": args.label_threshold if labels else None, "masks": records}
+        overlays.append((draw_named_masks, (image, everything_masks,
+                                            [r.get("label") for r in records] if labels else [None] * len(records),
+                                            f"{stem}_everything.png"),
+                         dict(title=f"{os.path.basename(path)}: {len(records)} masks")))
+    elif labels is not None:
+        t = time.perf_counter()
+        probs = predictor.classify([image], labels)[0]
+        timings["classify"] = ms(t)
+        t = time.perf_counter()
+        sem = predictor.semantic_segment(image if args.mode == "clip" else None, labels, mode=args.mode,
+                                         resolution=args.resolution, threshold=args.threshold)
+        timings["semantic_segment"] = ms(t)
+        present = [c for c in range(len(labels)) if (sem.label_map == c).any()]
+        pngs[f"{stem}_semantic_labels.png"] = (sem.label_map + 1).astype(np.uint16)
+        overlays.append((draw_overlay, (image, [sem.label_map == c for c in present], [labels[c] for c in present],
+                                        f"{stem}_semantic.png"),
+                         dict(title=f"{os.path.basename(path)}: semantic ({args.mode})")))
+        report["labels"] = labels
+        report["classification"] = {lab: float(p) for lab, p in zip(labels, probs)}
+        report["semantic"] = {"mode": args.mode, "label_map": f"{stem}_semantic_labels.png (0 = background, "
+                              "i = labels[i-1])",
+                              "pixel_fraction": {labels[c]: float((sem.label_map == c).mean()) for c in present},
+                              "class_scores": {lab: float(v) for lab, v in zip(labels, sem.class_scores)}}
+    # Everything is computed: only writing is left.
+    t = time.perf_counter()
+    for name, pic in pngs.items():
+        Image.fromarray(pic).save(os.path.join(args.out, name))
+    for fn, a, kw in overlays:
+        fn(*a[:-1], os.path.join(args.out, a[-1]), **kw)
+    timings["write"] = ms(t)
+    timings["total_image"] = round(sum(v for k, v in timings.items() if k != "load_checkpoint"), 2)
+    write_json(os.path.join(args.out, f"{stem}.json"), report)
+    what = [f"{len(masks)} prompt masks"] if prompts else []
+    if args.everything:
+        what.append(f"{len(report['everything']['masks'])} masks of everything")
+    if labels is not None:
+        what.append(f"labels {labels}")
+    return f"{path}: {', '.join(what)} -> {args.out}/{stem}.json ({timings['total_image']:.0f} ms)"
+
+
+@one_line_errors("predict", INPUT_ERRORS + (ValueError, OSError))  # a bad flag value is a ValueError
 def cmd_predict(args) -> int:
-    """Each --points entry and each --boxes entry is one prompt; masks, overlays and a JSON per image."""
-    points = [floats(p, 2, "point") for p in args.points or []]
-    boxes = [floats(b, 4, "box") for b in args.boxes or []]
+    """Prompts, everything and/or labels for each image; an image that fails is reported and skipped."""
+    prompts = [("point", i, parse_prompt(p, "point")) for i, p in enumerate(args.points or [])]
+    prompts += [("box", i, parse_prompt(b, "box")) for i, b in enumerate(args.boxes or [])]
     labels = None
     if args.labels is not None:
         labels = [lab.strip() for lab in args.labels.split(",") if lab.strip()]
         if not labels:
             raise ValueError(f"--labels {args.labels!r} names no class; give e.g. --labels \"cat,dog,grass\"")
-    if not points and not boxes and labels is None:
-        raise ValueError("nothing to predict: give --points, --boxes and/or --labels")
+    if not prompts and labels is None and not args.everything:
+        raise ValueError("nothing to predict: give --points, --boxes, --everything and/or --labels")
+    params = _everything_params(args)
+    params.grids()  # bad --everything parameters fail before the checkpoint is loaded
+    if not np.isfinite(args.label_threshold):
+        raise ValueError(f"--label-threshold must be a finite probability, got {args.label_threshold}")
     t0 = time.perf_counter()
     predictor = SAMCLIPPredictor(args.checkpoint, device=args.device)
     load_ms = (time.perf_counter() - t0) * 1e3
     os.makedirs(args.out, exist_ok=True)
-    ms = lambda t: round((time.perf_counter() - t) * 1e3, 2)  # noqa: E731
-    for path in args.images:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        timings = {"load_checkpoint": round(load_ms, 2)}
-        t = time.perf_counter()
-        image = to_rgb_uint8(path)
-        timings["read"] = ms(t)
-        t = time.perf_counter()
-        predictor.set_image(image)
-        timings["set_image"] = ms(t)
-        report = {"image": path, "size_hw": list(image.shape[:2]), "prompts": [], "timings_ms": timings}
-        masks, names, drawn = [], [], []
-        t = time.perf_counter()
-        for kind, prompts in (("point", points), ("box", boxes)):
-            if not prompts:
-                continue
-            arr = np.array(prompts)
-            if kind == "point":
-                m, s, _ = predictor.segment(points=arr[:, None, :], point_labels=np.ones((len(arr), 1)))
-            else:
-                m, s, _ = predictor.segment(boxes=arr, multimask_output=False)
-            for i, (pm, ps) in enumerate(zip(m, s)):
-                best = int(ps.argmax())  # SAM's rule for ambiguous single points: highest predicted IoU
-                name = f"{stem}_{kind}{i}"
-                Image.fromarray(pm[best].astype(np.uint8) * 255).save(os.path.join(args.out, name + ".png"))
-                masks.append(pm[best])
-                names.append(f"{kind} {i} (score {ps[best]:.2f})")
-                drawn.append({kind: tuple(prompts[i])})
-                report["prompts"].append({"kind": kind, "coords": prompts[i], "scores": ps.tolist(),
-                                          "best": best, "mask": name + ".png"})
-        if masks:
-            timings["segment"] = ms(t)
-            draw_overlay(image, masks, names, os.path.join(args.out, f"{stem}_overlay.png"),
-                         title=os.path.basename(path), prompts=drawn)
-        if labels is not None:
-            t = time.perf_counter()
-            probs = predictor.classify([image], labels)[0]
-            timings["classify"] = ms(t)
-            t = time.perf_counter()
-            sem = predictor.semantic_segment(image if args.mode == "clip" else None, labels, mode=args.mode,
-                                             resolution=args.resolution, threshold=args.threshold)
-            timings["semantic_segment"] = ms(t)
-            present = [c for c in range(len(labels)) if (sem.label_map == c).any()]
-            Image.fromarray((sem.label_map + 1).astype(np.uint16)).save(
-                os.path.join(args.out, f"{stem}_semantic_labels.png"))
-            draw_overlay(image, [sem.label_map == c for c in present], [labels[c] for c in present],
-                         os.path.join(args.out, f"{stem}_semantic.png"),
-                         title=f"{os.path.basename(path)}: semantic ({args.mode})")
-            report["labels"] = labels
-            report["classification"] = {lab: float(p) for lab, p in zip(labels, probs)}
-            report["semantic"] = {"mode": args.mode, "label_map": f"{stem}_semantic_labels.png (0 = background, "
-                                  "i = labels[i-1])",
-                                  "pixel_fraction": {labels[c]: float((sem.label_map == c).mean()) for c in present},
-                                  "class_scores": {lab: float(v) for lab, v in zip(labels, sem.class_scores)}}
-        timings["total_image"] = round(sum(v for k, v in timings.items() if k != "load_checkpoint"), 2)
-        write_json(os.path.join(args.out, f"{stem}.json"), report)
-        print(f"{path}: {len(masks)} masks" + (f", labels {labels}" if labels else "")
-              + f" -> {args.out} ({timings['total_image']:.0f} ms)")
-    return 0
-
+    failed = []
+    for path, stem in zip(args.images, unique_stems(args.images)):
+        try:
+            print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms), flush=True)
+        except INPUT_ERRORS + (OSError,) as e:  # this image's input: say so, go on with the others
+            failed.append(path)
+            print(f"predict: {path}: {e}".splitlines()[0], file=sys.stderr, flush=True)
+    if failed and len(args.images) > 1:
+        print(f"predict: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}".splitlines()[0],
+              file=sys.stderr)
+    return 2 if failed else 0
 
 
 def register(sub) -> None:
-    s = sub.add_parser("predict", help="masks for point/box prompts, zero-shot labels and semantic maps "
-                                       "with a merged checkpoint")
+    d = EverythingParams()
+    s = sub.add_parser("predict", help="masks for point/box prompts, every mask with its name, zero-shot labels "
+                                       "and semantic maps with a merged checkpoint")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--checkpoint", required=True, help="merged .safetensors (from `fastsamclip merge` or distill)")
-    s.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,dog,grass"')
-    s.add_argument("--points", nargs="*", default=None, metavar="X,Y",
-                   help="foreground points in image pixels; each one is its own prompt")
-    s.add_argument("--boxes", nargs="*", default=None, metavar="X0,Y0,X1,Y1",
-                   help="boxes in image pixels; each one is its own prompt")
+    s.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,dog,grass"; with '
+                   "--everything they name every mask, else zero-shot classification and a semantic map")
+    s.add_argument("--points", nargs="*", default=None, metavar="X,Y[,L][;X,Y[,L]...]",
+                   help="each value is one prompt of one or more points in image pixels, label L 1 foreground "
+                        "(default) or 0 background, e.g. \"120,80,1;200,90,0\"")
+    s.add_argument("--boxes", nargs="*", default=None, metavar="X0,Y0,X1,Y1[;X,Y,L...]",
+                   help="each value is one prompt: a box in image pixels, optionally with points of the same "
+                        "prompt, e.g. \"10,10,200,150;120,80,1\"")
     s.add_argument("--mode", choices=("clip", "composed"), default="clip",
                    help="semantic segmentation: CLIP head only, or CLIP maps prompting the SAM head")
     s.add_argument("--resolution", type=int, default=448, help="CLIP-head resolution of --mode clip")
     s.add_argument("--threshold", type=float, default=0.5, help="class score that prompts the SAM head (composed)")
+    e = s.add_argument_group("segment everything (SAM's automatic mask generator; masks as COCO RLE in the JSON)")
+    e.add_argument("--everything", action="store_true", help="every mask of the image, named with --labels")
+    e.add_argument("--points-per-side", type=int, default=d.points_per_side)
+    e.add_argument("--points-per-batch", type=int, default=d.points_per_batch)
+    e.add_argument("--pred-iou-thresh", type=float, default=d.pred_iou_thresh)
+    e.add_argument("--stability-score-thresh", type=float, default=d.stability_score_thresh)
+    e.add_argument("--box-nms-thresh", type=float, default=d.box_nms_thresh)
+    e.add_argument("--crop-n-layers", type=int, default=d.crop_n_layers)
+    e.add_argument("--min-mask-region-area", type=int, default=d.min_mask_region_area)
+    e.add_argument("--label-threshold", type=float, default=0.0,
+                   help="a mask whose best label probability is below this stays unnamed (label null)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_predict)

@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import re
 import sys
 
 from fastsamclip.checkpoint import save_merged
-from fastsamclip.modeling import CLIPHeadConfig, load_clip_teacher, load_sam_teacher, samclip_from_teachers
-from fastsamclip.train import TrainConfig, TrainingStopped, cache_teachers, config_from_dict, load_config_file, train
+from fastsamclip.cli.common import log_to_stderr, one_line_errors
+from fastsamclip.modeling import (
+    CLIPHeadConfig,
+    load_clip_teacher,
+    load_sam_teacher,
+    samclip_from_teachers,
+)
+from fastsamclip.train import (
+    TrainConfig,
+    TrainingStopped,
+    cache_teachers,
+    config_from_dict,
+    load_config_file,
+    train,
+)
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# Switches given without a value (the other options take one, e.g. --tensorboard false).
+FLAGS = ("resume", "overwrite", "random_teachers")
 
 
 def _field_comments() -> dict:
@@ -36,8 +50,9 @@ def add_train_options(s) -> None:
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")
-        if f.name == "resume":
-            s.add_argument("--resume", action="store_const", const=True, default=None, help=help_text)
+        if f.name in FLAGS:
+            s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=True,
+                           default=None, help=help_text)
             continue
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
                        help=help_text)
@@ -51,8 +66,9 @@ def train_config_from_args(args) -> TrainConfig:
     return config_from_dict({**base, **given})
 
 
+@one_line_errors("distill")
 def cmd_distill(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_stderr()
     cfg = train_config_from_args(args)
     try:
         report = train(cfg)
@@ -67,14 +83,16 @@ def cmd_distill(args) -> int:
     return 0
 
 
+@one_line_errors("cache-teachers")
 def cmd_cache_teachers(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_stderr()
     cfg = train_config_from_args(args)
     path = cache_teachers(cfg, out=args.cache_out, batch_size=args.batch_size)
     print(f"teacher cache written to {path}; train with --teacher-cache {path}")
     return 0
 
 
+@one_line_errors("merge")
 def cmd_merge(args) -> int:
     sam = load_sam_teacher(args.sam_checkpoint, args.sam_type)
     clip = load_clip_teacher(args.clip_model, args.clip_pretrained)

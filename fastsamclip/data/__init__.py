@@ -17,10 +17,19 @@ from fastsamclip.data.clip import (
     ClipWebDataset,
     count_shard_samples,
     expand_shard_spec,
+    held_out_images,
     is_shard_spec,
+    open_clip_source,
 )
 from fastsamclip.data.common import SkipCounter
-from fastsamclip.data.prompts import PromptConfig, Prompts, masks_to_boxes, sample_prompts, select_masks
+from fastsamclip.data.holdout import holdout_score, in_split
+from fastsamclip.data.prompts import (
+    PromptConfig,
+    Prompts,
+    masks_to_boxes,
+    sample_prompts,
+    select_masks,
+)
 from fastsamclip.data.sa1b import SA1BDataset, SamRawSample, decode_rle, rle_run_lengths
 from fastsamclip.data.sampling import (
     ClipBatch,
@@ -28,12 +37,15 @@ from fastsamclip.data.sampling import (
     MultiResolutionBatchSampler,
     MultiResolutionConfig,
     collate_clip,
+    rank_share,
 )
 from fastsamclip.data.streams import ClipStream, SamStream
+from fastsamclip.errors import DataError
 
 __all__ = [
     "ClipBatch", "ClipImageFolder", "ClipStream", "ClipWebDataset", "MultiResolutionBatchSampler",
     "MultiResolutionBatcher", "MultiResolutionConfig", "PromptConfig", "Prompts", "SA1BDataset", "SamRawSample",
-    "SamStream", "SkipCounter", "collate_clip", "count_shard_samples", "decode_rle", "expand_shard_spec",
-    "is_shard_spec", "masks_to_boxes", "rle_run_lengths", "sample_prompts", "select_masks",
+    "SamStream", "SkipCounter", "DataError", "collate_clip", "count_shard_samples", "decode_rle", "expand_shard_spec",
+    "held_out_images", "holdout_score", "in_split", "is_shard_spec", "masks_to_boxes", "open_clip_source", "rank_share",
+    "rle_run_lengths", "sample_prompts", "select_masks",
 ]

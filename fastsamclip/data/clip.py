@@ -19,6 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from fastsamclip.data.common import SkipCounter, _worker, logger
+from fastsamclip.data.holdout import check_split, in_split
+from fastsamclip.errors import DataError
 from fastsamclip.transforms import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb
 
 # Member suffixes img2dataset may use for the image, in order of preference.
@@ -46,7 +48,9 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls = [u for s in specs for u in expand_urls(s)]
-    kept = [u for u in urls if not _is_local(u) or os.path.isfile(u.removeprefix("file://"))]
+    # Local shards by absolute path: a shard's path is part of each of its samples' identity.
+    urls = [os.path.abspath(u.removeprefix("file://")) if _is_local(u) else u for u in urls]
+    kept = [u for u in urls if not _is_local(u) or os.path.isfile(u)]
     if not kept:
         raise FileNotFoundError(
             f"shard spec {spec!r} expands to {len(urls)} path(s) (first: {urls[:1]}) and none of "
@@ -62,7 +66,9 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
 class ClipImageFolder(Dataset):
     """A folder of images, searched recursively; yields ``(key, PIL RGB image)``.
 
-    ``key`` is the path relative to ``root`` without extension. ``dataset[i]`` returns ``None``
+    ``key`` is the sample's identity: the folder's absolute path joined with the file's path in
+    it, without extension. ``split`` keeps the "train" or "held_out" files of a hash split at
+    ``holdout`` (:mod:`fastsamclip.data.holdout`), or "all" of them. ``dataset[i]`` returns ``None``
     for an unreadable file (counted in ``skipped``); :func:`collate_clip` drops those.
     ``dataset[(i, r)]`` returns ``(key, image, r)``: the form :class:`MultiResolutionBatchSampler`
     asks for, so the collate knows the batch's resolution; an unreadable file then gives
@@ -70,18 +76,23 @@ class ClipImageFolder(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 validate: bool = True, probe_samples: int = 8):
-        self.root = os.fspath(root)
+                 validate: bool = True, probe_samples: int = 8, holdout: float = 0.0, split: str = "all"):
+        self.root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a folder")
         exts = tuple(e.lower() for e in extensions)
-        self.files = sorted(
+        files = sorted(
             os.path.join(d, f) for d, _, fs in os.walk(self.root, followlinks=True) for f in fs
             if f.lower().endswith(exts))
-        if not self.files:
+        if not files:
             raise FileNotFoundError(
                 f"image folder {self.root!r} holds no file with an image extension {exts} "
                 "(searched recursively)")
+        self.holdout, self.split = holdout, check_split(split)
+        self.files = [f for f in files if in_split(os.path.splitext(f)[0], self.split, holdout)]
+        if not self.files:
+            raise DataError(f"image folder {self.root!r}: none of its {len(files)} images falls in the "
+                            f"{self.split!r} split at held-out fraction {holdout}")
         self.skipped = SkipCounter(self.root)
         if validate:
             self.validate(probe_samples)
@@ -90,7 +101,7 @@ class ClipImageFolder(Dataset):
         return len(self.files)
 
     def key(self, index: int) -> str:
-        return os.path.splitext(os.path.relpath(self.files[index], self.root))[0]
+        return os.path.splitext(self.files[index])[0]
 
     def load(self, index: int, skipped: SkipCounter | None = None) -> Image.Image | None:
         skipped = self.skipped if skipped is None else skipped
@@ -115,7 +126,7 @@ class ClipImageFolder(Dataset):
         probe = SkipCounter(self.root + " (probe)", quiet=True)
         ok = sum(self.load(i, probe) is not None for i in range(min(probe_samples, len(self))))
         if ok == 0:
-            raise RuntimeError(
+            raise DataError(
                 f"image folder {self.root!r}: none of the first {min(probe_samples, len(self))} "
                 f"images could be decoded ({dict(probe)}); the files are corrupt or not images")
         return ok
@@ -133,23 +144,30 @@ class ClipWebDataset(IterableDataset):
     :meth:`records` is the resumable form used by :class:`MultiResolutionBatcher`: it yields
     ``(key, image_or_None)`` for every record, ``None`` marking an unreadable one, and
     ``records(start=n)`` skips the first ``n`` records without decoding them.
+
+    ``key`` is the sample's identity: its shard's path (absolute for local shards) joined with
+    its ``__key__`` (:meth:`identity`), unique over every source of a ``::``-joined spec although
+    each img2dataset run numbers its keys from ``000000000``; two samples with one key inside a
+    shard are a DataError naming the shard. ``split`` keeps the "train" or "held_out" records of
+    a hash split at ``holdout`` (:mod:`fastsamclip.data.holdout`), or "all" of them.
     """
 
     def __init__(self, shards: str | Sequence[str], *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_shards: bool = True, shuffle_buffer: int = 0,
-                 validate: bool = True, probe_samples: int = 8):
+                 validate: bool = True, probe_samples: int = 8, holdout: float = 0.0, split: str = "all"):
         self.spec = shards if isinstance(shards, str) else ",".join(shards)
         self.shards = expand_shard_spec(shards)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if len(self.shards) < world_size:
-            raise ValueError(
+            raise DataError(
                 f"shard spec {self.spec!r} has {len(self.shards)} shard(s) for {world_size} ranks; "
                 "every rank needs at least one shard (write smaller shards or use fewer ranks)")
         self.rank, self.world_size = rank, world_size
         self.seed = seed  # seeds the per-epoch shard order and the shuffle buffer
         self.shuffle_shards = shuffle_shards
         self.shuffle_buffer = shuffle_buffer
+        self.holdout, self.split = holdout, check_split(split)
         self.epoch = 0
         self.skipped = SkipCounter(self.spec)
         if validate:
@@ -172,14 +190,32 @@ class ClipWebDataset(IterableDataset):
         worker, num_workers = _worker() if worker is None else worker
         return mine[worker::num_workers]
 
+    @staticmethod
+    def identity(sample: dict) -> str:
+        """A record's identity: ``{shard}/{__key__}``."""
+        return f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+
     def _raw_samples(self, shards: list[str], skipped: SkipCounter) -> Iterator[dict]:
-        from webdataset import tarfile_samples
+        """The records of ``shards`` in this reader's split, undecoded; a key seen twice in one
+        shard is a DataError (its two samples would share one identity, and one target)."""
+        from webdataset import tarfile_samples  # optional dependency (extra "train")
 
         def handler(exn: Exception) -> bool:  # a broken tar stream: count it, go to the next shard
             skipped.record("tar_error", str(exn.args[-1]) if exn.args else "?", repr(exn)[:200])
             return True
 
-        yield from tarfile_samples([dict(url=u) for u in shards], handler=handler)
+        seen: set = set()
+        url = None
+        for sample in tarfile_samples([dict(url=u) for u in shards], handler=handler):
+            if sample.get("__url__") != url:
+                url, seen = sample.get("__url__"), set()
+            key = sample.get("__key__", "?")
+            if key in seen:
+                raise DataError(f"shard {url} holds two samples with the key {key!r}; every sample of a shard "
+                                "needs its own key (img2dataset numbers them), rewrite or drop the shard")
+            seen.add(key)
+            if in_split(self.identity(sample), self.split, self.holdout):
+                yield sample
 
     def _shuffled(self, samples: Iterator[dict], worker: int, pass_index: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -232,7 +268,7 @@ class ClipWebDataset(IterableDataset):
                 i += 1
                 if i <= start:  # resume: skip without decoding
                     continue
-                yield sample.get("__key__", "?"), self._decode(sample, skipped)
+                yield self.identity(sample), self._decode(sample, skipped)
             if not repeat or in_pass == 0:
                 return
 
@@ -252,12 +288,45 @@ class ClipWebDataset(IterableDataset):
             if seen >= probe_samples:
                 break
         if ok == 0:
-            raise RuntimeError(
+            raise DataError(
                 f"shard spec {self.spec!r}: none of the first {seen} samples could be read "
                 f"({dict(probe) or 'no samples at all'}); check that the shards are img2dataset "
                 "WebDataset tars with .jpg/.png/.webp members")
         return ok
 
+
+
+def open_clip_source(path: str, *, split: str = "all", holdout: float = 0.0, rank: int = 0, world_size: int = 1,
+                     seed: int = 0, shuffle: bool = True, validate: bool = True):
+    """D_CLIP at ``path``: a :class:`ClipWebDataset` for a shard spec, else a :class:`ClipImageFolder`."""
+    if is_shard_spec(path):
+        return ClipWebDataset(path, rank=rank, world_size=world_size, seed=seed, shuffle_shards=shuffle,
+                              validate=validate, holdout=holdout, split=split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"D_CLIP path {path!r} does not exist (give a shard spec "
+                                "'/data/{00000..00099}.tar' or an image folder)")
+    return ClipImageFolder(path, validate=validate, holdout=holdout, split=split)
+
+
+def held_out_images(path: str, holdout: float, limit: int = 0) -> list:
+    """The first ``limit`` (0: all) readable held-out D_CLIP images as ``(identity, PIL image)``,
+    in shard / file order: the same images on every rank and every run."""
+    source = open_clip_source(path, split="held_out", holdout=holdout, shuffle=False, validate=False)
+    out = []
+    if isinstance(source, ClipImageFolder):
+        for i in range(len(source)):
+            image = source.load(i)
+            if image is not None:
+                out.append((source.key(i), image))
+            if limit and len(out) == limit:
+                break
+        return out
+    for identity, image in source.records():
+        if image is not None:
+            out.append((identity, image))
+        if limit and len(out) == limit:
+            break
+    return out
 
 
 def count_shard_samples(shards: Sequence[str]) -> int:

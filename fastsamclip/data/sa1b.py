@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from fastsamclip.data.common import SkipCounter
 from fastsamclip.data.prompts import PromptConfig, Prompts, sample_prompts
+from fastsamclip.errors import DataError
 from fastsamclip.transforms import (
     DECODE_ERRORS,
     LOWRES_DIVISOR,
@@ -228,7 +229,7 @@ class SA1BDataset(Dataset):
         for i in range(n):
             if self.load_raw(i, probe) is not None:
                 return i + 1
-        raise RuntimeError(
+        raise DataError(
             f"SA-1B folder {self.root!r}: none of the first {n} samples has a readable image with "
             f"at least one decodable mask ({dict(probe)}); check the sa_N.json files' "
             "'annotations[*].segmentation' (COCO RLE) and the sa_N.jpg files")

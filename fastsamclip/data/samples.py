@@ -37,7 +37,12 @@ from skimage.measure import label
 from skimage.segmentation import slic
 
 from fastsamclip.modeling.build import build_sam
-from fastsamclip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, get_preprocess_shape, to_pil
+from fastsamclip.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    get_preprocess_shape,
+    to_pil,
+)
 
 # skimage.data pictures that ship inside the package (no download needed).
 SAMPLE_IMAGE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "coins", "camera", "cat",
@@ -178,7 +183,9 @@ def write_sa1b(out_dir: str | os.PathLike, images_and_masks: Iterable[tuple[Any,
     ``point_coords`` a pixel centre inside the mask, ``predicted_iou`` / ``stability_score``
     plausible values, ``crop_box`` the whole image (XYWH), as SA-1B's files have them.
     """
-    from pycocotools import mask as mask_utils  # optional dependency (extras "train", "test")
+    from pycocotools import (
+        mask as mask_utils,  # optional dependency (extras "train", "test")
+    )
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

@@ -7,7 +7,6 @@ which worker produced it, and a resumed run reproduces the batches of an uninter
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -17,20 +16,23 @@ from torch.utils.data import IterableDataset
 
 from fastsamclip.data.clip import ClipWebDataset
 from fastsamclip.data.common import _worker, logger
+from fastsamclip.errors import ConfigError
 from fastsamclip.transforms import clip_pixels
 
 
 @dataclass
 class MultiResolutionConfig:
     resolutions: tuple[int, ...] = (224, 448)  # CLIP-stream input sides drawn per batch
-    base_batch: int = 256  # per-rank batch size at base_res
+    base_batch: int = 256  # GLOBAL batch size (all ranks together) at base_res
     base_res: int = 224  # resolution at which the batch is base_batch
     weights: tuple[float, ...] | None = None  # probability of each resolution (None: uniform)
     seed: int = 0  # with the epoch (and batch index), seeds shuffling and resolution draws
     drop_last: bool = True  # drop an epoch's last incomplete batch (keeps DDP ranks in step)
 
     def batch_size(self, resolution: int) -> int:
-        """``floor(base_batch * (base_res / r)^2)``, at least 1: about constant pixels per batch."""
+        """The global batch at ``r``: ``floor(base_batch * (base_res / r)^2)``, at least 1 (about
+        constant pixels per batch). Ranks split it with :func:`rank_share`, so N ranks see the
+        images one process would."""
         return max(1, int(self.base_batch * (self.base_res / resolution) ** 2))
 
     def probabilities(self) -> np.ndarray:
@@ -45,16 +47,22 @@ class MultiResolutionConfig:
         return int(self.resolutions[rng.choice(len(self.resolutions), p=self.probabilities())])
 
 
+def rank_share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(offset, count) of ``rank``'s part of ``total`` items: ``total // world_size`` each, the
+    first ``total % world_size`` ranks one more (a rank may get none; the loss weights by count)."""
+    base, extra = divmod(total, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
 class MultiResolutionBatchSampler(torch.utils.data.Sampler):
     """Variable-size batches of ``(index, resolution)`` for a map-style dataset, DDP-sharded.
 
     Per epoch: the indices are permuted with a generator seeded by (seed, epoch); batch k
     draws its resolution r (:meth:`MultiResolutionConfig.draw_resolution`, the same on every
-    rank) and takes the next ``world_size * batch_size(r)`` indices of the permutation, rank
-    ``rank`` keeping the ``rank``-th slice. All ranks therefore run the same number of steps at
-    the same resolution on disjoint samples. The last short batch is dropped (``drop_last``) or
-    split evenly across ranks after wrapping around to the permutation's start (so ranks stay
-    in step, as ``DistributedSampler`` pads).
+    rank) and takes the next ``batch_size(r)`` indices of the permutation (the global batch),
+    rank ``rank`` keeping its :func:`rank_share`. All ranks therefore run the same number of
+    steps at the same resolution on disjoint samples, whose union is what one process would take.
+    The last short batch is dropped (``drop_last``) or split across ranks as it is.
 
     Resume: :meth:`state_dict` gives (epoch, batch index); after :meth:`load_state_dict` the
     next iteration yields exactly the remaining batches of that epoch. Under a DataLoader the
@@ -86,7 +94,7 @@ class MultiResolutionBatchSampler(torch.utils.data.Sampler):
         return np.random.default_rng([self.config.seed, self.epoch]).permutation(self.num_samples)
 
     def _plan(self) -> list[tuple[int, int, int]]:
-        """The epoch's batches as (resolution, start, per-rank size) over the permutation."""
+        """The epoch's batches as (resolution, start, global size) over the permutation."""
         if self._plan_cache is not None and self._plan_cache[0] == self.epoch:
             return self._plan_cache[1]
         plan, pos, k = [], 0, 0
@@ -94,12 +102,12 @@ class MultiResolutionBatchSampler(torch.utils.data.Sampler):
             res = self.config.draw_resolution(self.epoch, k)
             bs = self.config.batch_size(res)
             left = self.num_samples - pos
-            if left < bs * self.world_size:
+            if left < bs:
                 if self.config.drop_last:
                     break
-                bs = math.ceil(left / self.world_size)
+                bs = left
             plan.append((res, pos, bs))
-            pos += bs * self.world_size
+            pos += bs
             k += 1
         self._plan_cache = (self.epoch, plan)
         return plan
@@ -112,12 +120,9 @@ class MultiResolutionBatchSampler(torch.utils.data.Sampler):
         start, self._start = self._start, 0
         for k in range(start, len(plan)):
             res, pos, bs = plan[k]
-            need = bs * self.world_size
-            idx = perm[pos:pos + need]
-            if len(idx) < need:  # last batch without drop_last: wrap around
-                idx = np.concatenate([idx, np.resize(perm, need - len(idx))])
+            offset, count = rank_share(bs, self.rank, self.world_size)
             self._position = k + 1
-            yield [(int(i), res) for i in idx[self.rank * bs:(self.rank + 1) * bs]]
+            yield [(int(i), res) for i in perm[pos + offset:pos + offset + count]]
 
     def state_dict(self, batches_done: int | None = None) -> dict:
         return {"epoch": self.epoch,
@@ -130,7 +135,7 @@ class MultiResolutionBatchSampler(torch.utils.data.Sampler):
                 "seed": self.config.seed}
         for name, value in mine.items():
             if state[name] != value:  # the plan depends on all three; another one is another run
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume exactly: the saved sampler had {name}={state[name]}, this one "
                     f"has {value}; resume with the same dataset, world size and seed, or start a "
                     "fresh epoch")
@@ -158,10 +163,11 @@ class MultiResolutionBatcher(IterableDataset):
     deterministic given (seed, epoch), disjoint across DDP ranks (the source splits shards by
     rank), the same resolution for batch k on every rank, and an exact resume.
 
-    Batch k draws r (:meth:`MultiResolutionConfig.draw_resolution`), takes the next
-    ``batch_size(r)`` records of its process's stream and collates the readable ones
-    (:func:`collate_clip`) into a :class:`ClipBatch`; a batch whose records are all unreadable is
-    still yielded, with B = 0 (skip it in the training loop). Under a DataLoader with W workers,
+    Batch k draws r (:meth:`MultiResolutionConfig.draw_resolution`), takes this rank's
+    :func:`rank_share` of the global ``batch_size(r)`` from its process's stream and collates the
+    readable ones (:func:`collate_clip`) into a :class:`ClipBatch`; a batch whose records are all
+    unreadable (or a rank's empty share) is still yielded, with B = 0, so every rank stays at the
+    same batch index. Under a DataLoader with W workers,
     worker w reads its own shards (:meth:`ClipWebDataset.shards_for_process`) and makes the
     global batches w, w + W, w + 2W, ...; the DataLoader hands them out round-robin, i.e. in
     batch-index order. Without ``batches_per_epoch`` the workers' streams end at different
@@ -201,7 +207,7 @@ class MultiResolutionBatcher(IterableDataset):
 
     def _check_workers(self, num_workers: int) -> None:
         if self._num_workers is not None and self._num_workers != num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume exactly: the saved position is for {self._num_workers} DataLoader "
                 f"worker(s), this run uses {num_workers}; each worker reads its own shards, so use "
                 f"num_workers={self._num_workers if self._num_workers > 1 else 0}, or start a fresh epoch")
@@ -235,7 +241,7 @@ class MultiResolutionBatcher(IterableDataset):
         repeat = self.batches_per_epoch is not None
         limit = None if not repeat else len(range(w, self.batches_per_epoch, num_workers))
         if repeat and limit and not self.source.shards_for_process((w, num_workers)):
-            raise ValueError(
+            raise ConfigError(
                 f"rank {self.source.rank}, DataLoader worker {w} of {num_workers} has no shard "
                 f"of {len(self.source.shards)} to read, so it cannot make its share of the "
                 f"{self.batches_per_epoch} batches; use fewer workers or more, smaller shards")
@@ -243,9 +249,10 @@ class MultiResolutionBatcher(IterableDataset):
         while limit is None or local < limit:
             k = local * num_workers + w  # global batch index (round-robin over workers)
             res = self.config.draw_resolution(self.epoch, k)
-            want = self.config.batch_size(res)
-            got = list(itertools.islice(stream, want))
-            if not got or (len(got) < want and self.config.drop_last):
+            # This rank's share of the global batch (it may be none: the loss weights by count).
+            want = rank_share(self.config.batch_size(res), self.source.rank, self.source.world_size)[1]
+            got = list(itertools.islice(stream, want)) if want else []
+            if want and (not got or (len(got) < want and self.config.drop_last)):
                 if limit is not None:  # only an empty stream ends a repeating one
                     logger.warning("%s: rank %d worker %d ran out of records after %d of its %d "
                                    "batches; this rank's epoch is short", self.source.spec,
@@ -277,7 +284,7 @@ class MultiResolutionBatcher(IterableDataset):
         mine = {"seed": self.config.seed, "batches_per_epoch": self.batches_per_epoch}
         for name, value in mine.items():
             if state[name] != value:  # both change which records form which batch
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume exactly: the saved batcher had {name}={state[name]}, this one "
                     f"has {value}; resume with the same settings, or start a fresh epoch")
         self.epoch, self._num_workers = state["epoch"], state["num_workers"]

@@ -6,14 +6,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import List, Sequence
 
 import numpy as np
 import torch
 
-from fastsamclip.data.clip import ClipImageFolder, ClipWebDataset, count_shard_samples, is_shard_spec
-from fastsamclip.data.sampling import MultiResolutionBatchSampler, MultiResolutionBatcher, collate_clip
+from fastsamclip.data.clip import count_shard_samples, is_shard_spec, open_clip_source
+from fastsamclip.data.sampling import (
+    MultiResolutionBatcher,
+    MultiResolutionBatchSampler,
+    collate_clip,
+)
+from fastsamclip.errors import ConfigError, DataError
 
 
 class ClipStream:
@@ -25,37 +29,34 @@ class ClipStream:
     state counts batches the loop consumed, not what workers prefetched)."""
 
     def __init__(self, path: str, mr_config, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 validate: bool = True):
+                 validate: bool = True, holdout: float = 0.0):
         self.mr = mr_config
         self.num_workers = num_workers
         self.epoch = 0
         self._consumed = 0  # batches of this epoch consumed by the training loop
         self._it = None
         self.kind = "shards" if is_shard_spec(path) else "folder"
+        self.source = open_clip_source(path, split="train", holdout=holdout, rank=rank, world_size=world_size,
+                                       seed=mr_config.seed, validate=validate)
         if self.kind == "shards":
-            self.source = ClipWebDataset(path, rank=rank, world_size=world_size, seed=mr_config.seed,
-                                         validate=validate)
             self.num_samples = None  # counted lazily (only needed to turn epochs into steps)
             per_epoch = None
             if world_size > 1:
                 # Ranks read different shards, whose sizes differ: a fixed number of batches per
                 # rank and epoch keeps every rank in the same epoch, so batch k has the same
                 # resolution on all of them (a rank whose shards run out re-reads them).
-                per_rank = self.samples() / world_size
-                mean_batch = float(np.mean([mr_config.batch_size(r) for r in mr_config.resolutions]))
-                per_epoch = max(1, int(per_rank // mean_batch))
+                mean_batch = float(np.mean([mr_config.batch_size(r) for r in mr_config.resolutions]))  # global
+                per_epoch = max(1, int(self.samples() // mean_batch))
             self.batcher = MultiResolutionBatcher(self.source, mr_config, batches_per_epoch=per_epoch)
         else:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"D_CLIP path {path!r} does not exist (give a shard spec "
-                                        "'/data/{00000..00099}.tar' or an image folder)")
-            self.source = ClipImageFolder(path, validate=validate)
             self.sampler = MultiResolutionBatchSampler(len(self.source), mr_config, rank, world_size)
             self.num_samples = len(self.source)
 
     def samples(self) -> int:
+        """Training samples of D_CLIP (for shards: the records counted, less the held-out fraction)."""
         if self.num_samples is None:
-            self.num_samples = count_shard_samples(self.source.shards)
+            total = count_shard_samples(self.source.shards)
+            self.num_samples = max(1, round(total * (1.0 - self.source.holdout)))
         return self.num_samples
 
     def _collate(self, items):
@@ -79,16 +80,18 @@ class ClipStream:
                 yield self._collate([self.source[i] for i in idx])
 
     def next(self):
+        """The next batch ``(keys, pixels, r)``; B may be 0 (every image of this rank's share
+        unreadable, or no share): it is returned all the same, so every rank stays at the same
+        batch index and resolution, and the step weighs it by its count."""
         for _ in range(2):
             if self._it is None:
                 self._it = self._epoch_iter()
             for keys, images, res in self._it:
                 self._consumed += 1
-                if images.shape[0] > 0:
-                    return keys, images, res
+                return keys, images, res
             self._it, self.epoch, self._consumed = None, self.epoch + 1, 0
-        raise RuntimeError("the D_CLIP stream gave no readable batch over a whole epoch; every sample "
-                           "was skipped (see the warnings above), or there are fewer samples than one batch")
+        raise DataError("the D_CLIP stream gave no batch over a whole epoch: there are fewer samples "
+                        "than one batch (lower --clip-batch or add images)")
 
     def state_dict(self) -> dict:
         if self.kind == "shards":
@@ -97,7 +100,7 @@ class ClipStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state["kind"] != self.kind:
-            raise ValueError(f"cannot resume: the checkpoint read D_CLIP as {state['kind']}, this run as {self.kind}")
+            raise ConfigError(f"cannot resume: the checkpoint read D_CLIP as {state['kind']}, this run as {self.kind}")
         self.epoch, self._it = state["epoch"], None
         if self.kind == "shards":
             self.batcher.load_state_dict(state["batcher"])
@@ -117,7 +120,7 @@ class SamStream:
         self.bs, self.seed, self.num_workers = batch_per_rank, seed, num_workers
         self.rank, self.world_size = rank, world_size
         if len(self.indices) < batch_per_rank * world_size:
-            raise ValueError(f"D_SAM has {len(self.indices)} training images, fewer than one global batch "
+            raise ConfigError(f"D_SAM has {len(self.indices)} training images, fewer than one global batch "
                              f"({batch_per_rank * world_size}); lower --sam-batch or add images")
         self.epoch, self.position, self._it = 0, 0, None
 
@@ -139,23 +142,23 @@ class SamStream:
                 yield [self.dataset[i] for i in idx]
 
     def next(self) -> List[dict]:
+        """The readable items of the next batch; the list may be empty (all skipped): it is
+        returned all the same, so every rank stays at the same batch index."""
         for _ in range(2):
             if self._it is None:
                 self._it = self._epoch_iter()
             for items in self._it:
                 self.position += 1
-                good = [s for s in items if s is not None]
-                if good:
-                    return good
+                return [s for s in items if s is not None]
             self._it, self.epoch, self.position = None, self.epoch + 1, 0
-        raise RuntimeError("the D_SAM stream gave no readable image over a whole epoch (see the warnings above)")
+        raise DataError("the D_SAM stream gave no batch over a whole epoch (see the warnings above)")
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "n": len(self.indices), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != len(self.indices) or state["seed"] != self.seed:
-            raise ValueError(f"cannot resume exactly: the checkpoint's D_SAM had {state['n']} training images "
+            raise ConfigError(f"cannot resume exactly: the checkpoint's D_SAM had {state['n']} training images "
                              f"(seed {state['seed']}), this run {len(self.indices)} (seed {self.seed})")
         self.epoch, self.position, self._it = state["epoch"], state["position"], None
 

@@ -14,10 +14,11 @@ from typing import List, Optional
 
 import numpy as np
 
+from fastsamclip.errors import InputError
 from fastsamclip.predictor import to_rgb_uint8
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Input the user must fix; ``str(e)`` is one line naming the file and the problem."""
 
     def __init__(self, path: Optional[str], problem: str, index: int = -1) -> None:

@@ -20,7 +20,13 @@ from .build import (
     samclip_from_teachers,
 )
 from .samclip import SAMCLIP, CLIPHead, encode_prompts
-from .teachers import CheckpointError, CLIPTeacher, load_clip_teacher, load_sam_teacher, sam_preprocess
+from .teachers import (
+    CheckpointError,
+    CLIPTeacher,
+    load_clip_teacher,
+    load_sam_teacher,
+    sam_preprocess,
+)
 
 __all__ = [
     "BACKBONE_CONFIGS", "SAM_CONFIGS", "BackboneConfig", "CLIPHead", "CLIPHeadConfig", "CLIPTeacher",

@@ -27,7 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d, MLPBlock
-from segment_anything.modeling.image_encoder import PatchEmbed, window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import (
+    PatchEmbed,
+    window_partition,
+    window_unpartition,
+)
 
 from fastsamclip.kernels import relpos_attention
 

@@ -30,6 +30,7 @@ from open_clip.model import CLIP, CustomTextCLIP
 from segment_anything.modeling import ImageEncoderViT as SamImageEncoderViT
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from fastsamclip.errors import ConfigError
 from fastsamclip.modeling.backbone import ImageEncoderViT
 from fastsamclip.modeling.samclip import SAMCLIP, CLIPHead
 from fastsamclip.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -152,7 +153,7 @@ def _lookup(registry: dict, name_or_config, what: str):
     if not isinstance(name_or_config, str):
         return name_or_config
     if name_or_config not in registry:
-        raise ValueError(f"unknown {what} {name_or_config!r}; known: {', '.join(registry)}")
+        raise ConfigError(f"unknown {what} {name_or_config!r}; known: {', '.join(registry)}")
     return registry[name_or_config]
 
 
@@ -270,11 +271,11 @@ def samclip_from_teachers(sam: Sam, clip_teacher=None, clip_head: Optional[CLIPH
     if sam_config is None:
         sam_config = infer_sam_type(sam.state_dict())
         if sam_config is None:
-            raise ValueError("could not recognise the SAM teacher's config from its shapes; pass sam_config")
+            raise ConfigError("could not recognise the SAM teacher's config from its shapes; pass sam_config")
     sam_cfg = get_sam_config(sam_config)
     head = clip_head or CLIPHeadConfig(out_dim=clip_teacher.embed_dim if clip_teacher else 768)
     if clip_teacher is not None and head.out_dim != clip_teacher.embed_dim:
-        raise ValueError(
+        raise ConfigError(
             f"CLIP head out_dim {head.out_dim} differs from the CLIP teacher's embedding size "
             f"{clip_teacher.embed_dim}; the student must predict the teacher's embedding")
     cfg = SAMCLIPConfig(

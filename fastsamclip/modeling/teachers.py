@@ -18,11 +18,17 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from segment_anything.modeling import Sam
 
+from fastsamclip.errors import ConfigError, InputError
 from fastsamclip.modeling.build import SamConfig, build_sam, infer_sam_type
-from fastsamclip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_square
+from fastsamclip.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    normalize,
+    resize_square,
+)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that is not what the caller asked for; the message says what to do."""
 
 
@@ -41,6 +47,17 @@ def _read_state_dict(path: str, what: str) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors (got {type(sd).__name__})")
     return sd
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], what: str, path: str = "") -> None:
+    """Refuse weights holding NaN or Infinity (a damaged file of the right size loads without a
+    complaint and then gives NaN everywhere), naming the first bad tensor. One pass over the
+    weights, once per load."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{what} checkpoint {path}: tensor {name} holds {bad} NaN/Infinity value(s) of "
+                                  f"{t.numel()}; the file is damaged: download or export it again")
 
 
 def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], what: str, path: str = "") -> None:
@@ -96,6 +113,7 @@ def load_sam_teacher(checkpoint: Optional[str], model_type: Union[str, SamConfig
                 f"pass --sam-type {actual} (or model_type='{actual}')"
             )
         check_state_dict(sam, sd, "SAM", checkpoint)
+        check_finite(sd, "SAM", checkpoint)
         sam.load_state_dict(sd)
     for p in sam.parameters():
         p.requires_grad_(False)
@@ -146,7 +164,7 @@ class CLIPTeacher(nn.Module):
 def clip_model_config(model_name: str) -> dict:
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        raise ValueError(
+        raise ConfigError(
             f"unknown open_clip model {model_name!r}: not a built-in name (open_clip.list_models()), "
             "nor a 'local-dir:' folder with open_clip_config.json; register a JSON config with "
             "open_clip.add_model_config(path) for custom models"
@@ -164,8 +182,17 @@ def load_clip_teacher(model_name: str, pretrained: Optional[str] = None, device:
     cfg = clip_model_config(model_name)
     if pretrained is not None and not os.path.isfile(pretrained) and os.path.sep in pretrained:
         raise FileNotFoundError(f"CLIP pretrained file not found: {pretrained}")
-    model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
-                                   require_pretrained=pretrained is not None)
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                       require_pretrained=pretrained is not None)
+    except (RuntimeError, OSError, ValueError) as e:
+        if pretrained is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"CLIP weights {pretrained!r} for {model_name} could not be loaded ({first}); a "
+                              "tag needs its weights in the local hub cache (nothing is downloaded here): give "
+                              "--clip-pretrained a local weights file instead") from e
+    check_finite(model.state_dict(), "CLIP", pretrained or model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     for p in model.parameters():
@@ -173,5 +200,5 @@ def load_clip_teacher(model_name: str, pretrained: Optional[str] = None, device:
     return CLIPTeacher(model, tokenizer, model_name, cfg)
 
 
-__all__ = ["CLIPTeacher", "CheckpointError", "check_state_dict", "load_clip_teacher", "load_sam_teacher",
-           "sam_preprocess"]
+__all__ = ["CLIPTeacher", "CheckpointError", "check_finite", "check_state_dict", "load_clip_teacher",
+           "load_sam_teacher", "sam_preprocess"]

@@ -5,6 +5,7 @@
     masks, scores, low_res = predictor.segment(points=[[[x, y]]], point_labels=[[1]])
     probs = predictor.classify([image], ["cat", "dog"])
     result = predictor.semantic_segment(image, ["cat", "dog", "grass"], mode="composed")
+    records = predictor.generate(image, labels=["cat", "dog", "grass"])  # every mask, named
 
 ``set_image``/``segment``/``reset_image`` behave as ``segment_anything.SamPredictor``'s
 ``set_image``/``predict``/``reset_image``: prompts are in ORIGINAL image pixels, mapped with
@@ -38,9 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from fastsamclip.checkpoint import load_merged
+from fastsamclip.errors import InputError
 from fastsamclip.kernels import preprocess as gpu_preprocess_op
 from fastsamclip.modeling import SAMCLIP
 from fastsamclip.predictor.engine import Forward
+from fastsamclip.predictor.everything import EverythingParams
+from fastsamclip.predictor.everything import generate as generate_everything
 from fastsamclip.predictor.semantic import SemanticResult, segment_clip, segment_composed
 from fastsamclip.predictor.text import TextEmbeddings, check_labels
 from fastsamclip.transforms import (
@@ -163,7 +167,7 @@ class SAMCLIPPredictor:
         if bad.any():
             p, i = (int(v) for v in np.argwhere(bad)[0])
             x, y = xy[p, i]
-            raise ValueError(f"{what} {i} of prompt {p} at (x={x:g}, y={y:g}) is outside the image of "
+            raise InputError(f"{what} {i} of prompt {p} at (x={x:g}, y={y:g}) is outside the image of "
                              f"{w}x{h} (WxH) pixels; prompts are in original image pixels")
 
     @torch.no_grad()
@@ -179,23 +183,23 @@ class SAMCLIPPredictor:
         """
         self._require_image()
         if points is None and boxes is None and mask_input is None:
-            raise ValueError("segment: give at least one prompt (points, boxes or mask_input)")
+            raise InputError("segment: give at least one prompt (points, boxes or mask_input)")
         coords = labels = box_t = mask_t = None
         sizes = {}
         if points is not None:
             pts = np.asarray(points.cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
             pts = pts[None] if pts.ndim == 2 else pts
             if pts.ndim != 3 or pts.shape[-1] != 2 or pts.shape[1] == 0:
-                raise ValueError(f"points must be (P, N, 2) or (N, 2) XY, got shape {pts.shape}")
+                raise InputError(f"points must be (P, N, 2) or (N, 2) XY, got shape {pts.shape}")
             if point_labels is None:
                 lab = np.ones(pts.shape[:2], dtype=np.int64)
             else:
                 lab = np.asarray(point_labels.cpu() if isinstance(point_labels, torch.Tensor) else point_labels)
                 lab = lab.reshape(pts.shape[:2]) if lab.size == pts.shape[0] * pts.shape[1] else lab
                 if lab.shape != pts.shape[:2]:
-                    raise ValueError(f"point_labels shape {lab.shape} does not match points {pts.shape[:2]}")
+                    raise InputError(f"point_labels shape {lab.shape} does not match points {pts.shape[:2]}")
                 if not np.isin(lab, (-1, 0, 1)).all():
-                    raise ValueError(f"point labels must be 1 (foreground), 0 (background) or -1 (padding), "
+                    raise InputError(f"point labels must be 1 (foreground), 0 (background) or -1 (padding), "
                                      f"got {sorted(set(np.unique(lab).tolist()))}")
             self._check_inside("point", pts, lab != -1)
             # Float64 mapping then float32, exactly as SamPredictor.predict does.
@@ -206,12 +210,12 @@ class SAMCLIPPredictor:
             bx = np.asarray(boxes.cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
             bx = bx[None] if bx.ndim == 1 else bx
             if bx.ndim != 2 or bx.shape[-1] != 4:
-                raise ValueError(f"boxes must be (P, 4) or (4,) XYXY, got shape {bx.shape}")
+                raise InputError(f"boxes must be (P, 4) or (4,) XYXY, got shape {bx.shape}")
             self._check_inside("box corner", bx.reshape(-1, 2, 2))
             flipped = (bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])
             if flipped.any():
                 p = int(np.argwhere(flipped)[0][0])
-                raise ValueError(f"box of prompt {p} {bx[p].tolist()} has x1 < x0 or y1 < y0; boxes are XYXY")
+                raise InputError(f"box of prompt {p} {bx[p].tolist()} has x1 < x0 or y1 < y0; boxes are XYXY")
             box_t = torch.as_tensor(apply_boxes(bx, self.original_size, self.img_size), dtype=torch.float)
             sizes["boxes"] = bx.shape[0]
         if mask_input is not None:
@@ -220,10 +224,10 @@ class SAMCLIPPredictor:
             mask_t = mask_t[None] if mask_t.dim() == 3 else mask_t
             low = tuple(4 * s for s in self.features.shape[-2:])
             if mask_t.dim() != 4 or mask_t.shape[1] != 1 or tuple(mask_t.shape[-2:]) != low:
-                raise ValueError(f"mask_input must be (P, 1, {low[0]}, {low[1]}) low-res logits, got {tuple(mask_t.shape)}")
+                raise InputError(f"mask_input must be (P, 1, {low[0]}, {low[1]}) low-res logits, got {tuple(mask_t.shape)}")
             sizes["mask_input"] = mask_t.shape[0]
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"prompt batch sizes differ: {sizes}; give the same number P of each kind")
+            raise InputError(f"prompt batch sizes differ: {sizes}; give the same number P of each kind")
         low_res, scores = self.decode(coords, labels, box_t, mask_t, multimask_output)
         masks = postprocess_masks(low_res, self.input_size, self.original_size, self.img_size,
                                   threshold=None if return_logits else MASK_THRESHOLD)
@@ -238,6 +242,31 @@ class SAMCLIPPredictor:
                 self.features, (self.img_size, self.img_size), points=pts,
                 boxes=boxes.to(dev) if boxes is not None else None,
                 masks=masks.to(dev) if masks is not None else None, multimask_output=multimask_output)
+
+    # ---------------------------------------------------------------- segment everything
+    @torch.no_grad()
+    def generate(self, image: Optional[ImageLike] = None, labels: Optional[Sequence[str]] = None,
+                 label_threshold: float = 0.0, templates="openai", **params) -> List[dict]:
+        """Every mask of the image (``SamAutomaticMaskGenerator.generate``), each named with ``labels``.
+
+        image: as ``set_image``; None: the current image, whose cached pass then serves the
+        full-image crop (the current image state is never changed). params: the generator's
+        (``points_per_side=32``, ``points_per_batch=64``, ``pred_iou_thresh=0.88``,
+        ``stability_score_thresh=0.95``, ``stability_score_offset=1.0``, ``box_nms_thresh=0.7``,
+        ``crop_n_layers=0``, ``crop_nms_thresh=0.7``, ``crop_overlap_ratio=512/1500``,
+        ``crop_n_points_downscale_factor=1``, ``point_grids=None``, ``min_mask_region_area=0``,
+        ``output_mode="binary_mask"`` | ``"uncompressed_rle"`` | ``"coco_rle"``), see
+        :class:`~fastsamclip.predictor.everything.EverythingParams`. Returns upstream's records
+        (``segmentation``, ``area``, ``bbox`` XYWH, ``predicted_iou``, ``point_coords``,
+        ``stability_score``, ``crop_box`` XYWH); with ``labels`` also ``label`` (None when its
+        probability is below ``label_threshold``), ``label_score``, ``label_probs`` and
+        ``label_similarity``, from the same backbone pass (pooling: :mod:`fastsamclip.predictor.everything`).
+        """
+        cfg = EverythingParams.from_kwargs(params)
+        if image is None:
+            self._require_image()
+        return generate_everything(self, None if image is None else to_rgb_uint8(image), cfg, labels,
+                                   label_threshold, templates)
 
     # ---------------------------------------------------------------- text side
     def logit_scale(self) -> float:

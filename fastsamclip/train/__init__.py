@@ -10,11 +10,25 @@
 """
 
 from fastsamclip.train.agreement import evaluate_agreement
-from fastsamclip.train.config import STAGES, TrainConfig, config_from_dict, load_config_file
+from fastsamclip.train.config import (
+    STAGES,
+    TrainConfig,
+    config_from_dict,
+    load_config_file,
+)
 from fastsamclip.train.distiller import Distiller, TrainingStopped, train
 from fastsamclip.train.distributed import Dist, setup_distributed
-from fastsamclip.train.optim import lr_lambda, param_groups, set_trainable, stage_trainable
-from fastsamclip.train.teacher_cache import TeacherCache, TeacherCacheWriter, cache_teachers
+from fastsamclip.train.optim import (
+    lr_lambda,
+    param_groups,
+    set_trainable,
+    stage_trainable,
+)
+from fastsamclip.train.teacher_cache import (
+    TeacherCache,
+    TeacherCacheWriter,
+    cache_teachers,
+)
 
 __all__ = [
     "STAGES", "Dist", "Distiller", "TeacherCache", "TeacherCacheWriter", "TrainConfig", "TrainingStopped",

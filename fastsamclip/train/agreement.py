@@ -1,9 +1,11 @@
 """Held-out agreement of the student with its teachers: the run's report card.
 
-On held-out SA-1B images: the cosine between the student's pooled CLIP embedding and the CLIP
-teacher's at each asked resolution (the same r x r view for both), and the mean IoU between the
-student's masks and the SAM teacher's for the same box and point prompts (both logits
-thresholded at 0; an empty union counts as agreement).
+- CLIP: on the held-out D_CLIP images (a hash split, the paper's 1%), the cosine between the
+  student's pooled CLIP embedding and the CLIP teacher's at each asked resolution (the same r x r
+  view for both).
+- SAM: on the held-out SA-1B images, the mean IoU between the student's masks and the SAM
+  teacher's for the same box and point prompts (both logits thresholded at 0; an empty union
+  counts as agreement).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastsamclip.errors import DataError
 from fastsamclip.modeling import SAMCLIP
 from fastsamclip.train.targets import TeacherTargets, student_masks
 from fastsamclip.transforms import apply_boxes, apply_coords, clip_pixels, sam_pixels
@@ -38,25 +41,29 @@ def held_out_prompts(raw, k: int, sam_size: int, device: torch.device) -> Dict[s
 
 
 @torch.no_grad()
-def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, sam_data, indices: Sequence[int],
-                       resolutions: Sequence[int], sam_size: int, masks_per_image: int, device: torch.device,
-                       autocast) -> dict:
-    """{"clip_cosine": {r: mean cosine}, "mask_iou": mean IoU, "images": n, "masks": m}; the
-    teachers always run live here (held-out images are not in the cache)."""
+def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, clip_images: Sequence, sam_data,
+                       indices: Sequence[int], resolutions: Sequence[int], sam_size: int, masks_per_image: int,
+                       device: torch.device, autocast, batch_size: int = 16) -> dict:
+    """{"clip_cosine": {r: mean cosine}, "clip_images": n, "mask_iou": mean IoU, "images": n,
+    "masks": m}; ``clip_images``: held-out D_CLIP ``(identity, image)`` pairs. The teachers run
+    live here (held-out images are never in the cache)."""
     was_training = student.training
     student.eval()
+    if not clip_images:
+        raise DataError("no held-out D_CLIP image could be read for the report")
     cos: Dict[int, list] = {int(r): [] for r in resolutions}
+    for r in cos:
+        for i in range(0, len(clip_images), batch_size):
+            x = torch.stack([clip_pixels(im, r) for _, im in clip_images[i:i + batch_size]]).to(device)
+            t = targets.live_clip(x)
+            with autocast():
+                s = student(student.preprocess(x), sam=False)["clip"].float()
+            cos[r] += F.cosine_similarity(s, t, dim=-1).tolist()
     ious = []
     for idx in indices:
         raw = sam_data.load_raw(idx)
         if raw is None:
             continue
-        for r in cos:
-            x = clip_pixels(raw.image, r)[None].to(device)
-            t = targets.live_clip(x)
-            with autocast():
-                s = student(student.preprocess(x), sam=False)["clip"].float()
-            cos[r].append(F.cosine_similarity(s, t, dim=-1).item())
         x, hw = sam_pixels(raw.image, sam_size)
         x = x[None].to(device)
         with autocast():
@@ -69,6 +76,6 @@ def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, sam_data, indi
             ious += mask_iou(s_l[:, 0] > 0, t_l[:, 0] > 0).tolist()
     student.train(was_training)
     if not ious:
-        raise RuntimeError("no held-out SA-1B image could be read for the report")
-    return {"clip_cosine": {r: float(np.mean(v)) for r, v in cos.items()}, "mask_iou": float(np.mean(ious)),
-            "images": len(indices), "masks": len(ious)}
+        raise DataError("no held-out SA-1B image could be read for the report")
+    return {"clip_cosine": {r: float(np.mean(v)) for r, v in cos.items()}, "clip_images": len(clip_images),
+            "mask_iou": float(np.mean(ious)), "images": len(indices), "masks": len(ious)}

@@ -15,8 +15,9 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from fastsamclip.errors import ConfigError
 from fastsamclip.files import atomic_write
-from fastsamclip.modeling.teachers import check_state_dict
+from fastsamclip.modeling.teachers import CheckpointError, check_state_dict
 
 CHECKPOINT_FORMAT = "fastsamclip.train"
 CHECKPOINT_VERSION = 1
@@ -50,12 +51,12 @@ def load_training_checkpoint(path: str, student: torch.nn.Module, world_size: in
                                 "or point --out at the run's folder")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a fastsamclip training checkpoint of version {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path} is not a fastsamclip training checkpoint of version {CHECKPOINT_VERSION}")
     if state["world_size"] != world_size:
-        raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
+        raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has "
                          f"{world_size}; exact resume needs the same number (the data are sharded by rank)")
     if {int(k): v for k, v in state["stage_steps"].items()} != stage_steps:
-        raise ValueError(f"{path} planned stage lengths {state['stage_steps']}, this config gives "
+        raise ConfigError(f"{path} planned stage lengths {state['stage_steps']}, this config gives "
                          f"{stage_steps}; resume with the same config")
     check_state_dict(student, state["model"], "training", path)
     student.load_state_dict(state["model"])

@@ -13,19 +13,23 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from fastsamclip.errors import ConfigError
+
 STAGES = (1, 2, 3)
 
 
 @dataclass
 class TrainConfig:
     # --- teachers and data
-    sam_checkpoint: Optional[str] = None  # official SAM .pth (sam_vit_b_01ec64.pth); None: random weights
+    sam_checkpoint: Optional[str] = None  # official SAM .pth (sam_vit_b_01ec64.pth); required unless random_teachers
     sam_type: str = "vit_b"  # vit_b | vit_l | vit_h (vit_tiny / vit_micro for tests and the demo)
     clip_model: str = "ViT-L-14"  # open_clip model name or local-dir:/folder (paper: OpenCLIP ViT-L/14)
-    clip_pretrained: Optional[str] = "datacomp_xl_s13b_b90k"  # open_clip tag or a local file; None: random
+    clip_pretrained: Optional[str] = None  # open_clip tag (paper: datacomp_xl_s13b_b90k) or a local file; a local-dir: model carries its own
+    random_teachers: bool = False  # allow teachers without weights (random initialisation): smoke tests only
     clip_data: str = ""  # D_CLIP: WebDataset shard spec ('/d/{00000..00099}.tar') or an image folder
     sam_data: str = ""  # D_SAM: SA-1B folder of sa_N.jpg + sa_N.json
     out: str = "samclip-out"  # output folder: checkpoints, metrics, report, merged model
+    overwrite: bool = False  # start over in an out folder that holds a run (its metrics and checkpoints go)
     init_from: Optional[str] = None  # start from a merged checkpoint instead of fresh from the teachers
     teacher_cache: Optional[str] = None  # folder made by cache_teachers; None: live teachers only
     head_hidden: Optional[int] = None  # CLIP head MLP width; None: the backbone width
@@ -78,27 +82,58 @@ class TrainConfig:
     log_every: int = 10  # metrics.jsonl / TensorBoard every N steps
     progress: bool = True  # tqdm bar with img/s and losses (rank 0)
     tensorboard: bool = True  # TensorBoard scalars in out/tb when tensorboard is installed
-    eval_images: int = 0  # held-out SA-1B images for the final report; 0: 1% (at least 1)
+    clip_holdout: float = 0.01  # fraction of D_CLIP held out, chosen by a hash of each sample's identity (paper: 1%)
+    eval_clip_images: int = 256  # held-out D_CLIP images in the report (the first ones in shard/file order); 0: all
+    eval_images: int = 0  # held-out SA-1B images for the report's mask agreement; 0: 1% (at least 1)
     eval_resolutions: Tuple[int, ...] = ()  # CLIP cosine reported at these sides; (): stage-3 ones
     eval_masks_per_image: int = 8  # prompts per held-out image for the mask IoU
 
     def validate(self) -> None:
         for name in ("clip_batch", "sam_batch", "masks_per_image", "clip_base_res"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not set(self.prompt_types) <= {"box", "point"} or not self.prompt_types:
-            raise ValueError(f"prompt_types must be a non-empty subset of ('box', 'point'), got {self.prompt_types}")
+            raise ConfigError(f"prompt_types must be a non-empty subset of ('box', 'point'), got {self.prompt_types}")
         if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+            raise ConfigError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.max_nan_skips < 0:
-            raise ValueError("max_nan_skips must be >= 0")
+            raise ConfigError("max_nan_skips must be >= 0")
+        if not 0.0 < self.clip_holdout < 0.5:
+            raise ConfigError(f"clip_holdout must be in (0, 0.5), got {self.clip_holdout}; the paper holds out 0.01")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+
+    def teacher_weights(self) -> dict:
+        """Where each teacher's weights come from, or a ConfigError when one has none and
+        ``random_teachers`` is off (training against a random teacher distils noise)."""
+        clip_own = self.clip_model.startswith(("local-dir:", "hf-hub:"))  # the folder/repo holds the weights
+        sources = {"sam": self.sam_checkpoint, "clip": self.clip_pretrained or (self.clip_model if clip_own else None)}
+        missing = [k for k, v in sources.items() if v is None]
+        if missing and not self.random_teachers:
+            hints = {"sam": "--sam-checkpoint sam_vit_b_01ec64.pth (an official SAM .pth)",
+                     "clip": "--clip-pretrained datacomp_xl_s13b_b90k (an open_clip tag) or a local weights file"}
+            raise ConfigError(f"no weights for the {' and '.join(f'{k.upper()} teacher' for k in missing)}: pass "
+                              + " and ".join(hints[k] for k in missing)
+                              + "; --random-teachers trains against randomly initialised teachers (smoke tests only)")
+        return {k: (v if v is not None else "random") for k, v in sources.items()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def _coerce(f: dataclasses.Field, value):
-    """A value from JSON/YAML or the command line into the field's type (annotations are strings)."""
+    """A value from JSON/YAML or the command line into the field's type (annotations are strings);
+    a ConfigError naming the option (and its flag) when it is not of that type."""
+    try:
+        return _convert(f, value)
+    except (TypeError, ValueError) as e:
+        t = str(f.type)
+        kind = ("comma-separated values" if t.startswith("Tuple") else "true or false" if t == "bool"
+                else "an integer" if "int" in t else "a number" if "float" in t else "a string")
+        raise ConfigError(f"{f.name} (--{f.name.replace('_', '-')}) {value!r}: expected {kind}") from e
+
+
+def _convert(f: dataclasses.Field, value):
     t = str(f.type)
     if value is None:
         return None
@@ -112,7 +147,7 @@ def _coerce(f: dataclasses.Field, value):
     if t == "bool":
         if isinstance(value, str):
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(f"{f.name}: expected true/false, got {value!r}")
+                raise ValueError("not a boolean")
             return value.lower() in ("1", "true", "yes")
         return bool(value)
     if "int" in t:
@@ -126,7 +161,7 @@ def config_from_dict(d: dict, base: Optional[TrainConfig] = None) -> TrainConfig
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"unknown training option(s) {unknown}; known: {', '.join(fields)}")
+        raise ConfigError(f"unknown training option(s) {unknown}; known: {', '.join(fields)}")
     cfg = dataclasses.replace(base or TrainConfig(), **{k: _coerce(fields[k], v) for k, v in d.items()})
     cfg.validate()
     return cfg
@@ -147,6 +182,6 @@ def load_config_file(path: str) -> dict:
     else:
         d = json.loads(text)
     if not isinstance(d, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option: value")
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
     return d
 

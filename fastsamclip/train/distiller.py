@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,21 +40,43 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from fastsamclip.checkpoint import load_merged, save_merged
-from fastsamclip.data import ClipStream, MultiResolutionConfig, PromptConfig, SA1BDataset, SamStream
+from fastsamclip.data import (
+    ClipStream,
+    MultiResolutionConfig,
+    PromptConfig,
+    SA1BDataset,
+    SamStream,
+    held_out_images,
+)
+from fastsamclip.errors import ConfigError
 from fastsamclip.files import write_json
 from fastsamclip.kernels import focal_dice_loss, linear_cosine_distill_loss
-from fastsamclip.modeling import SAMCLIP, CLIPHeadConfig, get_sam_config, load_clip_teacher, load_sam_teacher
-from fastsamclip.modeling import samclip_from_teachers
+from fastsamclip.modeling import (
+    SAMCLIP,
+    CLIPHeadConfig,
+    get_sam_config,
+    load_clip_teacher,
+    load_sam_teacher,
+    samclip_from_teachers,
+)
 from fastsamclip.train.agreement import evaluate_agreement
-from fastsamclip.train.checkpoints import load_training_checkpoint, restore_rng, rng_state, save_training_checkpoint
+from fastsamclip.train.checkpoints import (
+    load_training_checkpoint,
+    restore_rng,
+    rng_state,
+    save_training_checkpoint,
+)
 from fastsamclip.train.config import STAGES, TrainConfig
-from fastsamclip.train.distributed import all_reduce_mean_, setup_distributed
+from fastsamclip.train.distributed import all_reduce_mean_, all_reduce_sum_, setup_distributed
 from fastsamclip.train.metrics import MetricsLog
 from fastsamclip.train.optim import lr_lambda, param_groups, set_trainable
 from fastsamclip.train.targets import TeacherTargets, split_prompts, student_masks
 from fastsamclip.train.teacher_cache import TeacherCache, cache_meta
 
 logger = logging.getLogger("fastsamclip.train")
+
+# What a run writes into its output folder: present means a run is there.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "report.json", "merged.safetensors", "tb")
 
 
 class TrainingStopped(RuntimeError):
@@ -78,6 +101,47 @@ class Distiller:
         self.metrics = MetricsLog(cfg.out, cfg.log_every, cfg.tensorboard, enabled=self.d.main)
         self.history: List[dict] = []
         self.nan_skips = 0
+        self.empty_skips = 0
+        self._clip_eval_images: Optional[list] = None  # held-out D_CLIP (identity, image), read once
+
+        # Settings first, then the output folder and the data: each refused before any teacher
+        # loads (seconds for ViT-L/14), with a message naming what to change.
+        self.sam_cfg = get_sam_config(cfg.sam_type)
+        b = self.sam_cfg.backbone
+        self.patch = b.patch_size
+        self.sam_size = cfg.sam_image_size or b.img_size
+        for name, rs in (("clip_resolutions", cfg.clip_resolutions), ("stage3_resolutions", cfg.stage3_resolutions),
+                         ("sam_image_size", (self.sam_size,))):
+            bad = [r for r in rs if r <= 0 or r % self.patch]
+            if bad or not rs:
+                raise ConfigError(f"{name} {tuple(rs)}: every side must be a positive multiple of the patch size "
+                                  f"{self.patch}")
+        self.teacher_sources = self._teacher_sources(sam_teacher, clip_teacher)
+        self._prepare_out()
+        if not cfg.clip_data:
+            raise ConfigError("no D_CLIP data: pass --clip-data (a WebDataset shard spec or an image folder)")
+        if not cfg.sam_data:
+            raise ConfigError("no D_SAM data: pass --sam-data (an SA-1B folder of sa_N.jpg + sa_N.json)")
+        self._clip_streams: Dict[int, ClipStream] = {}
+        self._clip_stream(1)  # opens and validates D_CLIP now
+        if not held_out_images(cfg.clip_data, cfg.clip_holdout, limit=1):
+            raise ConfigError(f"no readable D_CLIP image falls in the held-out {cfg.clip_holdout:.0%} of "
+                              f"{cfg.clip_data!r}; raise --clip-holdout or add images")
+        prompts = PromptConfig(masks_per_image=cfg.masks_per_image, use_boxes="box" in cfg.prompt_types,
+                               points_per_mask=1)
+        self.sam_data = SA1BDataset(cfg.sam_data, prompts, seed=cfg.seed, long_side=self.sam_size)
+        n = len(self.sam_data)
+        n_eval = cfg.eval_images or max(1, round(0.01 * n))
+        if n_eval >= n:
+            raise ConfigError(f"D_SAM has {n} images; holding out {n_eval} for the report leaves none to train "
+                              "on; lower --eval-images or add images")
+        self.eval_indices = list(range(n - n_eval, n))  # the last stems: a fixed, reproducible split
+        per_rank = cfg.sam_batch // self.d.world_size
+        if per_rank < 1 or cfg.sam_batch % self.d.world_size:
+            raise ConfigError(f"sam_batch {cfg.sam_batch} does not split over {self.d.world_size} ranks; give a "
+                              "multiple of the number of processes")
+        self.sam_stream = SamStream(self.sam_data, range(n - n_eval), per_rank, cfg.seed, self.d.rank,
+                                    self.d.world_size, cfg.num_workers)
 
         # Teachers (frozen).
         self.sam = sam_teacher if sam_teacher is not None else load_sam_teacher(cfg.sam_checkpoint, cfg.sam_type)
@@ -87,54 +151,52 @@ class Distiller:
         self.clip.to(self.device).eval()
         for p in list(self.sam.parameters()) + list(self.clip.parameters()):
             p.requires_grad_(False)
-        self.sam_cfg = get_sam_config(cfg.sam_type)
 
         # Student: fresh from the teachers, or a merged checkpoint checked against them.
         self.student = self._build_student().to(self.device)
-        b = self.student.config.sam.backbone
-        self.patch = b.patch_size
-        self.sam_size = cfg.sam_image_size or b.img_size
-        for name, rs in (("clip_resolutions", cfg.clip_resolutions), ("stage3_resolutions", cfg.stage3_resolutions),
-                         ("sam_image_size", (self.sam_size,))):
-            bad = [r for r in rs if r <= 0 or r % self.patch]
-            if bad or not rs:
-                raise ValueError(f"{name} {tuple(rs)}: every side must be a positive multiple of the patch size "
-                                 f"{self.patch}")
-
-        # Data, validated before any step: each reader raises naming the path when nothing is readable.
-        if not cfg.clip_data:
-            raise ValueError("no D_CLIP data: pass --clip-data (a WebDataset shard spec or an image folder)")
-        if not cfg.sam_data:
-            raise ValueError("no D_SAM data: pass --sam-data (an SA-1B folder of sa_N.jpg + sa_N.json)")
-        self._clip_streams: Dict[int, ClipStream] = {}
-        self._clip_stream(1)  # opens and validates D_CLIP now
-        prompts = PromptConfig(masks_per_image=cfg.masks_per_image, use_boxes="box" in cfg.prompt_types,
-                               points_per_mask=1)
-        self.sam_data = SA1BDataset(cfg.sam_data, prompts, seed=cfg.seed, long_side=self.sam_size)
-        n = len(self.sam_data)
-        n_eval = cfg.eval_images or max(1, round(0.01 * n))
-        if n_eval >= n:
-            raise ValueError(f"D_SAM has {n} images; holding out {n_eval} for the report leaves none to train "
-                             "on; lower --eval-images or add images")
-        self.eval_indices = list(range(n - n_eval, n))  # the last stems: a fixed, reproducible split
-        per_rank = cfg.sam_batch // self.d.world_size
-        if per_rank < 1:
-            raise ValueError(f"sam_batch {cfg.sam_batch} is smaller than the world size {self.d.world_size}")
-        self.sam_stream = SamStream(self.sam_data, range(n - n_eval), per_rank, cfg.seed, self.d.rank,
-                                    self.d.world_size, cfg.num_workers)
 
         # Teacher targets, from the cache (checked against these teachers and sizes) when given.
         cache = None
         if cfg.teacher_cache:
             cache = TeacherCache(cfg.teacher_cache)
             cache.check_compatible(cache_meta(self.sam, self.clip, self.sam_size))
-        self.targets = TeacherTargets(self.sam, self.clip, cache, self._autocast)
+        self.targets = TeacherTargets(self.sam, self.clip, cache, self._autocast, sam_size=self.sam_size)
 
         self.stage_steps = {s: self._steps_for(s) for s in STAGES}
         self._apply_engineering()
         if self.d.enabled:  # identical start on every rank
             for t in self.student.state_dict().values():
                 dist.broadcast(t, 0)
+
+    def _teacher_sources(self, sam_teacher, clip_teacher) -> Dict[str, str]:
+        """Where each teacher comes from (the run's report records it); refuses a teacher without
+        weights unless ``random_teachers``, and a weights file that is not there."""
+        cfg = self.cfg
+        sources = {"sam": "given in-process", "clip": "given in-process"}
+        if sam_teacher is None or clip_teacher is None:
+            configured = cfg.teacher_weights()
+            for kind, given in (("sam", sam_teacher), ("clip", clip_teacher)):
+                if given is None:
+                    sources[kind] = configured[kind]
+        for kind, path in (("SAM", cfg.sam_checkpoint if sam_teacher is None else None),
+                           ("CLIP", cfg.clip_pretrained if clip_teacher is None else None)):
+            if path and (os.sep in path or path.endswith((".pth", ".pt", ".bin", ".safetensors"))) \
+                    and not os.path.isfile(path):
+                raise FileNotFoundError(f"{kind} teacher weights not found: {path}")
+        return sources
+
+    def _prepare_out(self) -> None:
+        """Refuse an output folder that holds a run unless resuming it or starting it over."""
+        existing = [f for f in RUN_FILES if os.path.exists(os.path.join(self.out, f))]
+        if existing and not (self.cfg.resume or self.cfg.overwrite):
+            raise ConfigError(f"--out {self.out} holds a run already ({', '.join(existing)}): pass --resume to "
+                              "continue it, or --overwrite to start over (its checkpoints, metrics and report go)")
+        if self.cfg.overwrite and existing and self.d.main:
+            for f in existing:
+                path = os.path.join(self.out, f)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if self.d.enabled:
+            dist.barrier()  # no rank reads the folder while rank 0 cleans it
 
     # ---------------------------------------------------------------- construction helpers
     @staticmethod
@@ -149,13 +211,13 @@ class Distiller:
             student = load_merged(cfg.init_from)
             sc = student.config
             if sc.sam != self.sam_cfg:
-                raise ValueError(
+                raise ConfigError(
                     f"student {cfg.init_from} has a SAM part of another size than the SAM teacher "
                     f"({cfg.sam_type}: width {self.sam_cfg.backbone.embed_dim}, depth {self.sam_cfg.backbone.depth}; "
                     f"student: width {sc.sam.backbone.embed_dim}, depth {sc.sam.backbone.depth}); use the "
                     "teacher it was merged from, or drop --init-from")
             if sc.clip_head.out_dim != self.clip.embed_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"student {cfg.init_from} predicts {sc.clip_head.out_dim}-d CLIP embeddings but the CLIP "
                     f"teacher {cfg.clip_model} gives {self.clip.embed_dim}-d ones; use the teacher it was merged "
                     "from, or drop --init-from")
@@ -167,10 +229,11 @@ class Distiller:
         if stage not in self._clip_streams:
             cfg = self.cfg
             res = cfg.stage3_resolutions if stage == 3 else cfg.clip_resolutions
-            mr = MultiResolutionConfig(resolutions=tuple(res), base_batch=max(1, cfg.clip_batch // self.d.world_size),
+            # The global batch: ranks split it (rank_share), so N ranks see what one process would.
+            mr = MultiResolutionConfig(resolutions=tuple(res), base_batch=cfg.clip_batch,
                                        base_res=cfg.clip_base_res, seed=cfg.seed * 10 + stage)
             self._clip_streams = {stage: ClipStream(cfg.clip_data, mr, self.d.rank, self.d.world_size,
-                                                    cfg.num_workers)}
+                                                    cfg.num_workers, holdout=cfg.clip_holdout)}
         return self._clip_streams[stage]
 
     def _steps_for(self, stage: int) -> int:
@@ -184,7 +247,7 @@ class Distiller:
         stream = self._clip_stream(1)
         mr = stream.mr
         res = cfg.stage3_resolutions if stage == 3 else cfg.clip_resolutions
-        mean_batch = float(np.mean([mr.batch_size(r) for r in res])) * self.d.world_size
+        mean_batch = float(np.mean([mr.batch_size(r) for r in res]))  # global
         return max(1, math.ceil(epochs * stream.samples() / mean_batch))
 
     def _apply_engineering(self) -> None:
@@ -206,11 +269,15 @@ class Distiller:
         return torch.autocast(self.device.type, enabled=False)
 
     # ---------------------------------------------------------------- losses (fwd + bwd)
-    def clip_step(self, stage: int, keys, pixels, res) -> Tuple[float, int]:
-        """L_CLIP on one batch of uint8 views, backward (in micro-batches). Returns (loss, images)."""
+    def clip_step(self, stage: int, keys, pixels, res, denominator: float) -> Tuple[float, int]:
+        """L_CLIP on this rank's share of a batch of uint8 views, backward (in micro-batches).
+
+        The gradient of ``sum over the rank's images of the per-image loss / denominator``
+        (``denominator`` = global images / ranks, so the ranks' averaged gradients are those of the
+        global mean). Returns (the sum of the per-image losses, images)."""
         pixels = pixels.to(self.device, non_blocking=True)
         n = pixels.shape[0]
-        mb = self.cfg.clip_micro_batch or n
+        mb = self.cfg.clip_micro_batch or max(n, 1)
         total = 0.0
         frozen_backbone = stage in (1, 3)
         head = self.student.clip_head
@@ -227,17 +294,18 @@ class Distiller:
             proj = head.projection
             loss = linear_cosine_distill_loss(hidden.float(), proj.weight, proj.bias, target,
                                               backend=self.cfg.loss_backend)
-            (loss * (x.shape[0] / n)).backward()
-            total += loss.item() * x.shape[0] / n
+            (loss * (x.shape[0] / denominator)).backward()
+            total += loss.item() * x.shape[0]
         return total, n
 
-    def sam_step(self, items: List[dict]) -> Tuple[float, int]:
-        """lambda * L_SAM on one SA-1B batch, backward. Returns (L_SAM, images)."""
+    def sam_step(self, items: List[dict], denominator: float) -> Tuple[float, int]:
+        """lambda * L_SAM on this rank's SA-1B items, backward: the gradient of ``lambda * sum over
+        the rank's masks of the per-mask loss / denominator`` (``denominator`` = global masks /
+        ranks). Returns (the sum of the per-mask losses, masks)."""
         cfg = self.cfg
         n = len(items)
-        mb = cfg.sam_micro_batch or n
-        n_masks = sum(it["gt_masks"].shape[0] for it in items)
-        total = 0.0
+        mb = cfg.sam_micro_batch or max(n, 1)
+        total, masks = 0.0, 0
         size = (self.sam_size, self.sam_size)
         for s in range(0, n, mb):
             part = items[s:s + mb]
@@ -251,14 +319,16 @@ class Distiller:
                     prompts = split_prompts(it, cfg.prompt_types, self.device)
                     s_logits.append(student_masks(self.student, emb[i], prompts, size))
                     t_logits.append(self.targets.masks(t_emb[i], prompts))
-            s_all = torch.cat(s_logits)[None, :, 0]  # (1, M, h, w)
+            s_all = torch.cat(s_logits)[None, :, 0]  # (1, m, h, w)
             t_all = torch.sigmoid(torch.cat(t_logits)[None, :, 0])
+            # focal is a mean over all pixels of the m masks, dice a mean over them: a per-mask mean.
             loss = focal_dice_loss(s_all, t_all, cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha,
                                    cfg.focal_gamma, backend=cfg.loss_backend)
-            w = s_all.shape[1] / n_masks
-            (cfg.sam_loss_weight * loss * w).backward()
-            total += loss.item() * w
-        return total, n
+            m = s_all.shape[1]
+            (cfg.sam_loss_weight * loss * (m / denominator)).backward()
+            total += loss.item() * m
+            masks += m
+        return total, masks
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt_path(self, name: str = "last.pt") -> str:
@@ -298,17 +368,34 @@ class Distiller:
         (how the training-step benchmark feeds fixed batches)."""
         opt.zero_grad(set_to_none=True)
         keys, pixels, res = clip_batch if clip_batch is not None else self._clip_stream(stage).next()
-        loss_clip, n_clip = self.clip_step(stage, keys, pixels, res)
-        loss_sam, n_sam = float("nan"), 0
-        if stage == 2:
-            loss_sam, n_sam = self.sam_step(sam_items if sam_items is not None else self.sam_stream.next())
+        items = (sam_items if sam_items is not None else self.sam_stream.next()) if stage == 2 else []
+        # Global counts first: each rank weighs its share by them, so the averaged gradient is the
+        # gradient of one process over the whole global batch, whatever each rank holds.
+        counts = torch.tensor([pixels.shape[0], sum(it["gt_masks"].shape[0] for it in items), len(items)],
+                              dtype=torch.float64, device=self.device)
+        all_reduce_sum_([counts], self.d)
+        n_clip, n_masks, n_sam = (int(v) for v in counts.tolist())
+        lr = opt.param_groups[0]["lr"]
+        if n_clip == 0 or (stage == 2 and n_masks == 0):  # every image of the batch unreadable, on every rank
+            self.empty_skips += 1
+            logger.warning("stage %d step %d: no readable %s in the batch on any rank; step skipped (%d so far)",
+                           stage, sched.last_epoch + 1, "D_CLIP image" if n_clip == 0 else "SA-1B mask",
+                           self.empty_skips)
+            sched.step()
+            return {"stage": stage, "step": sched.last_epoch, "loss_clip": float("nan"), "lr": lr,
+                    "grad_norm": float("nan"), "resolution": res, "skipped": True, "empty": True, "images": 0}
+        w = self.d.world_size
+        sum_clip, _ = self.clip_step(stage, keys, pixels, res, n_clip / w)
+        sum_sam = self.sam_step(items, n_masks / w)[0] if stage == 2 else 0.0
         params = [p for g in opt.param_groups for p in g["params"]]
         for p in params:  # every rank all-reduces the same list, so absent grads become zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        losses = torch.tensor([loss_clip, loss_sam if stage == 2 else 0.0], device=self.device)
-        all_reduce_mean_([p.grad for p in params] + [losses], self.d)
-        loss_clip, loss_sam = float(losses[0]), (float(losses[1]) if stage == 2 else None)
+        all_reduce_mean_([p.grad for p in params], self.d)
+        sums = torch.tensor([sum_clip, sum_sam], dtype=torch.float64, device=self.device)
+        all_reduce_sum_([sums], self.d)
+        loss_clip = float(sums[0]) / n_clip
+        loss_sam = float(sums[1]) / n_masks if stage == 2 else None
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         finite = math.isfinite(loss_clip) and (loss_sam is None or math.isfinite(loss_sam)) and bool(torch.isfinite(gnorm))
         if finite:
@@ -319,13 +406,13 @@ class Distiller:
             logger.warning("stage %d step %d: non-finite loss or gradient (L_CLIP %s, L_SAM %s, grad norm %s); step "
                            "skipped (%d of at most %d)", stage, sched.last_epoch + 1, loss_clip, loss_sam,
                            float(gnorm), self.nan_skips, self.cfg.max_nan_skips)
-        lr = opt.param_groups[0]["lr"]
         sched.step()
         rec = {"stage": stage, "step": sched.last_epoch, "loss_clip": loss_clip, "lr": lr,
-               "grad_norm": float(gnorm), "resolution": res, "skipped": not finite,
-               "images": (n_clip + n_sam) * self.d.world_size}
+               "grad_norm": float(gnorm), "resolution": res, "skipped": not finite, "images": n_clip + n_sam}
+        rec["loss"] = loss_clip  # what the step minimised: L_CLIP (+ lambda * L_SAM in stage 2)
         if loss_sam is not None:
             rec["loss_sam"] = loss_sam
+            rec["loss"] = loss_clip + self.cfg.sam_loss_weight * loss_sam
         return rec
 
     def run(self, stop_after: Optional[int] = None) -> dict:
@@ -374,7 +461,12 @@ class Distiller:
                         post["L_sam"] = f"{rec['loss_sam']:.4f}"
                     bar.set_postfix(post)
                     bar.update(1)
-                if rec["skipped"] and self.nan_skips >= cfg.max_nan_skips:
+                if rec.get("empty") and self.empty_skips >= cfg.max_nan_skips:
+                    raise TrainingStopped(
+                        f"stopped at stage {stage} step {step}: {self.empty_skips} batches had no readable image on "
+                        f"any rank (limit --max-nan-skips {cfg.max_nan_skips}); check the data (see the warnings "
+                        f"above); resume from {self._ckpt_path()} with --resume")
+                if rec["skipped"] and not rec.get("empty") and self.nan_skips >= cfg.max_nan_skips:
                     raise TrainingStopped(
                         f"stopped at stage {stage} step {step}: {self.nan_skips} steps had a non-finite loss or "
                         f"gradient (limit --max-nan-skips {cfg.max_nan_skips}); the weights are those of the last "
@@ -395,7 +487,9 @@ class Distiller:
 
     def finish(self) -> dict:
         """Held-out agreement report, merged checkpoint, report.json (rank 0)."""
-        report = {"nan_skips": self.nan_skips, "stage_steps": self.stage_steps, "cache_misses": self.targets.misses}
+        report = {"nan_skips": self.nan_skips, "empty_skips": self.empty_skips, "stage_steps": self.stage_steps,
+                  "cache_misses": self.targets.misses, "teachers": self.teacher_sources,
+                  "random_teachers": self.cfg.random_teachers, "clip_holdout": self.cfg.clip_holdout}
         if self.d.main:
             report["eval"] = self.evaluate()
             path = os.path.join(self.out, "merged.safetensors")
@@ -403,15 +497,19 @@ class Distiller:
             report["merged"] = path
             write_json(os.path.join(self.out, "report.json"), report)
             ev = report["eval"]
-            logger.info("held-out agreement with the teachers: CLIP cosine %s, mask IoU %.4f",
-                        {r: round(v, 4) for r, v in ev["clip_cosine"].items()}, ev["mask_iou"])
+            logger.info("held-out agreement with the teachers: CLIP cosine %s on %d D_CLIP images, mask IoU %.4f",
+                        {r: round(v, 4) for r, v in ev["clip_cosine"].items()}, ev["clip_images"], ev["mask_iou"])
         self.metrics.close()
         return report
 
     @torch.no_grad()
     def evaluate(self, indices: Optional[Sequence[int]] = None) -> dict:
-        """Student vs teachers on held-out SA-1B images (:func:`evaluate_agreement`)."""
-        return evaluate_agreement(self.student, self.targets, self.sam_data,
+        """Student vs teachers on held-out data (:func:`evaluate_agreement`): the CLIP cosine on the
+        held-out D_CLIP images, the mask IoU on the held-out SA-1B images."""
+        if self._clip_eval_images is None:
+            self._clip_eval_images = held_out_images(self.cfg.clip_data, self.cfg.clip_holdout,
+                                                     self.cfg.eval_clip_images)
+        return evaluate_agreement(self.student, self.targets, self._clip_eval_images, self.sam_data,
                                   self.eval_indices if indices is None else indices,
                                   self.cfg.eval_resolutions or self.cfg.stage3_resolutions, self.sam_size,
                                   self.cfg.eval_masks_per_image, self.device, self._autocast)

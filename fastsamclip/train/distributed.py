@@ -48,13 +48,21 @@ def setup_distributed(device_pref: str = "auto") -> Tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
-def all_reduce_mean_(tensors: List[torch.Tensor], d: Dist) -> None:
-    """Average ``tensors`` in place over the ranks (one flat all-reduce); a no-op on one process."""
+def all_reduce_sum_(tensors: List[torch.Tensor], d: Dist) -> None:
+    """Sum ``tensors`` (of one dtype) in place over the ranks (one flat all-reduce); a no-op on one process."""
     if not d.enabled or not tensors:
         return
     flat = _flatten_dense_tensors(tensors)
     dist.all_reduce(flat)
-    flat /= d.world_size
     for t, r in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
         t.copy_(r)
+
+
+def all_reduce_mean_(tensors: List[torch.Tensor], d: Dist) -> None:
+    """Average ``tensors`` in place over the ranks; a no-op on one process."""
+    if not d.enabled or not tensors:
+        return
+    all_reduce_sum_(tensors, d)
+    for t in tensors:
+        t /= d.world_size
 

@@ -22,7 +22,9 @@ class MetricsLog:
     def _writer(self):
         if self._tb is None and self._want_tb:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard package
+                from torch.utils.tensorboard import (
+                    SummaryWriter,  # optional: the tensorboard package
+                )
             except ImportError:
                 logger.info("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
                 self._want_tb = False

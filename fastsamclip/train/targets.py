@@ -5,15 +5,21 @@ otherwise they are computed live (and counted in ``misses``, reported at the end
 the SAM teacher and the student decode the same prompts in the same (x, y) frame of the model
 input, single-output (``multimask_output=False``), half of an image's drawn masks by their box and
 half by their point (alternating in draw order) when both kinds are used.
+
+At its native input size the SAM teacher is segment_anything's own code. At another SAM-stream
+size (``--sam-image-size``) it follows as the student does: its image-encoder weights run in this
+package's encoder, which resizes the position tables (ViTDet / SAM rules), and its prompts are
+encoded for that input size and grid (``encode_prompts``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastsamclip.modeling import sam_preprocess
+from fastsamclip.errors import ConfigError
+from fastsamclip.modeling import build_backbone, encode_prompts, get_sam_config, infer_sam_type, sam_preprocess
 
 
 def split_prompts(item: dict, prompt_types: Sequence[str], device: torch.device) -> Dict[str, object]:
@@ -46,12 +52,20 @@ def student_masks(student, emb: torch.Tensor, prompts: dict, input_size) -> torc
 
 @torch.no_grad()
 def teacher_masks(sam, emb: torch.Tensor, prompts: dict) -> torch.Tensor:
-    """SAM teacher low-res logits (M, 1, h, w) for the same prompts, through segment_anything."""
+    """SAM teacher low-res logits (M, 1, h, w) for the same prompts: segment_anything's prompt
+    encoder at its native grid, the same arithmetic for the embedding's grid otherwise."""
     pe = sam.prompt_encoder
+    grid = tuple(emb.shape[-2:])
+    native = tuple(pe.image_embedding_size) == grid
+    image_pe = pe.get_dense_pe() if native else pe.pe_layer(grid).unsqueeze(0)
+    patch = pe.input_image_size[0] // pe.image_embedding_size[0]
+    input_size = tuple(patch * g for g in grid)
     outs = []
     for kind, value in prompts.items():
-        sparse, dense = pe(masks=None, **_kind_kwargs(kind, value))
-        logits, _ = sam.mask_decoder(image_embeddings=emb[None], image_pe=pe.get_dense_pe(),
+        kw = _kind_kwargs(kind, value)
+        sparse, dense = (pe(masks=None, **kw) if native else
+                         encode_prompts(pe, kw["points"], kw["boxes"], None, input_size, grid))
+        logits, _ = sam.mask_decoder(image_embeddings=emb[None], image_pe=image_pe,
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                      multimask_output=False)
         outs.append(logits)
@@ -66,9 +80,19 @@ class TeacherTargets:
     zero-argument callable giving the precision context of the live teachers.
     """
 
-    def __init__(self, sam, clip, cache, autocast: Callable):
+    def __init__(self, sam, clip, cache, autocast: Callable, sam_size: Optional[int] = None):
         self.sam, self.clip, self.cache, self._autocast = sam, clip, cache, autocast
         self.misses = 0  # batches the cache could not serve (0 for a complete cache)
+        self.sam_encoder = sam.image_encoder
+        if sam_size is not None and sam_size != sam.image_encoder.img_size:
+            # The teacher's weights in an encoder that follows another input size (see above).
+            name = infer_sam_type(sam.state_dict())
+            if name is None:
+                raise ConfigError("the SAM teacher's config is not one of fastsamclip's, so it cannot run at "
+                                  f"--sam-image-size {sam_size}; use its native size {sam.image_encoder.img_size}")
+            self.sam_encoder = build_backbone(get_sam_config(name).backbone)
+            self.sam_encoder.load_state_dict(sam.image_encoder.state_dict())
+            self.sam_encoder.to(next(sam.parameters()).device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def live_clip(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -80,7 +104,7 @@ class TeacherTargets:
     def live_sam(self, pixels: torch.Tensor, valid_hw) -> torch.Tensor:
         """(B, C, g, g) SAM teacher image embeddings of padded uint8 inputs (B, 3, L, L)."""
         with self._autocast():
-            return self.sam.image_encoder(sam_preprocess(self.sam, pixels, valid_hw)).float()
+            return self.sam_encoder(sam_preprocess(self.sam, pixels, valid_hw)).float()
 
     def clip_embeddings(self, keys: List[str], pixels: torch.Tensor, resolution: int) -> torch.Tensor:
         if self.cache is not None:

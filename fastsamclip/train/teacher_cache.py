@@ -5,7 +5,10 @@ about as much as the student's forward pass (the CLIP teacher is a ViT-L/14 in t
 teacher's image encoder a ViT-B at 1024 px); reading them from disk removes that cost. What is
 stored:
 
-- CLIP: the teacher's image embedding (E,) per (image key, CLIP-stream resolution r). The teacher
+- CLIP: the teacher's image embedding (E,) per (sample identity, CLIP-stream resolution r). The
+  identity names the sample's source too (shard path / key, or folder / file), so two sources
+  whose keys collide (every img2dataset run numbers its keys from 000000000) keep one entry each;
+  an entry name written twice is an error, never an overwrite. The teacher
   sees exactly what the student sees at resolution r (the r x r crop, resized to the teacher's own
   input size when r differs), so one entry per resolution.
 - SAM: the teacher's image embedding (C, g, g) per SA-1B image at the student's SAM input size.
@@ -31,8 +34,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fastsamclip.data import ClipWebDataset, SA1BDataset, open_clip_source
+from fastsamclip.errors import ConfigError, DataError
 from fastsamclip.files import atomic_write, write_json
-from fastsamclip.data import ClipImageFolder, ClipWebDataset, SA1BDataset, is_shard_spec
 from fastsamclip.modeling import get_sam_config, load_clip_teacher, load_sam_teacher
 from fastsamclip.train.config import TrainConfig
 from fastsamclip.train.targets import TeacherTargets
@@ -41,7 +45,9 @@ from fastsamclip.transforms import clip_pixels, sam_pixels
 logger = logging.getLogger("fastsamclip.train")
 
 FORMAT = "fastsamclip.teacher_cache"
-FORMAT_VERSION = 1
+# 2: CLIP entries keyed by identity (source + key). Version 1 keyed them by the WebDataset key
+# alone, so the sources of a "::" spec overwrote each other's entries.
+FORMAT_VERSION = 2
 INDEX = "index.json"
 
 
@@ -76,6 +82,9 @@ class TeacherCacheWriter:
         os.makedirs(root, exist_ok=True)
 
     def add(self, kind: str, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending[kind] or name in self.entries[kind]:
+            raise DataError(f"teacher cache: the {kind} entry {name!r} came twice; every sample needs its own "
+                            "identity (a shard holding one key twice, or the same image folder given twice)")
         self._pending[kind][name] = tensor.detach().to("cpu", self.dtype).contiguous().clone()
         if len(self._pending[kind]) >= self.chunk_size:
             self._flush(kind)
@@ -111,9 +120,16 @@ class TeacherCache:
                 "(an interrupted build leaves no index) or drop --teacher-cache to use live teachers")
         with open(path) as f:
             index = json.load(f)
-        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a fastsamclip teacher cache of version {FORMAT_VERSION} "
-                             f"(format {index.get('format')!r}, version {index.get('version')!r}); rebuild it")
+        if index.get("format") != FORMAT:
+            raise ConfigError(f"{path} is not a fastsamclip teacher cache (format {index.get('format')!r}); "
+                              "build one with `fastsamclip cache-teachers`")
+        if index.get("version") == 1:
+            raise ConfigError(f"teacher cache {root!r} is of version 1, whose CLIP entries were keyed without "
+                              "their source (the shards of a '::' spec overwrote each other's targets); rebuild "
+                              "it with `fastsamclip cache-teachers`")
+        if index.get("version") != FORMAT_VERSION:
+            raise ConfigError(f"teacher cache {root!r} is of version {index.get('version')!r}; this fastsamclip "
+                              f"reads version {FORMAT_VERSION}: rebuild it with `fastsamclip cache-teachers`")
         self.root = root
         self.meta = {k: v for k, v in index.items() if k != "entries"}
         self.entries: Dict[str, Dict[str, str]] = index["entries"]
@@ -124,7 +140,7 @@ class TeacherCache:
         bad = [f"{k}: cache has {self.meta.get(k)!r}, this run {v!r}" for k, v in expected.items()
                if self.meta.get(k) != v]
         if bad:
-            raise ValueError(f"teacher cache {self.root!r} was built for another set-up ("
+            raise ConfigError(f"teacher cache {self.root!r} was built for another set-up ("
                              + "; ".join(bad) + "); rebuild it with `fastsamclip cache-teachers` "
                              "for these teachers and sizes, or drop --teacher-cache")
 
@@ -174,12 +190,16 @@ def cache_teachers(cfg: TrainConfig, out: Optional[str] = None, batch_size: int 
     ``live_sam`` on the same uint8 views), so cached targets equal live ones."""
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if sam_teacher is None or clip_teacher is None:
+        cfg.teacher_weights()  # a teacher without weights is refused before anything is read
+    b = get_sam_config(cfg.sam_type).backbone
+    sam_size = cfg.sam_image_size or b.img_size
+    clip_source = open_clip_source(cfg.clip_data, shuffle=False)  # both validated before the teachers load
+    ds = SA1BDataset(cfg.sam_data, seed=cfg.seed, long_side=sam_size)
     sam = sam_teacher if sam_teacher is not None else load_sam_teacher(cfg.sam_checkpoint, cfg.sam_type)
     clip = clip_teacher if clip_teacher is not None else load_clip_teacher(cfg.clip_model, cfg.clip_pretrained)
     sam.to(device).eval()
     clip.to(device).eval()
-    b = get_sam_config(cfg.sam_type).backbone
-    sam_size = cfg.sam_image_size or b.img_size
     out = out or cfg.teacher_cache or os.path.join(cfg.out, "teacher-cache")
     writer = TeacherCacheWriter(out, cache_meta(sam, clip, sam_size), dtype=dtype)
     use_amp = device.type == "cuda" and cfg.amp in ("auto", "bf16")
@@ -188,15 +208,14 @@ def cache_teachers(cfg: TrainConfig, out: Optional[str] = None, batch_size: int 
     live = TeacherTargets(sam, clip, None, ac)
     resolutions = sorted(set(cfg.clip_resolutions) | set(cfg.stage3_resolutions))
 
-    def clip_images():
-        if is_shard_spec(cfg.clip_data):
-            yield from ClipWebDataset(cfg.clip_data, shuffle_shards=False)
-        else:
-            folder = ClipImageFolder(cfg.clip_data)
-            for i in range(len(folder)):
-                item = folder[i]
-                if item is not None:
-                    yield item
+    def clip_images():  # every image, held-out ones too: the cache does not depend on the split
+        if isinstance(clip_source, ClipWebDataset):
+            yield from clip_source
+            return
+        for i in range(len(clip_source)):
+            item = clip_source[i]
+            if item is not None:
+                yield item
 
     pending: List[Tuple[str, object]] = []
 
@@ -215,7 +234,6 @@ def cache_teachers(cfg: TrainConfig, out: Optional[str] = None, batch_size: int 
             flush_clip()
     if pending:
         flush_clip()
-    ds = SA1BDataset(cfg.sam_data, seed=cfg.seed, long_side=sam_size)
     n_sam = 0
     for s in range(0, len(ds), batch_size):
         raws = [(ds.stems[i], ds.load_raw(i)) for i in range(s, min(len(ds), s + batch_size))]

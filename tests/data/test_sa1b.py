@@ -105,7 +105,7 @@ def test_sa1b_skips_and_counts_corrupt_samples(sa1b, corrupt, caplog):
 
 def test_sa1b_without_masks_fails_at_construction(tmp_path, images):
     S.write_sa1b(tmp_path, [(images["chelsea"], np.zeros((0,) + images["chelsea"].shape[:2], bool))] * 3)
-    with pytest.raises(RuntimeError, match="at least one decodable mask") as e:
+    with pytest.raises(D.DataError, match="at least one decodable mask") as e:
         D.SA1BDataset(tmp_path)
     assert str(tmp_path) in str(e.value) and "no_masks" in str(e.value)
     (tmp_path / "empty").mkdir()

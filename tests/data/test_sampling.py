@@ -202,7 +202,7 @@ def test_batcher_batches_per_epoch_keeps_ddp_ranks_in_step(tmp_path):
     pics = list(S.load_sample_images(max_side=40).values())
     S.write_clip_shards(tmp_path, pics * 2, shard_size=5)  # 24 samples: shards of 5, 5, 5, 5, 4
     spec = str(tmp_path / "{00000..00004}.tar")
-    cfg = D.MultiResolutionConfig(resolutions=(32, 64), base_batch=4, base_res=32, seed=6)
+    cfg = D.MultiResolutionConfig(resolutions=(32, 64), base_batch=8, base_res=32, seed=6)  # 4 per rank
     make = lambda rank: D.MultiResolutionBatcher(  # noqa: E731
         D.ClipWebDataset(spec, rank=rank, world_size=2, seed=2, shuffle_buffer=4), cfg, batches_per_epoch=9)
     runs = [_run(make(r)) for r in range(2)]

@@ -72,6 +72,26 @@ def test_focal_part_equals_torchvision(alpha, gamma):
     check_grad(g, g64, torch.float32, "focal grad vs torchvision")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dice_part_equals_the_formula_written_out(backend):
+    """The dice term against SAM's formula written here in float64, per mask over its pixels:
+    mean over masks of 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1), p = sigmoid(logits)."""
+    from fastsamclip.kernels import OPS
+
+    if OPS["focal_dice_loss"][backend].is_available():
+        pytest.skip(OPS["focal_dice_loss"][backend].is_available())
+    logits, target = mask_inputs((2, 5, 9, 13), torch.float32)
+    logits.requires_grad_(True)
+    out = focal_dice_loss(logits, target, focal_weight=0.0, dice_weight=1.0, backend=backend)
+    x64 = logits.detach().double().requires_grad_(True)
+    p, t = torch.sigmoid(x64), target.double()
+    ref = (1 - (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)).mean()
+    check_loss(out, ref, torch.float32, "dice vs the formula")
+    (g,) = torch.autograd.grad(out, logits, torch.tensor(1.3))
+    (g64,) = torch.autograd.grad(ref, x64, torch.tensor(1.3, dtype=torch.float64))
+    check_grad(g, g64, torch.float32, "dice grad vs the formula")
+
+
 @pytest.mark.parametrize("dtype", NUMERIC_DTYPES, ids=str)
 def test_focal_dice_extreme_logits(dtype):
     """Saturated logits (+-30, +-100, +-1000) with hard and soft targets: finite, and equal to

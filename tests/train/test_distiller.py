@@ -12,40 +12,11 @@ import torch
 from fastsamclip import data
 from fastsamclip.data import samples
 from fastsamclip.data.samples import TINY_CLIP_CFG, write_clip_local_dir, write_sam_checkpoint
+from fastsamclip.errors import DataError
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
-from fastsamclip.train import Distiller, TrainConfig, TrainingStopped, cache_teachers
+from fastsamclip.train import Distiller, TrainingStopped, cache_teachers
 
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Teachers in the official formats and a dataset in the real formats, written once."""
-    root = tmp_path_factory.mktemp("train")
-    pics = samples.load_sample_images(max_side=80)
-    names = list(pics)
-    shards = samples.write_clip_shards(root / "clip", [pics[n] for n in names], shard_size=4)
-    samples.write_sa1b(root / "sa1b", [(pics[n], samples.synthetic_masks(pics[n])) for n in names[:6]])
-    sam_path = write_sam_checkpoint(str(root / "sam.pth"), "vit_micro")
-    clip_name = write_clip_local_dir(str(root / "clipm"))
-    return {
-        "root": root, "sam_path": sam_path, "clip_name": clip_name,
-        "spec": str(root / "clip" / ("{00000..%05d}.tar" % (len(shards) - 1))),
-        "sam": load_sam_teacher(sam_path, "vit_micro"), "clip": load_clip_teacher(clip_name),
-    }
-
-
-def make_cfg(env, out, **kw) -> TrainConfig:
-    base = dict(sam_checkpoint=env["sam_path"], sam_type="vit_micro", clip_model=env["clip_name"],
-                clip_pretrained=None, clip_data=env["spec"], sam_data=str(env["root"] / "sa1b"), out=str(out),
-                stage1_steps=2, stage2_steps=2, stage3_steps=2, clip_batch=4, clip_base_res=64,
-                clip_resolutions=(64, 96), stage3_resolutions=(64, 96, 128), sam_batch=2, masks_per_image=4,
-                eval_images=1, eval_masks_per_image=4, progress=False, tensorboard=False, checkpoint_every=0,
-                loss_backend="reference")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def trainer(env, out, **kw) -> Distiller:
-    return Distiller(make_cfg(env, out, **kw), sam_teacher=env["sam"], clip_teacher=env["clip"])
+from .conftest import make_cfg, trainer
 
 
 def snapshot(module):
@@ -201,7 +172,7 @@ def test_startup_errors_name_the_problem(env, tmp_path):
         trainer(env, tmp_path, clip_data=str(empty))
     corrupt = tmp_path / "corrupt"
     samples.write_image_folder(corrupt, [b"not a jpeg"] * 3)
-    with pytest.raises(RuntimeError, match="could be decoded"):
+    with pytest.raises(DataError, match="could be decoded"):
         trainer(env, tmp_path, clip_data=str(corrupt))
     with pytest.raises(FileNotFoundError, match="expands to"):
         trainer(env, tmp_path, clip_data=str(tmp_path / "nowhere" / "{00000..00003}.tar"))
@@ -209,7 +180,7 @@ def test_startup_errors_name_the_problem(env, tmp_path):
     no_masks.mkdir()
     pic = samples.load_sample_images(["chelsea"], max_side=64)["chelsea"]
     samples.write_sa1b(no_masks, [(pic, torch.zeros(0, *pic.shape[:2], dtype=torch.bool).numpy())])
-    with pytest.raises(RuntimeError, match="decodable mask"):
+    with pytest.raises(DataError, match="decodable mask"):
         trainer(env, tmp_path, sam_data=str(no_masks))
     nothing = tmp_path / "sa1b_nothing"
     nothing.mkdir()
@@ -245,7 +216,7 @@ def test_distill_command_with_config_file_and_overrides(env, tmp_path):
     rc = main(["distill", "--sam-checkpoint", env["sam_path"], "--sam-type", "vit_micro", "--clip-model",
                env["clip_name"], "--clip-pretrained", "none", "--clip-data", env["spec"], "--sam-data",
                str(env["root"] / "sa1b"), "--out", str(out), "--config", str(cfg_file), "--stage2-lr", "3e-3",
-               "--tensorboard", "false"])
+               "--tensorboard", "false", "--clip-holdout", "0.25"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["stage_steps"] == {"1": 1, "2": 1, "3": 1}
@@ -259,7 +230,7 @@ def test_distill_command_with_config_file_and_overrides(env, tmp_path):
 def test_ranks_on_shards_of_unequal_sizes_stay_in_the_same_epoch(env):
     """Three shards over two ranks: one rank reads twice the records of the other, yet batch k has
     the same epoch and resolution on both (the short rank re-reads its shards)."""
-    mr = data.MultiResolutionConfig(resolutions=(64, 96), base_batch=2, base_res=64, seed=3)
+    mr = data.MultiResolutionConfig(resolutions=(64, 96), base_batch=4, base_res=64, seed=3)  # global batch
     streams = [data.ClipStream(env["spec"], mr, rank=r, world_size=2) for r in range(2)]
     assert len(data.expand_shard_spec(env["spec"])) == 3
     seen = [[], []]
@@ -267,8 +238,11 @@ def test_ranks_on_shards_of_unequal_sizes_stay_in_the_same_epoch(env):
         for r, st in enumerate(streams):
             keys, images, res = st.next()
             seen[r].append((st.epoch, res, images.shape[0]))
-    assert seen[0] == seen[1]
+    assert [s[:2] for s in seen[0]] == [s[:2] for s in seen[1]]
     assert [e for e, _, _ in seen[0]] == [0] * 4 + [1] * 4 + [2] * 4
+    # Each rank holds its share of the global batch (4 at 64 px, 1 at 96 px: the second rank none).
+    for r in range(2):
+        assert [b for _, _, b in seen[r]] == [data.rank_share(mr.batch_size(res), r, 2)[1] for _, res, _ in seen[r]]
 
 
 def test_two_process_run_through_torchrun_on_cpu(env, tmp_path):
@@ -284,7 +258,7 @@ def test_two_process_run_through_torchrun_on_cpu(env, tmp_path):
            "--stage2-steps", "2", "--stage3-steps", "1", "--clip-batch", "4", "--clip-base-res", "64",
            "--clip-resolutions", "64", "--stage3-resolutions", "64,128", "--sam-batch", "2",
            "--masks-per-image", "2", "--eval-images", "1", "--progress", "false", "--tensorboard", "false",
-           "--loss-backend", "reference"]
+           "--loss-backend", "reference", "--clip-holdout", "0.25"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
