@@ -25,7 +25,7 @@ def cmd_serve(args) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("serve", help="HTTP API with dynamic batching: embeddings, labels, masks, semantic maps",
+    s = sub.add_parser("serve", help="HTTP API with dynamic batching: embeddings, labels, masks, semantic maps, segment everything",
                        description=__doc__.split("\n\n")[0])
     s.add_argument("--checkpoint", required=True, help="merged .safetensors checkpoint")
     s.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),

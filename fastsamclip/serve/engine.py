@@ -11,7 +11,10 @@ that pass, through the predictor's public methods so that its answer is the pred
   ``SAMCLIPPredictor.segment``;
 * ``classify``: ``SAMCLIPPredictor.classify``'s arithmetic on the pass's pooled CLIP rows;
 * ``semantic``: composed mode as ``segment`` then ``semantic_segment(None, ...)``; clip mode with
-  the functions of ``fastsamclip.predictor.semantic`` on the pass's per-patch rows.
+  the functions of ``fastsamclip.predictor.semantic`` on the pass's per-patch rows;
+* ``everything``: as ``segment`` (plus the original image, which the generator crops), then
+  ``SAMCLIPPredictor.generate(None, ...)``: the batched pass serves the full-image crop, crop
+  layers (when asked) run their own passes.
 
 A task whose parameters the model refuses (a prompt outside the image: the predictor's
 ValueError) gets a 422 for itself alone; the rest of the batch is answered. With ``compile=True``
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastsamclip.files import finite_or_none
 from fastsamclip.predictor import SAMCLIPPredictor, SemanticResult
 from fastsamclip.predictor.semantic import class_maps
 from fastsamclip.serve.rle import encode_rle
@@ -55,6 +59,23 @@ def tensor_b64(t: torch.Tensor) -> Dict[str, Any]:
     """A float32 tensor as ``{"shape", "dtype", "data": base64 of its little-endian bytes}``."""
     a = np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype="<f4")
     return {"shape": list(a.shape), "dtype": "float32", "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def plain(value: Any) -> Any:
+    """numpy / torch values inside records -> JSON types (NaN stays for the caller to refuse)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return plain(value.detach().cpu().numpy())
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    return value
 
 
 def semantic_json(res: SemanticResult) -> Dict[str, Any]:
@@ -200,6 +221,16 @@ class Engine:
             else:
                 res = self._semantic_clip(task, out, j)
             return semantic_json(res)
+        if name == "everything":
+            self._set_image_state(task, out, j)
+            p.image = task["image"]
+            generator = {k: v for k, v in params.items() if k not in ("labels", "label_threshold", "templates")}
+            try:
+                records = p.generate(None, labels=params["labels"], label_threshold=params["label_threshold"],
+                                     templates=params["templates"], output_mode="coco_rle", **generator)
+            finally:
+                p.reset_image()
+            return {"size": list(task["original_size"]), "count": len(records), "masks": finite_or_none(plain(records))}
         raise ValueError(f"unknown task {name!r}")
 
     def _semantic_clip(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> SemanticResult:

@@ -74,7 +74,15 @@ TASK_FIELDS: Dict[str, Dict[str, Any]] = {
     "segment": {"points": None, "point_labels": None, "boxes": None, "multimask_output": True},
     "semantic": {"labels": None, "mode": "clip", "resolution": 448, "threshold": 0.5, "points_per_class": 3,
                  "templates": "openai"},
+    # SAMCLIPPredictor.generate (SamAutomaticMaskGenerator's parameters); labels optional.
+    "everything": {"labels": None, "label_threshold": 0.0, "templates": "openai", "points_per_side": 32,
+                   "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+                   "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "crop_n_layers": 0, "crop_nms_thresh": 0.7,
+                   "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0},
 }
+# Bounds of the generator's integer parameters on this server (each multiplies a request's work).
+EVERYTHING_INTS = {"points_per_side": (1, 64), "points_per_batch": (1, 1024), "crop_n_layers": (0, 2),
+                   "crop_n_points_downscale_factor": (1, 8), "min_mask_region_area": (0, 10**8)}
 REQUIRED = {"classify": ("labels",), "semantic": ("labels",)}
 JSON_TYPE, MULTIPART_TYPE = "application/json", "multipart/form-data"
 
@@ -214,7 +222,8 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
             raise RequestError(422, f"missing field '{name}'")
     p = {k: (fields[k] if fields.get(k) is not None else d) for k, d in spec.items()}
     if "labels" in p:
-        p["labels"] = _labels(p["labels"], limits)
+        if p["labels"] is not None or task != "everything":
+            p["labels"] = _labels(p["labels"], limits)
         p["templates"] = _templates(p["templates"])
     if "resolution" in p:
         p["resolution"] = _int("resolution", p["resolution"], geometry.patch_size, limits.max_resolution)
@@ -248,6 +257,12 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
             if boxes.shape[0] > limits.max_prompts:
                 raise RequestError(422, f"field 'boxes' has {boxes.shape[0]} boxes; at most {limits.max_prompts}")
             p["boxes"] = boxes
+    elif task == "everything":
+        for name in p:
+            if name in EVERYTHING_INTS:
+                p[name] = _int(name, p[name], *EVERYTHING_INTS[name])
+            elif name not in ("labels", "templates"):
+                p[name] = _float(name, p[name])
     elif task == "semantic":
         if p["mode"] not in ("clip", "composed"):
             raise RequestError(422, f"field 'mode' must be 'clip' or 'composed', got {p['mode']!r}")
@@ -260,8 +275,8 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
 def geometry_of(task: str, params: Dict[str, Any], geometry: Geometry) -> Tuple[str, int]:
     """Which backbone pass a task needs: ("sam", side) for the SAM geometry, ("clip", side) for CLIP's.
 
-    As the predictor: ``segment``, ``embed`` and composed ``semantic`` at the native size (what
-    ``set_image`` / ``embed_images`` run), ``semantic`` clip mode at its resolution, ``classify``
+    As the predictor: ``segment``, ``everything``, ``embed`` and composed ``semantic`` at the native
+    size (what ``set_image`` / ``embed_images`` run), ``semantic`` clip mode at its resolution, ``classify``
     in CLIP's geometry at its resolution. Requests of one geometry share a pass."""
     if task == "classify":
         return "clip", params["resolution"]
@@ -283,5 +298,8 @@ def make_task(task: str, fields: Dict[str, Any], limits: Limits, geometry: Geome
             pixels, hw = sam_pixels(rgb, side)
         except ValueError as e:  # an image so elongated its short side resizes to 0 pixels
             raise RequestError(422, str(e)) from None
-    return {"task": task, "pass": (kind, side), "pixels": pixels.numpy(), "input_size": tuple(hw),
-            "original_size": tuple(rgb.shape[:2]), "params": params}
+    task_ = {"task": task, "pass": (kind, side), "pixels": pixels.numpy(), "input_size": tuple(hw),
+             "original_size": tuple(rgb.shape[:2]), "params": params}
+    if task == "everything":  # the generator crops the original image (crop layers) and sizes masks by it
+        task_["image"] = rgb
+    return task_

@@ -155,6 +155,22 @@ def test_semantic_equals_the_predictor(client, server, mode):
         assert body["prompted"] == [LABELS[c] for c in ref.prompted]
 
 
+def test_everything_equals_the_predictors_generate(client, server):
+    p, image = server["predictor"], _image(server)
+    params = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    r = client.post("/v1/everything", files={"image": ("x.png", _png(image), "image/png")},
+                    data={"labels": json.dumps(LABELS), **{k: json.dumps(v) for k, v in params.items()}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = p.generate(image, labels=LABELS, output_mode="coco_rle", **params)
+    assert body["count"] == len(ref) > 0 and body["size"] == list(image.shape[:2])
+    for got, want in zip(body["masks"], ref):
+        assert (decode_rle(got["segmentation"]) != decode_rle(want["segmentation"])).mean() < 1e-3
+        assert got["bbox"] == list(want["bbox"]) and got["label"] == want["label"]
+        assert got["predicted_iou"] == pytest.approx(want["predicted_iou"], abs=1e-5)
+        assert got["label_probs"] == pytest.approx(want["label_probs"], abs=1e-5)
+
+
 def test_concurrent_requests_share_one_backbone_pass(server):
     """Four requests at once, inside one batching window: answered from a shared pass (the batch
     size is in every answer), each still equal to the predictor's own answer."""
@@ -210,6 +226,8 @@ def _bad_requests(server):
         ("bad resolution", dict(json={"image": b64, "labels": LABELS, "resolution": 100}), "/v1/classify"),
         ("bad mode", dict(json={"image": b64, "labels": LABELS, "mode": "fast"}), "/v1/semantic"),
         ("bad point label", dict(json={"image": b64, "points": [[10, 10]], "point_labels": [7]}), "/v1/segment"),
+        ("too many points", dict(json={"image": b64, "points_per_side": 1000}), "/v1/everything"),
+        ("bad generator value", dict(json={"image": b64, "box_nms_thresh": "high"}), "/v1/everything"),
         ("body too large", dict(content=b"x" * (MAX_REQUEST_MB * 2**20 + 10),
                                 headers={"content-type": "application/json"}), "/v1/embed"),
         ("broken multipart", dict(content=b"--zz\r\nnope", headers={"content-type": "multipart/form-data; boundary=zz"}),
