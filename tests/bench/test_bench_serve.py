@@ -5,13 +5,17 @@ import pytest
 from fastsamclip.bench import bench_serve
 from fastsamclip.bench.harness import parse_extra, read_csv
 
+from ..export.conftest import session_micro_model
+
 pytest.importorskip("litserve", reason="the server needs litserve (extra 'serve'); CI installs it")
 pytest.importorskip("httpx", reason="the benchmark's client (extra 'serve'); CI installs it")
 
 
-def test_quick_run_writes_throughput_and_latency_rows(tmp_path, capsys):
+def test_quick_run_writes_throughput_and_latency_rows(tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "serve.csv"
-    assert bench_serve.main(["--quick", "--requests", "12", "--images", "2", "--out", str(out)]) == 0
+    checkpoint = session_micro_model(tmp_path_factory)["merged"]  # the export and serve tests' model
+    assert bench_serve.main(["--quick", "--checkpoint", checkpoint, "--requests", "12", "--images", "2",
+                             "--out", str(out)]) == 0
     rows = read_csv(str(out))
     assert {(r["impl"].split()[0], r["mode"]) for r in rows} == {
         (impl, mode) for impl in ("in-process", "http") for mode in ("request p50", "request p99")}
