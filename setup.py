@@ -73,7 +73,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastsamclip", "fastsamclip.modeling", "fastsamclip.data", "fastsamclip.train", "fastsamclip.predictor",
-              "fastsamclip.eval", "fastsamclip.cli", "fastsamclip.kernels", "fastsamclip.bench"],
+              "fastsamclip.eval", "fastsamclip.export", "fastsamclip.serve", "fastsamclip.cli", "fastsamclip.kernels",
+              "fastsamclip.bench"],
     package_dir={"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels",
                  "fastsamclip.bench": "bench"},
     package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"]},
@@ -92,7 +93,15 @@ setup(
     extras_require={
         "train": ["webdataset>=0.2", "pycocotools", "tensorboard"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib", "webdataset>=0.2", "pycocotools"],
-        "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib", "torchmetrics"],
+        "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib", "torchmetrics",
+                 # the export and serve tests (the two extras below, and the tests' HTTP client)
+                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3", "litserve>=0.2.10", "python-multipart",
+                 "httpx"],
+        # `fastsamclip export --format onnx`: torch's dynamo exporter needs onnxscript; onnxruntime
+        # checks the files against the torch model.
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        # `fastsamclip serve`: LitServe (FastAPI + uvicorn), multipart uploads; httpx for the benchmark's client.
+        "serve": ["litserve>=0.2.10", "python-multipart", "httpx"],
         # `fastsamclip eval instances` scores masks with pycocotools' COCOeval.
         "eval": ["pycocotools"],
         # Optional baselines for the kernel benchmarks; both need a CUDA torch.

@@ -1,6 +1,6 @@
 """The ``fastsamclip`` command. Each command group lives in its own module and registers its
 parser here: ``info``, ``demo``, ``merge`` / ``distill`` / ``cache-teachers``, ``predict``, ``eval``,
-``bench``."""
+``export``, ``serve``, ``bench``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from fastsamclip.cli import bench, demo, evaluate, info, predict, train
+from fastsamclip.cli import bench, demo, evaluate, export, info, predict, serve, train
 
-COMMANDS = (info, demo, train, predict, evaluate, bench)
+COMMANDS = (info, demo, train, predict, evaluate, export, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,272 @@
+"""The HTTP server: LitServe, one model worker per device, dynamic batching across every endpoint.
+
+Why LitServe: it is built for exactly this case, one model on one machine with requests batched
+in a short window (``max_batch_size`` / ``batch_timeout``), the model in its own worker process
+(so decoding and JSON never stall the GPU), readiness after the model's ``setup``, and FastAPI
+underneath; Ray Serve would add a cluster runtime that only pays off when one deployment spans
+machines.
+
+Layout. One ``LitAPI`` holds the model (:class:`~fastsamclip.serve.engine.Engine`) and one
+``LitSpec`` (:class:`Endpoints`) holds the routes, so that requests to EVERY endpoint join the
+same queue and the same batches (LitServe gives each LitAPI its own worker and queue: one LitAPI
+per endpoint would load the model once per endpoint and never batch across them). The routes run
+in the HTTP process: read the body (size-limited), decode and validate
+(:mod:`fastsamclip.serve.requests`; a bad request is answered there, a 4xx, and never reaches the
+model), prepare the pixels, queue the task, wait for the answer.
+
+Routes (JSON bodies, or multipart with ``image`` as a file; errors are ``{"error": message}``):
+
+    GET  /health          liveness: {"status": "alive", "ready": bool}
+    GET  /ready           LitServe's readiness: 200 "ok" once the model is loaded and warmed, else 503
+    GET  /info            the model and the batching settings
+    POST /v1/embed        {"image", "sam": false}           -> clip_embedding (and sam_embedding)
+    POST /v1/classify     {"image", "labels": [...]}        -> probs, label
+    POST /v1/segment      {"image", "points"/"boxes", ...}  -> masks (COCO RLE), scores
+    POST /v1/semantic     {"image", "labels": [...], "mode"} -> per-class masks (COCO RLE)
+    POST /v1/everything   {"image", "labels"?, generator parameters} -> every mask (COCO RLE), named
+
+Every answer carries ``timings_ms`` (decode, queue, backbone, head, total) and ``batch``
+(``requests`` in the worker's batch, ``backbone_batch`` images in this request's backbone pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Dict, Optional
+
+from fastsamclip.checkpoint import read_merged_config
+from fastsamclip.predictor import SAMCLIPPredictor
+from fastsamclip.serve.engine import Engine
+from fastsamclip.serve.requests import (
+    JSON_TYPE,
+    TASK_FIELDS,
+    Geometry,
+    Limits,
+    RequestError,
+    check_content_type,
+    form_value,
+    make_task,
+    parse_json_body,
+)
+
+try:  # optional dependency (extra "serve"): the server needs it, the rest of fastsamclip does not
+    import litserve as ls
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    MISSING: Optional[str] = None
+    from litserve.specs.base import LitSpec
+
+    _LitAPI, _LitSpec = ls.LitAPI, LitSpec
+except ImportError as e:  # pragma: no cover - exercised where the extra is not installed
+    MISSING = f"{e}; install the server with `pip install fastsamclip[serve]` (litserve)"
+    _LitAPI = _LitSpec = object
+    Request = Any
+
+log = logging.getLogger("fastsamclip.serve")
+TASKS = tuple(TASK_FIELDS)
+ROUTE_PREFIX = "/v1"
+READY_PATH = "/ready"
+
+
+def require_litserve() -> None:
+    if MISSING is not None:
+        raise RuntimeError(f"fastsamclip serve needs litserve: {MISSING}")
+
+
+def error_response(status: int, message: str) -> "JSONResponse":
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: "Request", limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (whatever Content-Length says)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body of {declared} bytes is over this server's limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body is over this server's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_fields(request: "Request", limit: int) -> Dict[str, Any]:
+    """The request's fields (``image`` as bytes or base64 text), from JSON or multipart."""
+    kind = check_content_type(request.headers.get("content-type"))
+    body = await read_body(request, limit)
+    if kind == JSON_TYPE:
+        return parse_json_body(body)
+
+    async def once():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, once(), max_files=4, max_fields=32,
+                                     max_part_size=limit).parse()
+    except MultiPartException as e:
+        raise RequestError(400, f"cannot read the multipart body: {e.message}") from None
+    fields: Dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            fields[name] = await value.read()
+        else:
+            fields[name] = form_value(name, value)
+    return fields
+
+
+class Endpoints(_LitSpec):
+    """The routes of the module docstring, all feeding one LitAPI's queue."""
+
+    def __init__(self, limits: Limits, geometry: Geometry, info: Dict[str, Any]) -> None:
+        super().__init__()
+        self.api_path = ROUTE_PREFIX  # the queue's name; the routes are added below
+        self.limits, self.geometry, self.info = limits, geometry, info
+
+    def pre_setup(self, lit_api) -> None:
+        for task in TASKS:
+            self.add_endpoint(f"{ROUTE_PREFIX}/{task}", getattr(self, f"post_{task}"), ["POST"])
+        self.add_endpoint("/health", self.health, ["GET"])
+
+    # LitSpec's hooks in the worker: the LitAPI below does the work.
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        return output
+
+    # ------------------------------------------------------------------ routes
+    async def health(self, request: Request) -> "JSONResponse":
+        status = getattr(self._server, "workers_setup_status", None) or {}
+        ready = bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+        return JSONResponse({"status": "alive", "ready": ready})
+
+    async def post_embed(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "embed")
+
+    async def post_classify(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "classify")
+
+    async def post_segment(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "segment")
+
+    async def post_semantic(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "semantic")
+
+    async def post_everything(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "everything")
+
+    async def handle(self, request: "Request", task_name: str) -> "JSONResponse":
+        t0 = time.monotonic()
+        try:
+            fields = await read_fields(request, self.limits.max_request_bytes)
+            task = await run_in_threadpool(make_task, task_name, fields, self.limits, self.geometry)
+        except RequestError as e:
+            return error_response(e.status, e.message)
+        except Exception as e:  # noqa: BLE001 -- a request we cannot read is the client's 400, never a 500
+            log.exception("reading a %s request failed", task_name)
+            return error_response(400, f"cannot read the request: {type(e).__name__}: {e}")
+        decode_ms = (time.monotonic() - t0) * 1e3
+        task["submitted"] = time.monotonic()
+        uid = str(uuid.uuid4())
+        event = asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event)
+        self.request_queue.put_nowait((self.response_queue_id, uid, time.monotonic(), task))
+        await event.wait()
+        response, status = self.response_buffer.pop(uid).response
+        if status == LitAPIStatus.ERROR:
+            code = getattr(response, "status_code", 500)
+            return error_response(code, str(getattr(response, "detail", None) or response))
+        answer = dict(response)
+        timings = dict(answer.pop("timings_ms", {}), decode=decode_ms, total=(time.monotonic() - t0) * 1e3)
+        if "error" in answer:
+            return JSONResponse({"error": answer["error"], "timings_ms": timings, "batch": answer.get("batch")},
+                                status_code=answer.get("status", 500))
+        return JSONResponse({**answer["result"], "timings_ms": timings, "batch": answer["batch"]})
+
+
+class SAMCLIPAPI(_LitAPI):
+    """The model worker: loads the checkpoint and warms it up in ``setup`` (the server is ready
+    after), then answers each batch with :meth:`Engine.run`."""
+
+    def __init__(self, checkpoint: str, spec: Endpoints, max_batch_size: int = 8, batch_timeout: float = 0.01,
+                 compile: bool = False) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec)
+        self.checkpoint, self.compile = checkpoint, compile
+
+    def setup(self, device) -> None:
+        predictor = SAMCLIPPredictor(self.checkpoint, device=device, compile=self.compile)
+        self.engine = Engine(predictor, max_batch=self.max_batch_size)
+        times = self.engine.warmup()
+        log.info("model loaded on %s and warmed up: %s", device,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+
+    def decode_request(self, request, **kwargs):
+        return request
+
+    def batch(self, inputs):
+        return list(inputs)
+
+    def predict(self, x, **kwargs):
+        # max_batch_size 1 gives LitServe's unbatched loop: one task, not a list.
+        if isinstance(x, list):
+            return self.engine.run(x)
+        return self.engine.run([x])[0]
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, output, **kwargs):
+        return output
+
+
+def _json_errors(app) -> None:
+    """Every error the framework itself raises (404, 405, 413, validation) as ``{"error": ...}``."""
+
+    async def http_error(request, exc):
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def validation_error(request, exc):
+        return error_response(422, str(exc.errors()))
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def build_server(checkpoint: str, max_batch_size: int = 8, batch_timeout: float = 0.01, device: str = "auto",
+                 compile: bool = False, limits: Limits = Limits(), timeout: float = 60.0) -> "ls.LitServer":
+    """A LitServer for a merged checkpoint (not started: ``.run(host=, port=)``).
+
+    max_batch_size / batch_timeout (seconds): how many requests may share a batch and how long
+    the worker waits to fill one. device: "auto" (CUDA when available), "cpu" or "cuda".
+    timeout: seconds a request may wait in the queue before a 504.
+    """
+    require_litserve()
+    config = read_merged_config(checkpoint)  # fails here, naming the file, before any process starts
+    bb = config.sam.backbone
+    geometry = Geometry(img_size=int(bb.img_size), patch_size=int(bb.patch_size))
+    info = {"checkpoint": checkpoint, "img_size": geometry.img_size, "patch_size": geometry.patch_size,
+            "max_batch_size": max_batch_size, "batch_timeout_s": batch_timeout, "compile": compile,
+            "limits": limits.__dict__, "endpoints": [f"{ROUTE_PREFIX}/{t}" for t in TASKS]}
+    spec = Endpoints(limits, geometry, info)
+    api = SAMCLIPAPI(checkpoint, spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout, compile=compile)
+    server = ls.LitServer(api, accelerator=device, devices=1, timeout=timeout, healthcheck_path=READY_PATH,
+                          model_metadata=info)
+    _json_errors(server.app)
+    return server
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", **kwargs) -> None:
+    """Build and run the server until interrupted (see :func:`build_server` for ``kwargs``)."""
+    server = build_server(checkpoint, **kwargs)
+    server.run(host=host, port=port, num_api_servers=1, log_level=log_level, generate_client_file=False)
