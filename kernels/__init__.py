@@ -12,6 +12,7 @@ This package imports torch, triton (optional), numpy and the standard library on
 import os as _os
 
 from . import dispatch as _dispatch
+from .cpu import native_bf16
 from .dispatch import OPS, Backend, Op, op_table, use_backend
 
 # Ops register in import order, which is the order op_table() lists them.
@@ -34,6 +35,7 @@ __all__ = [
     "focal_dice_loss",
     "focal_dice_loss_reference",
     "linear_cosine_distill_loss",
+    "native_bf16",
     "linear_cosine_distill_loss_reference",
     "op_table",
     "postprocess_masks",
