@@ -178,9 +178,10 @@ _SM80_16BIT = {
     # mma.sync keeps the operands in registers: 64-row tiles on 4 warps (168-255), 128 x 64 on 8
     # (194-255); 128 x 64 on 4 warps spills 228-562 B (d 80: 32 registers and 9 KB of spill).
     "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
-    # 32-query blocks on 4 warps spill 8-100 B on the 64 x 64 grid and 64-query blocks 1.2-7 KB
-    # (ptxas falling to 32 registers); 16 queries (244-255) and 32 x 128 keys on 8 warps (182-255).
-    "dkdv": [(16, 64, 4, 2), (16, 64, 8, 2), (32, 128, 8, 2)],
+    # 32-query blocks on 4 warps spill 8-100 B on the 64 x 64 grid, on 8 warps 8-12 B at 28 x 28
+    # (Triton 3.6 too), and 64-query blocks 1.2-7 KB (ptxas falling to 32 registers); 16 queries
+    # do not (244-255 registers).
+    "dkdv": [(16, 64, 4, 2), (16, 64, 8, 2)],
     # 32-row query blocks (128-225); 64 rows spill 44-368 B, and 128 rows on 8 warps 48-360 B.
     "dq": [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
 }
