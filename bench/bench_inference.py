@@ -9,6 +9,11 @@ pass), ``segment`` with one box prompt, and ``semantic_segment`` in composed mod
 the same image after warm-up, CUDA events around each whole request (kernels and host work),
 synchronised after it (the wall clock on the CPU).
 
+Precision: ``--dtype`` is the predictor's (auto: bf16 on CUDA, fp32 on the CPU); a run in another
+dtype than fp32 also serves the request once with an fp32 predictor of the same checkpoint and
+reports the agreement beside the latency: the SAM embedding's max relative error, the CLIP
+embedding's cosine, the box mask's IoU and the share of semantic-map pixels with the same label.
+
 Time to first result: a fresh process loads the checkpoint, builds the predictor, and serves one
 request. Run twice with the same Inductor cache directory: the first ("cold") compiles, the
 second ("warm") reads the cache. Without ``--compile`` both are eager and should match.
@@ -69,9 +74,25 @@ def request(predictor, image: np.ndarray, labels: List[str], resolution: int):
     return masks, scores, sem
 
 
-def build_predictor(args):
+def build_predictor(args, dtype=None):
     return SAMCLIPPredictor(args.checkpoint, device=args.device, compile=args.compile,
-                            compile_backend=args.compile_backend, cache_dir=args.cache_dir)
+                            compile_backend=args.compile_backend, cache_dir=args.cache_dir,
+                            dtype=dtype or args.dtype)
+
+
+def agreement_with_fp32(args, predictor, image: np.ndarray, labels: List[str]) -> dict:
+    """The request's outputs against an fp32 predictor's on the same image (eager: no compile)."""
+    masks, _, sem = request(predictor, image, labels, args.resolution)
+    feats, clip = predictor.features.clone(), predictor.clip_embedding.clone()
+    ref = SAMCLIPPredictor(args.checkpoint, device=predictor.device, dtype="fp32")
+    ref_masks, _, ref_sem = request(ref, image, labels, args.resolution)
+    union = np.logical_or(masks, ref_masks).sum()
+    return {
+        "vs_fp32_sam_rel_err": f"{((feats - ref.features).abs().max() / ref.features.abs().max()).item():.3g}",
+        "vs_fp32_clip_cos": f"{torch.nn.functional.cosine_similarity(clip, ref.clip_embedding).min().item():.5f}",
+        "vs_fp32_mask_iou": f"{np.logical_and(masks, ref_masks).sum() / union:.4f}" if union else "n/a: empty masks",
+        "vs_fp32_label_agreement": f"{(sem.label_map == ref_sem.label_map).mean():.4f}",
+    }
 
 
 def child_first_result(args) -> None:
@@ -87,7 +108,7 @@ def child_first_result(args) -> None:
 def time_to_first_result(args, cache_dir: str) -> float:
     cmd = [sys.executable, "-m", "fastsamclip.bench.bench_inference", "--ttfr-child", "--checkpoint", args.checkpoint,
            "--labels", str(args.labels), "--image", args.image, "--compile-backend", args.compile_backend,
-           "--cache-dir", cache_dir] + (["--compile"] if args.compile else []) + (
+           "--cache-dir", cache_dir, "--dtype", args.dtype] + (["--compile"] if args.compile else []) + (
                ["--device", args.device] if args.device else [])
     env = dict(os.environ, FASTSAMCLIP_TTFR_T0=repr(time.time()))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -103,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile per resolution (CUDA graphs on CUDA)")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the predictor's precision (auto: bf16 on CUDA, fp32 on the CPU); not fp32: agreement "
+                        "with an fp32 predictor is reported")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--labels", type=int, default=20, help="number of class labels (at most 20)")
     p.add_argument("--resolution", type=int, default=448)
@@ -141,10 +165,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p50 = statistics.median(times)
     p99 = percentile(times, 0.99)
     mode = "compiled" if args.compile else "eager"
+    dtype = str(predictor.dtype).replace("torch.", "").replace("float32", "fp32").replace(
+        "bfloat16", "bf16").replace("float16", "fp16")
+    extra = {"p99_ms": round(p99, 3), "iters": args.iters, "dtype": dtype}
+    if predictor.dtype != torch.float32:
+        extra.update(agreement_with_fp32(args, predictor, image, labels))
     case = f"{os.path.basename(args.checkpoint)} {image.shape[1]}x{image.shape[0]} box+{args.labels} labels composed"
-    rows = [Result(bench="inference", case=case, impl=mode, mode="request p50", ms=p50,
-                   extra={"p99_ms": round(p99, 3), "iters": args.iters}),
-            Result(bench="inference", case=case, impl=mode, mode="request p99", ms=p99)]
+    rows = [Result(bench="inference", case=case, impl=mode, mode="request p50", ms=p50, extra=extra),
+            Result(bench="inference", case=case, impl=mode, mode="request p99", ms=p99, extra={"dtype": dtype})]
     if not args.no_ttfr:
         cache = args.cache_dir or os.path.join(tmp, "inductor-cache")
         cold = time_to_first_result(args, cache)

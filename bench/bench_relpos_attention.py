@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from fastsamclip.kernels import OPS, relpos_attention, relpos_attention_reference
 
-from .harness import append_csv, format_table, plot_csv, run_case
+from .harness import append_csv, environment, format_table, plot_csv, run_case
 
 BENCH = "relpos_attention"
 ATTENTION = OPS["relpos_attention"]
@@ -198,14 +198,18 @@ def _max_err(fn, inputs) -> Optional[float]:
     return float((got - ref).abs().max())
 
 
-def run(args) -> list:
+def run(args, sink=None) -> list:
+    """Every (case, mode, competitor) row; ``sink(rows)`` gets each (case, mode)'s rows as soon
+    as they are measured (main appends them to the CSV, so an interrupted run keeps them)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     results = []
     comps = competitors(device)
     if args.impls:
-        comps = [c for c in comps if c[0] in args.impls]
-    for label, B, nh, H, W, d in cases(args.batch, args.quick):
+        comps = [c for name in args.impls for c in comps if c[0] == name]  # in the order asked
+    selected = [c for c in cases(args.batch, args.quick)
+                if not args.cases or any(c[0].startswith(prefix) for prefix in args.cases)]
+    for label, B, nh, H, W, d in selected:
         N = H * W
         case = f"{label} h{nh} d{d} {args.dtype or str(dtype).split('.')[-1]}"
         fwd_flops = 4.0 * B * nh * N * N * d
@@ -235,9 +239,11 @@ def run(args) -> list:
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            group = [r for r in results if r.case == case and r.mode == mode]
+            if sink is not None:
+                sink(group)
             if not args.quiet:
-                print(format_table([r for r in results if r.case == case and r.mode == mode], baseline="sdpa-bias"),
-                      flush=True)
+                print(format_table(group, baseline="sdpa-bias"), flush=True)
     return results
 
 
@@ -277,7 +283,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="images per call")
     p.add_argument("--modes", nargs="+", default=list(MODES),
                    help="any of fwd bwd fwd+bwd, space- or comma-separated")
-    p.add_argument("--impls", nargs="+", default=None, help="only these competitors")
+    p.add_argument("--impls", nargs="+", default=None, help="only these competitors, in this order")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="only cases whose label starts with one of these (e.g. global-4096 windows-196)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--out", default=None, help=f"CSV to append to (default bench/results/{BENCH}.csv)")
     p.add_argument("--no-plot", action="store_true")
@@ -292,8 +300,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = run(args)
-    path = append_csv(results, args.out)
+    env, written = environment(), []
+
+    def sink(rows):
+        written.append(append_csv(rows, args.out, env))
+
+    results = run(args, sink)
+    if not results:
+        print("no case matches --cases", file=sys.stderr)
+        return 2
+    path = written[-1]
     print(format_table(results, baseline="sdpa-bias"))
     print(f"appended {len(results)} rows to {path}")
     if not args.no_plot:

@@ -15,6 +15,15 @@ Configurations (the ``impl`` column), each at one precision (the ``dtype`` in ``
 - ``merged-reference``: the merged model, eager, attention backend ``reference`` (plain torch).
 - ``merged-fused``: the merged model, eager, automatic attention backend (fused kernels).
 - ``merged-fused-compile``: the same under ``torch.compile``.
+- ``separate-samfast/<clip>`` (only when asked for with ``--impls``): segment-anything-fast's
+  image encoder (the PyTorch team's package, installed from its git source; the PyPI project of
+  that name is another one, FastSAM) with SAM's weights, bf16, compiled (Inductor's default mode,
+  not its max-autotune, to keep compile time bounded), then CLIP as in ``separate-strong``.
+  Skipped, with the reason, when the package is not importable or has no such SAM config.
+
+``--impls`` picks and orders rows (``impl`` or ``impl@dtype``); ``--dtype`` is the precision of
+the merged model's fused rows (auto: bf16 on CUDA, fp32 on the CPU). Rows are written to the CSV
+as they are measured.
 
 Workloads (``mode``): ``both`` (SAM embedding + CLIP embedding per image), ``sam``, ``clip``;
 and ``semantic``: one picture segmented into 20 labels by the merged predictor's composed mode
@@ -57,12 +66,16 @@ from fastsamclip.kernels import use_backend
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
 
-from .harness import (LABELS, RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
-                      full_size_device, percentile, pyplot, read_csv, time_calls)
+from .harness import (LABELS, RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras,
+                      format_table, full_size_device, percentile, pyplot, read_csv, time_calls)
 from .report import markdown, run_rows
 
 WORKLOADS = ("both", "sam", "clip")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Skip(Exception):
+    """A row that cannot be measured here for a reason that is not a failure (a missing package)."""
 
 
 # ------------------------------------------------------------------------------------ models
@@ -110,6 +123,7 @@ def build_models(args, device: torch.device, tmp: str) -> Models:
     models.merged_text = merged_text.to(device) if merged_text is not None else None
     # Quick mode writes random teachers to disk: weights are random unless the user gave some.
     models.random_sam = args.sam_checkpoint is None
+    models.sam_type = args.sam_type
     return models
 
 
@@ -158,10 +172,30 @@ def sam_encoder_with_sdpa(encoder: torch.nn.Module, copy_first: bool = True) -> 
     return encoder
 
 
-def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtype, sdpa: bool = False
-                ) -> Tuple[Callable[[torch.Tensor], Dict[str, torch.Tensor]], List[torch.nn.Module]]:
+def sam_fast_encoder(models: Models, dtype: torch.dtype) -> torch.nn.Module:
+    """segment-anything-fast's image encoder with the SAM teacher's weights, in ``dtype``."""
+    try:
+        # Optional baseline: the PyTorch team's package, installed from its git source.
+        import segment_anything_fast
+        registry = segment_anything_fast.sam_model_registry
+    except Exception as e:  # not installed, the PyPI namesake (FastSAM), or a failing import
+        raise Skip(f"segment_anything_fast (github.com/pytorch-labs/segment-anything-fast) not importable: "
+                   f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+    if models.sam_type not in registry:
+        raise Skip(f"segment_anything_fast has no {models.sam_type!r} config")
+    fast = registry[models.sam_type]()
+    fast.image_encoder.load_state_dict(models.sam.image_encoder.state_dict())
+    device = next(models.sam.parameters()).device
+    return fast.image_encoder.to(device=device, dtype=dtype).eval()
+
+
+def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtype, sdpa: bool = False,
+                sam_fast: bool = False) -> Tuple[Callable[[torch.Tensor], Dict[str, torch.Tensor]], List[torch.nn.Module]]:
     """SAM then CLIP, each with its own preprocessing, as two separate models are used."""
-    sam_enc = _as_dtype(models.sam.image_encoder, dtype)
+    if sam_fast:
+        sam_enc = sam_fast_encoder(models, dtype)
+    else:
+        sam_enc = _as_dtype(models.sam.image_encoder, dtype)
     if sdpa:  # patch a copy, never the shared fp32 encoder
         sam_enc = sam_encoder_with_sdpa(sam_enc, copy_first=sam_enc is models.sam.image_encoder)
     clip = _as_dtype(models.clips[clip_name], dtype)
@@ -195,8 +229,9 @@ def make_row_fn(models: Models, impl: str, workload: str, dtype: torch.dtype, co
     """(callable(images) -> outputs, modules on the device, attention backend or None)."""
     if impl.startswith("separate-"):
         kind, clip_name = impl.split("/", 1)
-        fn, used = separate_fn(models, clip_name, workload, dtype, sdpa=kind == "separate-strong")
-        if kind == "separate-strong":
+        fn, used = separate_fn(models, clip_name, workload, dtype, sdpa=kind == "separate-strong",
+                               sam_fast=kind == "separate-samfast")
+        if kind in ("separate-strong", "separate-samfast"):
             fn = torch.compile(fn, dynamic=False, backend=compile_backend)
         return fn, used, None
     fn, used = merged_fn(models, workload, dtype)
@@ -306,6 +341,9 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
         torch.cuda.empty_cache()
         r.status = "failed: out of memory"
         return r
+    except Skip as e:
+        r.status = f"skipped: {e}"
+        return r
     except Exception as e:  # a configuration that breaks is a row with its error, not a crash
         r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         return r
@@ -323,7 +361,7 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
     if dtype_name == "fp32" and (impl == "merged-reference" or impl.startswith("separate-eager")):
         refs[key] = out  # the eager fp32 row of each model is the reference of the rows after it
     extra["max_rel_err"] = f"{rel_err(out, refs[key]):.3g}" if key in refs else "n/a: reference row failed"
-    if impl.endswith("compile") or impl.startswith("separate-strong"):
+    if impl.endswith("compile") or impl.startswith(("separate-strong", "separate-samfast")):
         extra["compile_backend"] = args.compile_backend
     return r
 
@@ -337,6 +375,30 @@ def configurations(models: Models, fast_dtype: str) -> List[Tuple[str, str]]:
     rows += [("merged-reference", "fp32"), ("merged-reference", "bf16"),
              ("merged-fused", fast_dtype), ("merged-fused-compile", fast_dtype)]
     return rows
+
+
+def catalog(models: Models, fast_dtype: str) -> List[Tuple[str, str]]:
+    """Every row ``--impls`` may ask for: the default configurations, then segment-anything-fast."""
+    return configurations(models, fast_dtype) + [(f"separate-samfast/{c}", "bf16") for c in models.clips]
+
+
+def select_rows(models: Models, fast_dtype: str, spec: Optional[str]) -> List[Tuple[str, str]]:
+    """The rows of ``--impls`` ("impl" for all of its precisions, or "impl@dtype"), in that order;
+    the default configurations without it. Unknown names raise ValueError listing the known ones."""
+    if not spec:
+        return configurations(models, fast_dtype)
+    known = catalog(models, fast_dtype)
+    out: List[Tuple[str, str]] = []
+    for item in (x for x in spec.split(",") if x):
+        impl, _, dtype = item.partition("@")
+        rows = [(i, d) for i, d in known if i == impl and (not dtype or d == dtype)]
+        if dtype and not rows and any(i == impl for i, _ in known) and dtype in DTYPES:
+            rows = [(impl, dtype)]
+        if not rows:
+            raise ValueError(f"--impls: unknown row {item!r}; known: "
+                             f"{', '.join(dict.fromkeys(f'{i}@{d}' for i, d in known))}")
+        out += [r for r in rows if r not in out]
+    return out
 
 
 def composed_fn(models: Models, image, device: torch.device):
@@ -488,8 +550,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clip-model", action="append", default=None, help="open_clip name (repeatable)")
     p.add_argument("--clip-pretrained", action="append", default=None, help="tag or file per --clip-model")
     p.add_argument("--merged", default=None, help="merged .safetensors (default: built from the teachers)")
-    p.add_argument("--fast-dtype", default=None, choices=list(DTYPES),
-                   help="precision of the fused rows (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", "--fast-dtype", dest="fast_dtype", default="auto", choices=["auto"] + list(DTYPES),
+                   help="precision of the merged model's fused rows (auto: bf16 on CUDA, fp32 on the CPU); each "
+                        "row's agreement with the eager fp32 row of its model is in max_rel_err")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated rows to run, in this order: impl or impl@dtype (e.g. "
+                        "merged-reference@fp32,merged-fused-compile,separate-samfast/ViT-B-16); default: every "
+                        "configuration but segment-anything-fast")
     p.add_argument("--compile-backend", default=None, help="default inductor; quick: eager (fast to trace)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -513,7 +580,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.warmup = args.warmup or (1 if q else 3)
     args.compile_backend = args.compile_backend or ("eager" if q else "inductor")
     args.points_per_side = args.points_per_side or (4 if q else 32)
-    fast_dtype = args.fast_dtype or ("bf16" if device.type == "cuda" else "fp32")
+    fast_dtype = args.fast_dtype if args.fast_dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workloads = [w for w in args.workloads.split(",") if w]
     for w in workloads:
         if w not in WORKLOADS:
@@ -538,16 +605,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         profile(models, args.profile, dtype, images[args.batch[0]], args, device)
         return 0
 
+    try:
+        rows = select_rows(models, fast_dtype, args.impls)
+    except ValueError as e:
+        p.error(str(e))
     results: List[Result] = []
     refs: Dict[Tuple[str, str, int], Dict[str, torch.Tensor]] = {}
+    env = environment()  # one stamp for the run: its rows are appended as they are measured
     for workload in workloads:
         for b in args.batch:
-            for impl, dtype in configurations(models, fast_dtype):
+            for impl, dtype in rows:
                 results.append(run_row(models, impl, dtype, workload, images[b], refs, args, device))
+                append_csv(results[-1:], out_csv, env)
                 torch._dynamo.reset()  # compiled graphs of one row must not serve (or evict) another's
     if not args.no_semantic:
-        results += semantic_rows(models, args, device)
-    path = append_csv(results, out_csv)
+        sem = semantic_rows(models, args, device)
+        append_csv(sem, out_csv, env)
+        results += sem
+    path = out_csv
     plots = plot_workloads(results, args.plot_dir or os.path.dirname(os.path.abspath(path)))
     print(format_table(results))
     print()

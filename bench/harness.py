@@ -199,14 +199,16 @@ CSV_FIELDS = ["date", "commit", "device", "driver", "torch", "triton", "bench", 
               "mode", "ms", "tflops", "gbps", "peak_mem_mb", "status", "extra"]
 
 
-def append_csv(results: Iterable[Result], path: Optional[str] = None) -> str:
-    """Append rows (with the environment stamp) to ``bench/results/<bench>.csv``."""
+def append_csv(results: Iterable[Result], path: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> str:
+    """Append rows (with the environment stamp) to ``bench/results/<bench>.csv``. A benchmark that
+    writes its rows as they are measured passes one ``env = environment()`` to every call, so
+    the rows of one run share one date stamp (what ``report`` groups a run by)."""
     results = list(results)
     if not results:
         raise ValueError("append_csv: no results to write")
     path = path or os.path.join(RESULTS_DIR, f"{results[0].bench}.csv")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    env = environment()
+    env = env or environment()
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

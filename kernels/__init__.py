@@ -23,6 +23,8 @@ from .focal_dice import focal_dice_loss, focal_dice_loss_reference  # noqa: E402
 from .preprocess import preprocess, preprocess_reference  # noqa: E402
 from .postprocess_masks import postprocess_masks, postprocess_masks_reference  # noqa: E402
 
+from . import aot  # noqa: E402  (the ahead-of-time GPU builds: ``fastsamclip info --kernels``)
+
 # Once, with every op registered: a forced backend nobody has raises here, naming the valid ones.
 _dispatch._apply_environment(_os.environ)
 
@@ -30,6 +32,7 @@ __all__ = [
     "Backend",
     "OPS",
     "Op",
+    "aot",
     "cosine_distill_loss",
     "cosine_distill_loss_reference",
     "focal_dice_loss",

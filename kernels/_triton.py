@@ -7,7 +7,7 @@ are None, the kernels are not defined, and each Triton backend's ``is_available`
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -63,3 +63,17 @@ def tensor_refusals(*tensors) -> List[str]:
     if bad:
         why.append(f"dtype {', '.join(sorted(bad))} (kernels take fp16/bf16/fp32)")
     return why
+
+
+class Launch(NamedTuple):
+    """One kernel launch as its host launcher makes it: ``fn[grid](*args, **meta, **options)``, or
+    through the autotuner of space ``tuned`` (then ``options`` is empty). Built by the launchers
+    for their launches and for the ahead-of-time builds (``aot.py``), so both see the same
+    arguments."""
+
+    kernel: str  # the name tables show, e.g. "attention fwd"
+    fn: object  # the @triton.jit function
+    args: tuple  # positional arguments in the kernel's order (tensors, ints, floats)
+    meta: dict  # constexpr keyword arguments the launcher passes
+    options: dict  # num_warps / num_stages (and constexprs) of a fixed-config launch
+    tuned: Optional[str] = None  # the autotune space ("fwd", "dkdv", "dq") of an autotuned launch

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_float_tensor, check_reduction, check_same_device
-from ._triton import HAS_TRITON, UNAVAILABLE, tensor_refusals, tl, triton
+from ._triton import HAS_TRITON, UNAVAILABLE, Launch, tensor_refusals, tl, triton
 from .dispatch import Backend, Op, Probe, dtype_grad_probes, register_op
 
 __all__ = ["OP", "cosine_distill_loss", "cosine_distill_loss_reference", "CosineDistillFunction"]
@@ -174,6 +174,26 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _fwd_launch(s: torch.Tensor, t: torch.Tensor, eps: float, loss: torch.Tensor, coef_a: torch.Tensor,
+                coef_b: torch.Tensor, ds: Optional[torch.Tensor] = None) -> Launch:
+    R, D = s.shape
+    block_r, block_d, num_warps = _fwd_config(D)
+    args = (s, t, loss, coef_a, coef_b, s if ds is None else ds,
+            R, D, s.stride(0), t.stride(0), s.stride(0) if ds is None else ds.stride(0), eps)
+    meta = dict(BLOCK_R=block_r, BLOCK_D=block_d, SINGLE_PASS=D <= block_d, WRITE_GRAD=ds is not None)
+    return Launch("cosine rows fwd" + (" +grad" if ds is not None else ""), _cosine_rows_fwd_kernel, args, meta,
+                  dict(num_warps=num_warps))
+
+
+def _bwd_launch(s: torch.Tensor, t: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor, g: torch.Tensor,
+                ds: torch.Tensor) -> Launch:
+    R, D = s.shape
+    block_r, block_d, num_warps = _bwd_config(D)
+    args = (s, t, coef_a, coef_b, g, ds, R, D, s.stride(0), t.stride(0), ds.stride(0))
+    return Launch("cosine rows bwd", _cosine_rows_bwd_kernel, args, dict(BLOCK_R=block_r, BLOCK_D=block_d),
+                  dict(num_warps=num_warps))
+
+
 def cosine_rows_fwd(s: torch.Tensor, t: torch.Tensor, eps: float, loss: torch.Tensor, coef_a: torch.Tensor,
                     coef_b: torch.Tensor, ds: Optional[torch.Tensor] = None) -> None:
     """Fills loss/coef_a/coef_b (R,) fp32 for s, t (R, D); with ``ds``, also writes the per-row
@@ -181,14 +201,8 @@ def cosine_rows_fwd(s: torch.Tensor, t: torch.Tensor, eps: float, loss: torch.Te
     R, D = s.shape
     if R == 0:
         return
-    block_r, block_d, num_warps = _fwd_config(D)
-    grid = (triton.cdiv(R, block_r),)
-    _cosine_rows_fwd_kernel[grid](
-        s, t, loss, coef_a, coef_b, s if ds is None else ds,
-        R, D, s.stride(0), t.stride(0), s.stride(0) if ds is None else ds.stride(0), eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, SINGLE_PASS=D <= block_d, WRITE_GRAD=ds is not None,
-        num_warps=num_warps,
-    )
+    launch = _fwd_launch(s, t, eps, loss, coef_a, coef_b, ds)
+    launch.fn[(triton.cdiv(R, launch.meta["BLOCK_R"]),)](*launch.args, **launch.meta, **launch.options)
 
 
 def cosine_rows_bwd(s: torch.Tensor, t: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor,
@@ -197,12 +211,19 @@ def cosine_rows_bwd(s: torch.Tensor, t: torch.Tensor, coef_a: torch.Tensor, coef
     R, D = s.shape
     if R == 0:
         return
-    block_r, block_d, num_warps = _bwd_config(D)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(D, block_d))
-    _cosine_rows_bwd_kernel[grid](
-        s, t, coef_a, coef_b, g, ds, R, D, s.stride(0), t.stride(0), ds.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    launch = _bwd_launch(s, t, coef_a, coef_b, g, ds)
+    grid = (triton.cdiv(R, launch.meta["BLOCK_R"]), triton.cdiv(D, launch.meta["BLOCK_D"]))
+    launch.fn[grid](*launch.args, **launch.meta, **launch.options)
+
+
+def aot_launches(rows: int, features: int, dtype: torch.dtype) -> List[Launch]:
+    """The launches of a forward (loss only, and with the gradient written, as the linear variant
+    does) and a backward on (rows, features) ``dtype`` inputs, on meta tensors: for ``aot.py``."""
+    x = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    s, t, ds = x(rows, features), x(rows, features), x(rows, features)
+    f = [x(rows, dt=torch.float32) for _ in range(4)]
+    return [_fwd_launch(s, t, DEFAULT_EPS, f[0], f[1], f[2]), _fwd_launch(s, t, DEFAULT_EPS, f[0], f[1], f[2], ds),
+            _bwd_launch(s, t, f[1], f[2], f[3], ds)]
 
 
 # --------------------------------------------------------------------------------------------

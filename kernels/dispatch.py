@@ -8,6 +8,8 @@ can take. Per call, ``op.select(*inputs)`` returns the first backend that can ru
 * ``check(*inputs) -> list[str]``: why it cannot take these inputs (device, dtype, shape).
 * ``auto_check(*inputs) -> list[str]``: why it should not be *picked automatically* although it
   could run them (a Triton kernel on CPU runs in the slow interpreter). Forcing ignores it.
+* ``notes(*inputs) -> list[str]``: how it runs inputs it takes, where that is a choice the user
+  should see (fp32 on TF32 tensor cores or in exact fp32); ``fastsamclip info`` prints them.
 
 A preferred backend that refuses is never a silent fallback: the first call that falls back
 for a given (op, chosen backend, refusals) logs them once on the ``fastsamclip.kernels``
@@ -65,7 +67,8 @@ class Backend:
     ``fn`` computes it (its arguments are the op's, see each op's public function);
     ``check(*inputs, **kw)`` returns the reasons it cannot take these inputs (empty: it can);
     ``is_available()`` says why it cannot run at all here (``None``: it can);
-    ``auto_check(*inputs, **kw)`` returns the reasons not to pick it automatically although able.
+    ``auto_check(*inputs, **kw)`` returns the reasons not to pick it automatically although able;
+    ``notes(*inputs, **kw)`` says how it runs inputs it takes (e.g. at which precision).
     """
 
     name: str
@@ -74,6 +77,7 @@ class Backend:
     check: Callable[..., List[str]] = field(default=_no_reasons)
     is_available: Callable[[], Optional[str]] = field(default=_always_available)
     auto_check: Callable[..., List[str]] = field(default=_no_reasons)
+    notes: Callable[..., List[str]] = field(default=_no_reasons)
 
     def refusals(self, *args, **kwargs) -> List[str]:
         """Why this backend cannot run these inputs (availability first); empty: it can."""
@@ -207,18 +211,20 @@ class Op:
     # ------------------------------------------------------------------------------- report
     def table(self, device: Optional[str] = None, **options) -> List[dict]:
         """Each backend's answer for each probe input: rows of (op, backend, probe, ok,
-        forced_ok, why, description). ``ok``: picked automatically when first; ``forced_ok``:
-        runs when forced. ``options`` go to the op's probes (e.g. ``head_dim`` for attention)."""
+        forced_ok, why, description, notes). ``ok``: picked automatically when first;
+        ``forced_ok``: runs when forced; ``notes``: how it runs the probe when it can. ``options``
+        go to the op's probes (e.g. ``head_dim`` for attention)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = []
         for probe in self.probes(device, **options):
             for be in self._order:
                 why = be.refusals(*probe.args, **probe.kwargs)
                 not_auto = [] if why else list(be.auto_check(*probe.args, **probe.kwargs))
+                notes = [] if why else list(be.notes(*probe.args, **probe.kwargs))
                 rows.append(dict(op=self.name, backend=be.name, probe=probe.label,
                                  ok=not why and not not_auto, forced_ok=not why,
                                  why="; ".join(why or [f"not chosen automatically: {w}" for w in not_auto]),
-                                 description=be.description))
+                                 description=be.description, notes="; ".join(notes)))
         return rows
 
 
@@ -264,7 +270,8 @@ def use_backend(name: Optional[str], op: Optional[str] = None) -> Iterator[None]
 def op_table(device: Optional[str] = None) -> List[dict]:
     """For ``fastsamclip info``: every op, every backend, on small probe inputs of ``device``
     (default: cuda if available, else cpu). Rows: op, backend, probe, ok (chosen automatically
-    when first able), forced_ok (runs when forced), why (reasons, empty when ok), description.
+    when first able), forced_ok (runs when forced), why (reasons, empty when ok), description,
+    notes (how it runs the probe, e.g. fp32 on TF32).
     For other probe options of one op: ``OPS[name].table(device, **options)``."""
     return [row for op in OPS.values() for row in op.table(device)]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_float_tensor, check_same_device
-from ._triton import HAS_TRITON, UNAVAILABLE, tensor_refusals, tl, triton
+from ._triton import HAS_TRITON, UNAVAILABLE, Launch, tensor_refusals, tl, triton
 from .dispatch import Backend, Op, Probe, dtype_grad_probes, register_op
 
 __all__ = ["OP", "focal_dice_loss", "focal_dice_loss_reference", "FocalDiceFunction"]
@@ -208,40 +208,67 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(x.shape[0] * x.shape[1], -1)
 
 
+# The finalize kernel: 128 masks x 16 blocks (a 256 x 256 mask) per step, 4 warps: 8 steps for
+# SAM's 32 x 32 masks.
+FINALIZE_MASKS = 128
+
+
+def _fwd_launches(x2: torch.Tensor, t2: torch.Tensor, part: torch.Tensor, loss: torch.Tensor, coef: torch.Tensor,
+                  focal_weight: float, dice_weight: float, alpha: float, gamma: float) -> Tuple[Launch, Launch]:
+    n_masks, hw = x2.shape
+    block, num_warps = _config(hw)
+    n_blocks = triton.cdiv(hw, block)
+    fwd = Launch("focal-dice fwd", _focal_dice_fwd_kernel, (x2, t2, part, hw, n_blocks, float(alpha), float(gamma)),
+                 dict(BLOCK=block, USE_ALPHA=alpha >= 0, GAMMA_INT=_gamma_int(gamma)), dict(num_warps=num_warps))
+    fin = Launch("focal-dice finalize", _focal_dice_finalize_kernel,
+                 (part, loss, coef, n_masks, n_blocks, 1.0 / (n_masks * hw), float(focal_weight), float(dice_weight)),
+                 dict(BLOCK_M=FINALIZE_MASKS, BLOCK_B=min(16, triton.next_power_of_2(n_blocks))), dict(num_warps=4))
+    return fwd, fin
+
+
+def _bwd_launch(x2, t2, coef, g, dx, alpha: float, gamma: float, focal_scale: float) -> Launch:
+    n_masks, hw = x2.shape
+    block, num_warps = _config(hw)
+    return Launch("focal-dice bwd", _focal_dice_bwd_kernel,
+                  (x2, t2, coef, g, dx, hw, float(alpha), float(gamma), float(focal_scale)),
+                  dict(BLOCK=block, USE_ALPHA=alpha >= 0, GAMMA_INT=_gamma_int(gamma)), dict(num_warps=num_warps))
+
+
 def focal_dice_fwd(x2: torch.Tensor, t2: torch.Tensor, focal_weight: float, dice_weight: float, alpha: float,
                    gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """x2, t2 (masks, HW) -> (loss () fp32, dice gradient coefficients (masks, 2) fp32).
     Two launches: the element-wise pass writing per-block partial sums, then one program that
     reduces them in a fixed order (deterministic; no float atomics)."""
     n_masks, hw = x2.shape
-    block, num_warps = _config(hw)
-    n_blocks = triton.cdiv(hw, block)
-    part = torch.empty(n_masks, n_blocks, 4, device=x2.device, dtype=torch.float32)
-    _focal_dice_fwd_kernel[(n_masks, n_blocks)](
-        x2, t2, part, hw, n_blocks, float(alpha), float(gamma),
-        BLOCK=block, USE_ALPHA=alpha >= 0, GAMMA_INT=_gamma_int(gamma), num_warps=num_warps,
-    )
+    block, _ = _config(hw)
+    part = torch.empty(n_masks, triton.cdiv(hw, block), 4, device=x2.device, dtype=torch.float32)
     loss = torch.empty((), device=x2.device, dtype=torch.float32)
     coef = torch.empty(n_masks, 2, device=x2.device, dtype=torch.float32)
-    # 128 masks x 16 blocks (a 256 x 256 mask) per step: 8 steps for SAM's 32 x 32 masks.
-    block_b = min(16, triton.next_power_of_2(n_blocks))
-    _focal_dice_finalize_kernel[(1,)](
-        part, loss, coef, n_masks, n_blocks, 1.0 / (n_masks * hw), float(focal_weight), float(dice_weight),
-        BLOCK_M=128, BLOCK_B=block_b, num_warps=4,
-    )
+    fwd, fin = _fwd_launches(x2, t2, part, loss, coef, focal_weight, dice_weight, alpha, gamma)
+    fwd.fn[(n_masks, part.shape[1])](*fwd.args, **fwd.meta, **fwd.options)
+    fin.fn[(1,)](*fin.args, **fin.meta, **fin.options)
     return loss, coef
 
 
 def focal_dice_bwd(x2: torch.Tensor, t2: torch.Tensor, coef: torch.Tensor, g: torch.Tensor, alpha: float,
                    gamma: float, focal_scale: float) -> torch.Tensor:
     n_masks, hw = x2.shape
-    block, num_warps = _config(hw)
     dx = torch.empty_like(x2)
-    _focal_dice_bwd_kernel[(n_masks, triton.cdiv(hw, block))](
-        x2, t2, coef, g, dx, hw, float(alpha), float(gamma), float(focal_scale),
-        BLOCK=block, USE_ALPHA=alpha >= 0, GAMMA_INT=_gamma_int(gamma), num_warps=num_warps,
-    )
+    launch = _bwd_launch(x2, t2, coef, g, dx, alpha, gamma, focal_scale)
+    launch.fn[(n_masks, triton.cdiv(hw, launch.meta["BLOCK"]))](*launch.args, **launch.meta, **launch.options)
     return dx
+
+
+def aot_launches(masks: int, hw: int, dtype: torch.dtype, alpha: float = 0.25, gamma: float = 2.0) -> List[Launch]:
+    """The launches of a forward and backward on (masks, hw) ``dtype`` logits with SAM's
+    alpha/gamma, on meta tensors: for ``aot.py``."""
+    x = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    block, _ = _config(hw)
+    part = x(masks, triton.cdiv(hw, block), 4, dt=torch.float32)
+    coef = x(masks, 2, dt=torch.float32)
+    fwd, fin = _fwd_launches(x(masks, hw), x(masks, hw), part, x(dt=torch.float32), coef, 20.0, 1.0, alpha, gamma)
+    return [fwd, fin, _bwd_launch(x(masks, hw), x(masks, hw), coef, x(dt=torch.float32), x(masks, hw), alpha, gamma,
+                                  20.0 / (masks * hw))]
 
 
 # --------------------------------------------------------------------------------------------

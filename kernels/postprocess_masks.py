@@ -97,7 +97,13 @@ def _postprocess_op(lowres: torch.Tensor, input_h: int, input_w: int, pad_side: 
                                        pad_side, out_h, out_w, threshold,
                                        logits.data_ptr() if return_logits else None,
                                        masks.data_ptr(), stream)
-    cuda_lib.check_rc(rc, "fsc_postprocess_masks")
+    try:
+        cuda_lib.check_rc(rc, "fsc_postprocess_masks")
+    except cuda_lib.LibraryUnusable:
+        # The library cannot run here after all (now marked so): this call takes the backend the
+        # dispatch picks without it, which logs the fallback once; later calls go there directly.
+        x, m = OP.select(lowres).fn(lowres, (input_h, input_w), pad_side, (out_h, out_w), threshold, return_logits)
+        return (x if return_logits else logits), m.to(torch.uint8)
     return logits, masks
 
 

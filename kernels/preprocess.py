@@ -171,7 +171,13 @@ def _preprocess_op(image: torch.Tensor, sam_side: int, sam_h: int, sam_w: int,
         rc = lib.fsc_preprocess_u8(image.data_ptr(), H, W, C, sam.data_ptr(), sam_side, sam_h,
                                    sam_w, f3(sam_mean), f3(sam_std), clip.data_ptr(),
                                    clip_side, f3(clip_mean), f3(clip_std), stream)
-    cuda_lib.check_rc(rc, "fsc_preprocess_u8")
+    try:
+        cuda_lib.check_rc(rc, "fsc_preprocess_u8")
+    except cuda_lib.LibraryUnusable:
+        # The library cannot run here after all (now marked so): this call takes the backend the
+        # dispatch picks without it, which logs the fallback once; later calls go there directly.
+        return OP.select(image).fn(image, sam_side=sam_side, sam_hw=(sam_h, sam_w), sam_mean=sam_mean,
+                                   sam_std=sam_std, clip_side=clip_side, clip_mean=clip_mean, clip_std=clip_std)
     return sam, clip
 
 

@@ -7,8 +7,8 @@ Plain-torch equivalent (``relpos_attention.relpos_attention_reference``)::
 
 computed flash-attention style: the scores exist only as register tiles, the forward saves the
 per-row log-sum-exp (base 2) and the backward recomputes the probabilities from it. No tensor of
-size N x N is ever allocated, forward or backward. (One op's kernels, launchers and registration
-in one file, in that order: over 600 lines, read top to bottom.)
+size N x N is ever allocated, forward or backward. (One op's kernels, configs, launchers and
+registration in one file, in that order: over 600 lines, read top to bottom.)
 
 How the bias is added. Key tiles are whole rows of the key grid: a tile holds ``BH`` grid rows of
 ``W_PAD = next_pow2(max(W, 16))`` columns, so key ``j`` of a tile sits at
@@ -22,25 +22,36 @@ tile that has rows past ``H``). Then
 * ``rel_h[q, kh0 + j // W_PAD]`` changes per key tile: with ``BH == 1`` (e.g. a 64 x 64 grid with
   64-key tiles) it is one column broadcast along the tile; with ``BH > 1`` (e.g. 14 x 14 windows,
   four 16-wide rows per 64-key tile) it is ``rel_h_tile (BLOCK_M, 16) @ onehot (16, BLOCK_N)``,
-  a K = 16 tensor-core product that is exact (one non-zero term per output).
+  a K = 16 tensor-core product that is exact (one non-zero term per output; for fp32 inputs on
+  TF32 it runs as 3xTF32, which keeps the fp32 bias). The rel_h tile of the NEXT key tile is
+  loaded at the top of each iteration and consumed by the next one: its latency overlaps a whole
+  iteration of MMA and softmax (its rows are 2-byte aligned at H = 14, so cp.async, which K and V
+  ride, cannot carry it).
 * Backward: ``d rel_h[q, kh] = sum_kw dS`` and ``d rel_w[q, kw] = sum_kh dS`` are row/column
   sums of the fp32 ``dS`` tile in the dq kernel (a reshape to ``(BLOCK_M, BH, W_PAD)`` and two
-  ``tl.sum``), exact in fp32 and written by the one program that owns those query rows: no
-  atomics, deterministic.
+  ``tl.sum``), exact in fp32, rounded once to the input dtype and written by the one program that
+  owns those query rows: no atomics, deterministic, no cast kernels after.
+
+Head dims. A head dim that is not a power of two runs as two power-of-two parts ``D0 + D1``
+(``head_split``: 80 = 64 + 16, ViT-H): every product over the head dim is two tl.dot calls and
+every (rows, d) tile two tiles, so d = 80 does 80/80 of the MMA work instead of 128/80 with a
+padded 128. Sizes the split does not help (e.g. 112) are padded to the next power of two.
 
 Caveats
 -------
 * Grid width ``W`` at most 128 (one key tile spans at least one whole grid row); wider grids are
   refused by the backend's ``check`` with that reason and go to the next backend.
-* Head dims are padded to the next power of two (d = 80 runs as 128 with masked lanes, ~37%
-  wasted MMA work); head dims above 128 are refused.
 * ``W`` that is not a power of two wastes the padded columns (W = 14 -> 16: 12.5%).
-* fp32 inputs run with IEEE fp32 dots (no TF32) so that fp32 is a faithful check dtype; on
-  sm_90 those dots are FMA loops that spill registers (ptxas: ~16 KB of spill stores at 64 x 64
-  tiles): a check dtype, many times slower than fp16/bf16 on tensor cores.
-* Compiled ahead of time for sm_90a without a GPU (Triton 3.8, ``triton.compile`` with a
-  ``GPUTarget``), every kernel lowers to wgmma with no spills in fp16/bf16 at the tuned configs
-  (170-255 registers, d = 80 at the top of that range); run times are a GPU's to measure.
+* fp32 inputs follow torch's fp32 matmul precision: TF32 tensor cores when torch allows TF32
+  (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, e.g. after
+  ``torch.set_float32_matmul_precision("high")``), otherwise exact IEEE fp32 dots, which are
+  FMA loops on every GPU (no tensor-core path keeps fp32): a check dtype, many times slower.
+  ``fastsamclip info`` and the backend's ``notes`` say which one a call gets.
+* Compiled ahead of time for sm_90a and sm_80 (``fastsamclip.kernels.aot``, run in CI: every
+  config of the autotune spaces below at SAM's shapes, fp16 and bf16): no spills, shared memory
+  under each GPU's limit, wgmma on sm_90a. Run times are a GPU's to measure.
+* Autotuning is keyed by (N, H, W, head dim, batch rounded to a power of two, dtypes) and kept on
+  disk in Triton's cache (``cache_results``): a second process with the same cache tunes nothing.
 * Double backward is not supported (the backward op has no autograd formula).
 * On CPU it runs only under ``TRITON_INTERPRET=1`` (~1000x slower than sdpa; for tests), and
   the chooser never picks it there (``auto_check``): force it with ``backend="triton"`` or
@@ -49,24 +60,26 @@ Caveats
 * Multi-GPU: launches switch to the inputs' device; no other device handling.
 * Backward runs two kernels (dk/dv over query blocks; dq + d rel_h + d rel_w over key tiles)
   after a small ``delta = rowsum(dO * O)`` kernel, recomputing ``Q K^T`` twice, as the
-  deterministic flash-attention 2 backward does.
+  deterministic flash-attention 2 backward does (7 N^2 d products where a backward with atomic
+  dq needs 5).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._triton import INTERPRET, UNAVAILABLE, device_refusals, tl, triton
+from ._triton import INTERPRET, UNAVAILABLE, Launch, device_refusals, tl, triton
 from .dispatch import Backend
 
-__all__ = ["relpos_attention_triton", "BACKEND"]
+__all__ = ["relpos_attention_triton", "BACKEND", "head_split", "fp32_uses_tf32", "config_space", "aot_launches"]
 
 MAX_W = 128  # widest key-grid row a tile can hold (W_PAD <= 128)
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E_PY = 1.4426950408889634
 
 
 def _next_pow2(x: int) -> int:
@@ -79,82 +92,229 @@ def _w_pad(W: int) -> int:
 
 
 def _d_pad(d: int) -> int:
+    """The padded head dim of the (element-wise) delta kernel."""
     return max(16, _next_pow2(d))
 
 
+def head_split(d: int) -> Tuple[int, int]:
+    """(D0, D1): the head dim as two power-of-two parts, D1 = 0 when one suffices. 80 -> (64, 16),
+    96 -> (64, 32), 64 -> (64, 0); a split no smaller than the next power of two is not taken
+    (112 -> (128, 0)). Lanes past d are masked."""
+    p = max(16, _next_pow2(d))
+    if d >= p or p == 16:
+        return p, 0
+    lo = p // 2
+    d1 = max(16, _next_pow2(d - lo))
+    return (p, 0) if lo + d1 >= p else (lo, d1)
+
+
 # --------------------------------------------------------------------------------------------
-# Autotune configs, pruned to the device
+# Precision of fp32 inputs
 # --------------------------------------------------------------------------------------------
-# Configs name a key-tile size target BLOCK_N; the pruner turns it into BH = BLOCK_N // W_PAD
-# grid rows per tile (at least 1) and drops duplicates and configs whose shared memory does
-# not fit the device. The interpreter gets one small config: autotuning there would only cost
-# test time (each config is a full Python-level run).
+def fp32_uses_tf32() -> bool:
+    """Whether torch currently allows TF32 for fp32 matmuls (the kernels follow it).
+
+    torch >= 2.9 keeps the setting in ``torch.backends.cuda.matmul.fp32_precision`` ("tf32",
+    "ieee", or "none": inherit ``torch.backends.fp32_precision``); it is what
+    ``torch.set_float32_matmul_precision`` and the legacy ``allow_tf32`` flag write. Reading the
+    legacy flag raises there once both APIs were used, and ``get_float32_matmul_precision()``
+    does not see the new one, so the new attribute is read first."""
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is not None:
+        if prec == "none":
+            prec = getattr(torch.backends, "fp32_precision", "ieee")
+        return prec == "tf32"
+    return bool(matmul.allow_tf32)
 
 
-def _config_space(kind: str):
-    """Autotune candidates as (BLOCK_M, BLOCK_N target, warps, stages).
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: it applies to fp32 operands only ("tf32" for fp16/bf16 is inert)."""
+    if dtype == torch.float32 and not fp32_uses_tf32():
+        return "ieee"
+    return "tf32"
 
-    Kept to 8 per kernel: each costs a ~3-4 s compile per (N, H, W, d, dtype) key on first use.
-    Chosen from ptxas register counts for sm_90a (fp16, d = 64, stages 2, Triton 3.8, inputs
-    16-byte aligned as Triton specialises them), windows 14 x 14 / global 64 x 64 grid:
-      fwd   BM 64 / 4 warps, BN 64: 176 / 168 regs; BM 128 / 8 warps, BN 64: 192 / 159;
-            BM 128 / 4 warps: 239-255 regs (spills at BN 128), so 128-row tiles get 8 warps.
-      dq    BM 64 / 4 warps, BN 32: 167 regs; BM 64 / 8 warps, BN 64: 178 / 229;
-            BM 64 / 4 warps, BN 64 on the 64-wide grid: 247 (no spill, low occupancy).
-      dkdv  BM 32 / 4 warps, BN 64: 184 / 179; BM 64 / 8 warps, BN 64: 228 / 211.
-    """
+
+def _bias_precision(dot_prec: str) -> str:
+    # The one-hot bias product must not round rel_h: 3xTF32 keeps fp32 inputs to ~fp32.
+    return "tf32x3" if dot_prec == "tf32" else dot_prec
+
+
+def fp32_note() -> str:
+    """How fp32 inputs run now, for ``fastsamclip info`` and the backend's notes."""
+    if fp32_uses_tf32():
+        return ("fp32 on TF32 tensor cores (torch allows TF32 for fp32 matmuls; the bias products "
+                "stay fp32 through 3xTF32)")
+    return ("fp32 with exact IEEE dots on FMA units (torch disallows TF32: "
+            "torch.set_float32_matmul_precision('high') moves fp32 to tensor cores)")
+
+
+# --------------------------------------------------------------------------------------------
+# Autotune spaces, per kernel, GPU family and dtype class, pruned on the device
+# --------------------------------------------------------------------------------------------
+# A config names a key-tile size target BLOCK_N (queries for dkdv: BLOCK_M is then the query
+# block streamed past a key tile); the pruner turns BLOCK_N into BH = BLOCK_N // W_PAD grid rows
+# per tile (at least 1), drops duplicates, keeps the configs of the device's family and dtype
+# class, and drops those whose compiled kernel needs more shared memory than the device has
+# (Triton's own figure, read from the compiled kernel: no formula to drift from it).
+#
+# Every entry was compiled for its target (sm_90a: H100/H200; sm_80: A100) at SAM's shapes
+# (14 x 14 windows, 28 x 28 and 64 x 64 grids; d = 64, and d = 80 for the "wide" spaces; fp16 and
+# bf16) by ``fastsamclip.kernels.aot``. CI fails if any entry spills or outgrows the target's
+# shared memory. Figures quoted: ptxas registers (Triton 3.8, fp16; 3.6 within a few), over the
+# shapes, and the configs they rule out.
+#   (BLOCK_M, BLOCK_N target, warps, stages)
+_SM90_16BIT = {
+    # 64 x 32-64 keys on 4 warps: 116-205 registers; 128 x 64 needs 8 warps (154-218; on 4 warps
+    # 255 and 540-596 B of spill); every 128-key tile spills (36-140 B at 4 warps, 72-96 B at 8).
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+    # 32 queries x 64 keys on 4 warps: 168-251; 128 keys need 8 warps (172-235; 4 warps: 255 and
+    # 60-448 B of spill); 64 x 64 on 8 warps 178-255 (on 4 warps, 3 stages: 40 B spill at d 80).
+    "dkdv": [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2)],
+    # 164-255 registers, no spill anywhere (at d 80 on the 64 x 64 grid every config sits at 255).
+    "dq": [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)],
+}
+_SM80_16BIT = {
+    # mma.sync keeps the operands in registers: 64-row tiles on 4 warps (168-255), 128 x 64 on 8
+    # (194-255); 128 x 64 on 4 warps spills 228-562 B (d 80: 32 registers and 9 KB of spill).
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+    # 32-query blocks on 4 warps spill 8-100 B on the 64 x 64 grid, on 8 warps 8-12 B at 28 x 28
+    # (Triton 3.6 too), and 64-query blocks 1.2-7 KB (ptxas falling to 32 registers); 16 queries
+    # do not (244-255 registers).
+    "dkdv": [(16, 64, 4, 2), (16, 64, 8, 2)],
+    # 32-row query blocks (128-225); 64 rows spill 44-368 B, and 128 rows on 8 warps 48-360 B.
+    "dq": [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+}
+_SM80_16BIT_WIDE = {
+    "fwd": _SM80_16BIT["fwd"],
+    # d 80: every 32-query config spills (188-412 B); 16 queries on 4 warps do not (255).
+    "dkdv": [(16, 64, 4, 2)],
+    # d 80 on the 64 x 64 grid: every 4- and 8-warp dq config spills (20-52 B); 2 warps do not.
+    "dq": [(16, 32, 2, 2)],
+}
+# fp32 inputs: 4-byte operands double the shared memory and the registers of every tile.
+_FP32 = {
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2)],
+    "dkdv": [(16, 64, 4, 2), (32, 64, 4, 2)],
+    "dq": [(32, 32, 4, 2), (64, 32, 4, 2)],
+}
+_FP32_IEEE = {
+    "fwd": [(32, 32, 4, 2)],
+    "dkdv": [(16, 64, 4, 2)],
+    "dq": [(16, 32, 4, 2)],
+}
+SPACES: Dict[Tuple[str, str, str], List[Tuple[int, int, int, int]]] = {}
+for _fam, _classes in {"sm90": {"16bit": _SM90_16BIT, "16bit-wide": _SM90_16BIT, "tf32": _FP32, "tf32-wide": _FP32,
+                                "ieee": _FP32_IEEE, "ieee-wide": _FP32_IEEE},
+                       "sm80": {"16bit": _SM80_16BIT, "16bit-wide": _SM80_16BIT_WIDE, "tf32": _FP32,
+                                "tf32-wide": _FP32, "ieee": _FP32_IEEE, "ieee-wide": _FP32_IEEE}}.items():
+    for _cls, _table in _classes.items():
+        for _kind, _space in _table.items():
+            SPACES[(_kind, _fam, _cls)] = _space
+# The interpreter runs one small config: each autotune candidate would be a full Python-level run.
+INTERPRET_CONFIG = (64, 64, 4, 1)
+FAMILIES = ("sm90", "sm80")
+DTYPE_CLASSES = ("16bit", "16bit-wide", "tf32", "tf32-wide", "ieee", "ieee-wide")
+KINDS = ("fwd", "dkdv", "dq")
+
+
+def family_of(capability: Tuple[int, int]) -> str:
+    """The autotune space a GPU gets: Hopper and newer "sm90" (wgmma, 227 KB shared memory), the
+    rest "sm80" (mma.sync; A100's 163 KB, smaller GPUs pruned by the compiled figure)."""
+    return "sm90" if capability[0] >= 9 else "sm80"
+
+
+def dtype_class(dtype: torch.dtype, dot_prec: str, d0: int = 64, d1: int = 0) -> str:
+    """The space of these inputs: by dtype (fp16/bf16, fp32 on TF32, exact fp32), "-wide" when
+    the head dim runs wider than 64 (d = 80: 64 + 16)."""
+    cls = "16bit" if dtype in (torch.float16, torch.bfloat16) else ("tf32" if dot_prec == "tf32" else "ieee")
+    return cls + ("-wide" if d0 + d1 > 64 else "")
+
+
+def config_space(kind: str, family: str, dclass: str) -> List[Tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N target, warps, stages) candidates of ``kind`` on ``family`` for
+    ``dclass`` inputs."""
+    if kind not in KINDS or family not in FAMILIES or dclass not in DTYPE_CLASSES:
+        raise ValueError(f"no autotune space for {(kind, family, dclass)}")
+    return SPACES[(kind, family, dclass)]
+
+
+def grid_rows(block_n: int, w_pad: int) -> int:
+    """BH: whole grid rows per key tile for a BLOCK_N target (at least one row)."""
+    return max(1, block_n // w_pad)
+
+
+def _autotune_configs(kind: str) -> list:
+    """The union over families and dtype classes (what ``triton.autotune`` holds; the pruner keeps
+    the device's share)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    shapes = {
-        "fwd": [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)],
-        "dkdv": [(32, 64, 4), (32, 128, 8), (64, 64, 8), (64, 128, 8)],  # BLOCK_M: queries streamed past a key tile
-        "dq": [(64, 32, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)],
-    }
-    if kind not in shapes:
-        raise ValueError(kind)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w in shapes[kind] for st in (2, 3)]
+        bm, bn, w, s = INTERPRET_CONFIG
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+    seen = {}
+    for (k, _, _), space in SPACES.items():
+        if k == kind:
+            for c in space:
+                seen.setdefault(c, None)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
 
 
-def _device_smem_bytes() -> Optional[int]:
-    if INTERPRET or not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", None) or getattr(props, "shared_memory_per_block", None)
+def select_configs(kind: str, configs: Sequence, family: Optional[str], dclass: Optional[str], w_pad: int,
+                   smem_limit: Optional[int] = None,
+                   shared_of: Optional[Callable[[object], Optional[int]]] = None) -> list:
+    """The pruner's rule, without a device: of ``configs`` (triton.Config with BLOCK_M / BLOCK_N
+    targets) keep those in ``config_space(kind, family, dclass)`` (all of them when family is
+    None: the interpreter), as BLOCK_M / BH configs, duplicates dropped; with ``smem_limit``,
+    drop those whose ``shared_of(config)`` (bytes of the compiled kernel; None: it failed to
+    compile) exceeds it. Never empty: the smallest tile is the last resort."""
+    space = set(config_space(kind, family, dclass)) if family is not None else None
+    out, seen = [], set()
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if space is not None and (bm, bn, c.num_warps, c.num_stages) not in space:
+            continue
+        bh = grid_rows(bn, w_pad)
+        key = (bm, bh, c.num_warps, c.num_stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        cfg = triton.Config({"BLOCK_M": bm, "BH": bh}, num_warps=c.num_warps, num_stages=c.num_stages)
+        if smem_limit is not None and shared_of is not None:
+            need = shared_of(cfg)
+            if need is None or need > smem_limit:
+                continue
+        out.append(cfg)
+    if not out:
+        out.append(triton.Config({"BLOCK_M": 32, "BH": 1}, num_warps=4, num_stages=1))
+    return out
 
 
-def _smem_estimate(kind: str, block_m: int, block_n: int, d_pad: int, w_pad: int, stages: int, elt: int) -> int:
-    """Rough shared-memory bytes: pipelined operand tiles plus one fp32 tile for layout
-    conversions. Over-estimating only drops configs that would likely spill or fail."""
-    if kind == "fwd":  # q resident, k and v pipelined
-        ops = block_m * d_pad + stages * 2 * block_n * d_pad
-    elif kind == "dkdv":  # k, v resident, q and dO pipelined
-        ops = 2 * block_n * d_pad + stages * 2 * block_m * d_pad
-    else:  # dq: q, dO resident, k and v pipelined
-        ops = 2 * block_m * d_pad + stages * 2 * block_n * d_pad
-    return ops * elt + block_m * max(block_n, w_pad) * 4
+def _device_limits(device: torch.device) -> Tuple[Tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
+    return (props.major, props.minor), int(smem)
 
 
-def _make_pruner(kind: str):
+def _make_pruner(kind: str, fn):
+    """``early_config_prune`` of ``kind``'s autotuner; ``fn`` is its @triton.jit kernel."""
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        w_pad, d_pad = int(args["W_PAD"]), int(args["D_PAD"])
-        elt = args["Q"].element_size()
-        smem = _device_smem_bytes()
-        out, seen = [], set()
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            bh = max(1, bn // w_pad)
-            key = (bm, bh, c.num_warps, c.num_stages)
-            if key in seen:
-                continue
-            if smem is not None and _smem_estimate(kind, bm, bh * w_pad, d_pad, w_pad, c.num_stages, elt) > smem:
-                continue
-            seen.add(key)
-            out.append(triton.Config({"BLOCK_M": bm, "BH": bh}, num_warps=c.num_warps, num_stages=c.num_stages))
-        if not out:  # never leave autotune empty: the smallest tile always fits
-            out.append(triton.Config({"BLOCK_M": 32, "BH": 1}, num_warps=4, num_stages=1))
-        return out
+        w_pad = int(args["W_PAD"])
+        if INTERPRET:
+            return select_configs(kind, configs, None, None, w_pad)
+        q = args["Q"]
+        capability, smem = _device_limits(q.device)
+
+        def shared_of(cfg):
+            # Compiles the config (Triton caches it, so the autotuner's own launch reuses it) and
+            # reads the shared memory Triton allocated; a config that fails to compile is dropped.
+            try:
+                return fn.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs()).metadata.shared
+            except Exception:
+                return None
+
+        dclass = dtype_class(q.dtype, kwargs["DOT_PREC"], int(args["D0"]), int(args["D1"]))
+        return select_configs(kind, configs, family_of(capability), dclass, w_pad, smem, shared_of)
 
     return prune
 
@@ -164,22 +324,49 @@ def _make_pruner(kind: str):
 # --------------------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
-    def _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W,
-                   BLOCK_M: tl.constexpr, BH: tl.constexpr, W_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
-        """Per-tile part of the bias, (BLOCK_M, BH * W_PAD) fp32: rel_h[m, kh0 + j // W_PAD].
+    def _load_head(rows, row_mask, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+        """The (R, D0) and (R, D1) parts of R rows of a head-dim tensor; ``rows``: (R,) pointers to
+        each row's element 0. The second part is the first again when D1 == 0 (unused then)."""
+        c0 = tl.arange(0, D0)
+        x0 = tl.load(rows[:, None] + c0[None, :], mask=row_mask[:, None] & (c0 < HEAD_DIM)[None, :], other=0.0)
+        if D1 > 0:
+            c1 = D0 + tl.arange(0, D1)
+            x1 = tl.load(rows[:, None] + c1[None, :], mask=row_mask[:, None] & (c1 < HEAD_DIM)[None, :], other=0.0)
+        else:
+            x1 = x0
+        return x0, x1
 
-        ``RH_rows``: (BLOCK_M,) pointers to rel_h[m, 0]."""
+    @triton.jit
+    def _store_head(rows, row_mask, x0, x1, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+        c0 = tl.arange(0, D0)
+        tl.store(rows[:, None] + c0[None, :], x0, mask=row_mask[:, None] & (c0 < HEAD_DIM)[None, :])
+        if D1 > 0:
+            c1 = D0 + tl.arange(0, D1)
+            tl.store(rows[:, None] + c1[None, :], x1, mask=row_mask[:, None] & (c1 < HEAD_DIM)[None, :])
+
+    @triton.jit
+    def _row_bias_load(RH_rows, m_mask, kh0, H, BH: tl.constexpr):
+        """rel_h of grid rows kh0 .. kh0 + BH - 1 for the query block (``RH_rows``: (BLOCK_M,)
+        pointers to rel_h[m, 0]): (BLOCK_M,) when BH == 1, else (BLOCK_M, 16) with 0 past BH or H."""
+        if BH == 1:
+            rh = tl.load(RH_rows + kh0, mask=m_mask & (kh0 < H), other=0.0)
+        else:
+            r = tl.arange(0, 16)
+            rh = tl.load(RH_rows[:, None] + kh0 + r[None, :],
+                         mask=m_mask[:, None] & (r[None, :] < BH) & (kh0 + r[None, :] < H), other=0.0)
+        return rh
+
+    @triton.jit
+    def _row_bias(rh, BLOCK_M: tl.constexpr, BH: tl.constexpr, W_PAD: tl.constexpr, BIAS_PREC: tl.constexpr):
+        """The per-tile part of the bias, (BLOCK_M, BH * W_PAD) fp32: rel_h[m, kh0 + j // W_PAD]."""
         BLOCK_N: tl.constexpr = BH * W_PAD
         if BH == 1:
-            rh = tl.load(RH_rows + kh0, mask=m_mask & (kh0 < H), other=0.0).to(tl.float32)
-            out = tl.broadcast_to(rh[:, None], (BLOCK_M, BLOCK_N))
+            out = tl.broadcast_to(rh.to(tl.float32)[:, None], (BLOCK_M, BLOCK_N))
         else:
             r = tl.arange(0, 16)
             jr = tl.arange(0, BLOCK_N) // W_PAD
-            rh = tl.load(RH_rows[:, None] + kh0 + r[None, :],
-                         mask=m_mask[:, None] & (r[None, :] < BH) & (kh0 + r[None, :] < H), other=0.0)
-            onehot = (r[:, None] == jr[None, :]).to(rh.dtype)  # (16, BLOCK_N), exact product
-            out = tl.dot(rh, onehot, input_precision=DOT_PREC)
+            onehot = (r[:, None] == jr[None, :]).to(rh.dtype)  # (16, BLOCK_N): one term per output
+            out = tl.dot(rh, onehot, input_precision=BIAS_PREC)
         return out
 
     @triton.jit
@@ -205,41 +392,41 @@ if triton is not None:
         return tl.where(jc[None, :] < W, bias_w, float("-inf"))
 
     @triton.jit
-    def _score_tile(q, K_base, V_base, skn, svn, RH_rows, RW_rows, bias_w, offs_m, m_mask, offs_d, d_mask,
-                    jr, jc, kh0, H, W, qk_scale,
-                    BLOCK_M: tl.constexpr, BH: tl.constexpr, W_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
-        """Key tile of grid rows kh0 .. kh0 + BH - 1: (scores in log2 units with the whole bias,
-        -inf on padded keys; its K; its V)."""
+    def _score_tile(q0, q1, K_base, V_base, skn, svn, rh, bias_w, jr, jc, kh0, H, W, qk_scale,
+                    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BH: tl.constexpr, W_PAD: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_PREC: tl.constexpr):
+        """Key tile of grid rows kh0 .. kh0 + BH - 1 (``rh``: their rel_h, from _row_bias_load):
+        (scores in log2 units with the whole bias, -inf on padded keys; its K and V, two parts each)."""
         LOG2E: tl.constexpr = 1.4426950408889634
         kh = kh0 + jr
+        k_valid = (kh < H) & (jc < W)
         n_idx = kh * W + jc
-        kv_mask = ((kh < H) & (jc < W))[:, None] & d_mask[None, :]
-        k = tl.load(K_base + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias_w
-        s += _bias_rows(RH_rows, RW_rows, offs_m, m_mask, kh0, H, W, BLOCK_M, BH, W_PAD, DOT_PREC) * LOG2E
+        k0, k1 = _load_head(K_base + n_idx * skn, k_valid, HEAD_DIM, D0, D1)
+        v0, v1 = _load_head(V_base + n_idx * svn, k_valid, HEAD_DIM, D0, D1)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        if D1 > 0:
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+        s = s * qk_scale + bias_w + _row_bias(rh, BLOCK_M, BH, W_PAD, BIAS_PREC) * LOG2E
         if BH > 1:
             if kh0 + BH > H:
                 s = tl.where((kh < H)[None, :], s, float("-inf"))
-        return s, k, v
+        return s, k0, k1, v0, v1
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TUNE_BATCH"])
     def _fwd_kernel(Q, K, V, RH, RW, O, LSE,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     srhb, srhh, srhn, srwb, srwh, srwn, sob, soh, son,
-                    NH, N, H, W, qk_scale,
-                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
+                    NH, N, H, W, qk_scale, TUNE_BATCH,
+                    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, W_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_PREC: tl.constexpr):
+        """One program per (batch, head, query block); streams the key tiles. TUNE_BATCH: the
+        autotune key's batch bucket, not read."""
         BLOCK_N: tl.constexpr = BH * W_PAD
         bh, b, h, offs_m, m_mask = _query_block(N, NH, BLOCK_M)
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < HEAD_DIM
         j = tl.arange(0, BLOCK_N)
         jr = j // W_PAD
         jc = j % W_PAD
-
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q0, q1 = _load_head(Q + b * sqb + h * sqh + offs_m * sqn, m_mask, HEAD_DIM, D0, D1)
         RH_rows = RH + b * srhb + h * srhh + offs_m * srhn
         RW_rows = RW + b * srwb + h * srwh + offs_m * srwn
         bias_w = _width_bias(RW_rows, m_mask, jc, W)
@@ -248,20 +435,34 @@ if triton is not None:
         V_base = V + b * svb + h * svh
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+        acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
+        if D1 > 0:
+            acc1 = tl.zeros((BLOCK_M, D1), tl.float32)
+        rh = _row_bias_load(RH_rows, m_mask, 0, H, BH)
         for t in range(0, tl.cdiv(H, BH)):
-            s, k, v = _score_tile(q, K_base, V_base, skn, svn, RH_rows, RW_rows, bias_w, offs_m, m_mask, offs_d,
-                                  d_mask, jr, jc, t * BH, H, W, qk_scale, BLOCK_M, BH, W_PAD, DOT_PREC)
+            kh0 = t * BH
+            # The next tile's rel_h, issued now and consumed next iteration (0 past the last row).
+            rh_next = _row_bias_load(RH_rows, m_mask, kh0 + BH, H, BH)
+            s, k0, k1, v0, v1 = _score_tile(q0, q1, K_base, V_base, skn, svn, rh, bias_w, jr, jc, kh0, H, W,
+                                            qk_scale, HEAD_DIM, D0, D1, BLOCK_M, BH, W_PAD, DOT_PREC, BIAS_PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            pv = p.to(v0.dtype)
+            acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+            if D1 > 0:
+                acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
+            rh = rh_next
         # Every query row sees key (0, 0) in the first tile, so l_i > 0 and m_i is finite.
-        acc = acc / l_i[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
-                 acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        o_rows = O + b * sob + h * soh + offs_m * son
+        o0 = (acc0 / l_i[:, None]).to(O.dtype.element_ty)
+        if D1 > 0:
+            o1 = (acc1 / l_i[:, None]).to(O.dtype.element_ty)
+        else:
+            o1 = o0
+        _store_head(o_rows, m_mask, o0, o1, HEAD_DIM, D0, D1)
         tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=m_mask)
 
     @triton.jit
@@ -275,14 +476,15 @@ if triton is not None:
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=mask, other=0.0)
         tl.store(DELTA + bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TUNE_BATCH"])
     def _bwd_dkdv_kernel(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                          srhb, srhh, srhn, srwb, srwh, srwn, sdob, sdoh, sdon,
                          sdkb, sdkh, sdkn,
-                         NH, N, H, W, qk_scale, sm_scale,
-                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
+                         NH, N, H, W, qk_scale, sm_scale, TUNE_BATCH,
+                         HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, W_PAD: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BIAS_PREC: tl.constexpr):
         """One program per (batch, head, key tile); streams every query block past it.
         Works on transposed scores sT (BLOCK_N, BLOCK_M) so dk/dv accumulate per key row."""
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -295,8 +497,6 @@ if triton is not None:
         b = bh // NH
         h = bh % NH
 
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < HEAD_DIM
         j = tl.arange(0, BLOCK_N)
         jr = j // W_PAD
         jc = j % W_PAD
@@ -304,31 +504,35 @@ if triton is not None:
         kh = kh0 + jr
         k_valid = (kh < H) & (jc < W)
         n_idx = kh * W + jc
-        kv_mask = k_valid[:, None] & d_mask[None, :]
-        k = tl.load(K + b * skb + h * skh + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k0, k1 = _load_head(K + b * skb + h * skh + n_idx * skn, k_valid, HEAD_DIM, D0, D1)
+        v0, v1 = _load_head(V + b * svb + h * svh + n_idx * svn, k_valid, HEAD_DIM, D0, D1)
         if BH > 1:
             # one-hot selectors (key j -> its grid row / column), loop invariant
             r16 = tl.arange(0, 16)
-            onehot_hT = (jr[:, None] == r16[None, :]).to(k.dtype)  # (BLOCK_N, 16)
+            onehot_hT = (jr[:, None] == r16[None, :]).to(k0.dtype)  # (BLOCK_N, 16)
             wcol = tl.arange(0, W_PAD)
-            onehot_wT = (jc[:, None] == wcol[None, :]).to(k.dtype)  # (BLOCK_N, W_PAD)
+            onehot_wT = (jc[:, None] == wcol[None, :]).to(k0.dtype)  # (BLOCK_N, W_PAD)
 
         Q_base = Q + b * sqb + h * sqh
         DO_base = DO + b * sdob + h * sdoh
         RH_base = RH + b * srhb + h * srhh
         RW_base = RW + b * srwb + h * srwh
-        dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
-        dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+        dk0 = tl.zeros((BLOCK_N, D0), tl.float32)
+        dv0 = tl.zeros((BLOCK_N, D0), tl.float32)
+        if D1 > 0:
+            dk1 = tl.zeros((BLOCK_N, D1), tl.float32)
+            dv1 = tl.zeros((BLOCK_N, D1), tl.float32)
         for mb in range(0, tl.cdiv(N, BLOCK_M)):
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             m_mask = offs_m < N
-            qd_mask = m_mask[:, None] & d_mask[None, :]
-            q = tl.load(Q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(DO_base + offs_m[:, None] * sdon + offs_d[None, :], mask=qd_mask, other=0.0)
+            q0, q1 = _load_head(Q_base + offs_m * sqn, m_mask, HEAD_DIM, D0, D1)
+            do0, do1 = _load_head(DO_base + offs_m * sdon, m_mask, HEAD_DIM, D0, D1)
             lse = tl.load(LSE + bh * N + offs_m, mask=m_mask, other=0.0)
             delta = tl.load(DELTA + bh * N + offs_m, mask=m_mask, other=0.0)
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            sT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+            if D1 > 0:
+                sT = tl.dot(k1, tl.trans(q1), sT, input_precision=DOT_PREC)
+            sT = sT * qk_scale
             if BH == 1:
                 # BLOCK_N == W_PAD: key j is column j, so the rel_w tile is the bias itself.
                 rwT = tl.load(RW_base + offs_m[None, :] * srwn + jc[:, None],
@@ -341,41 +545,52 @@ if triton is not None:
                 rhT = tl.load(RH_base + offs_m[None, :] * srhn + kh0 + r16[:, None],
                               mask=m_mask[None, :] & (r16[:, None] < BH) & (kh0 + r16[:, None] < H),
                               other=0.0)  # (16, BLOCK_M)
-                biasT = tl.dot(onehot_wT, rwT, input_precision=DOT_PREC)
-                biasT += tl.dot(onehot_hT, rhT, input_precision=DOT_PREC)
+                biasT = tl.dot(onehot_wT, rwT, input_precision=BIAS_PREC)
+                biasT = tl.dot(onehot_hT, rhT, biasT, input_precision=BIAS_PREC)
             sT += biasT * LOG2E
             pT = tl.exp2(sT - lse[None, :])
             pT = tl.where(k_valid[:, None] & m_mask[None, :], pT, 0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
-        dk *= sm_scale
-        out_off = b * sdkb + h * sdkh + n_idx[:, None] * sdkn + offs_d[None, :]
-        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            pTc = pT.to(do0.dtype)
+            dv0 = tl.dot(pTc, do0, dv0, input_precision=DOT_PREC)
+            dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+            if D1 > 0:
+                dv1 = tl.dot(pTc, do1, dv1, input_precision=DOT_PREC)
+                dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
+            dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
+            dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
+            if D1 > 0:
+                dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
+        dk_rows = DK + b * sdkb + h * sdkh + n_idx * sdkn
+        dv_rows = DV + b * sdkb + h * sdkh + n_idx * sdkn
+        if D1 > 0:
+            _store_head(dk_rows, k_valid, (dk0 * sm_scale).to(DK.dtype.element_ty),
+                        (dk1 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, D0, D1)
+            _store_head(dv_rows, k_valid, dv0.to(DV.dtype.element_ty), dv1.to(DV.dtype.element_ty), HEAD_DIM, D0, D1)
+        else:
+            dk = (dk0 * sm_scale).to(DK.dtype.element_ty)
+            dv = dv0.to(DV.dtype.element_ty)
+            _store_head(dk_rows, k_valid, dk, dk, HEAD_DIM, D0, D1)
+            _store_head(dv_rows, k_valid, dv, dv, HEAD_DIM, D0, D1)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TUNE_BATCH"])
     def _bwd_dq_kernel(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                        srhb, srhh, srhn, srwb, srwh, srwn, sdob, sdoh, sdon,
                        sdqb, sdqh, sdqn,
-                       NH, N, H, W, qk_scale, sm_scale,
-                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
+                       NH, N, H, W, qk_scale, sm_scale, TUNE_BATCH,
+                       HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, W_PAD: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_PREC: tl.constexpr):
         """One program per (batch, head, query block); streams the key tiles. Writes dq, and
         the bias gradients d rel_h (per key tile: each grid row lies in exactly one tile) and
-        d rel_w (summed over tiles in registers). DRH/DRW are contiguous (B, heads, N, H/W)."""
+        d rel_w (summed over tiles in registers), in the input dtype. DRH/DRW are contiguous
+        (B, heads, N, H/W)."""
         BLOCK_N: tl.constexpr = BH * W_PAD
         bh, b, h, offs_m, m_mask = _query_block(N, NH, BLOCK_M)
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < HEAD_DIM
         j = tl.arange(0, BLOCK_N)
         jr = j // W_PAD
         jc = j % W_PAD
-        qd_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=qd_mask, other=0.0)
+        q0, q1 = _load_head(Q + b * sqb + h * sqh + offs_m * sqn, m_mask, HEAD_DIM, D0, D1)
+        do0, do1 = _load_head(DO + b * sdob + h * sdoh + offs_m * sdon, m_mask, HEAD_DIM, D0, D1)
         lse = tl.load(LSE + bh * N + offs_m, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + bh * N + offs_m, mask=m_mask, other=0.0)
         RH_rows = RH + b * srhb + h * srhh + offs_m * srhn
@@ -388,31 +603,46 @@ if triton is not None:
         K_base = K + b * skb + h * skh
         V_base = V + b * svb + h * svh
         DRH_rows = DRH + bh * N * H + offs_m * H
-        dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+        dq0 = tl.zeros((BLOCK_M, D0), tl.float32)
+        if D1 > 0:
+            dq1 = tl.zeros((BLOCK_M, D1), tl.float32)
         drw = tl.zeros((BLOCK_M, W_PAD), tl.float32)
+        rh = _row_bias_load(RH_rows, m_mask, 0, H, BH)
         for t in range(0, tl.cdiv(H, BH)):
             kh0 = t * BH
-            s, k, v = _score_tile(q, K_base, V_base, skn, svn, RH_rows, RW_rows, bias_w, offs_m, m_mask, offs_d,
-                                  d_mask, jr, jc, kh0, H, W, qk_scale, BLOCK_M, BH, W_PAD, DOT_PREC)
+            rh_next = _row_bias_load(RH_rows, m_mask, kh0 + BH, H, BH)  # consumed next iteration
+            s, k0, k1, v0, v1 = _score_tile(q0, q1, K_base, V_base, skn, svn, rh, bias_w, jr, jc, kh0, H, W,
+                                            qk_scale, HEAD_DIM, D0, D1, BLOCK_M, BH, W_PAD, DOT_PREC, BIAS_PREC)
             p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+            if D1 > 0:
+                dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])  # dL/dS, fp32, (BLOCK_M, BLOCK_N)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-            # Bias gradients from the fp32 dS (not the rounded copy used for dq).
+            dsc = ds.to(k0.dtype)
+            dq0 = tl.dot(dsc, k0, dq0, input_precision=DOT_PREC)
+            if D1 > 0:
+                dq1 = tl.dot(dsc, k1, dq1, input_precision=DOT_PREC)
+            # Bias gradients from the fp32 dS (not the rounded copy used for dq): each value is
+            # complete in this program, so one rounding to the input dtype, as a cast after would do.
             if BH == 1:
                 drw += ds
-                tl.store(DRH_rows + kh0, tl.sum(ds, 1), mask=m_mask)
+                tl.store(DRH_rows + kh0, tl.sum(ds, 1).to(DRH.dtype.element_ty), mask=m_mask)
             else:
                 ds3 = tl.reshape(ds, (BLOCK_M, BH, W_PAD))
                 drw += tl.sum(ds3, 1)
                 rr = tl.arange(0, BH)
-                tl.store(DRH_rows[:, None] + kh0 + rr[None, :], tl.sum(ds3, 2),
+                tl.store(DRH_rows[:, None] + kh0 + rr[None, :], tl.sum(ds3, 2).to(DRH.dtype.element_ty),
                          mask=m_mask[:, None] & (kh0 + rr[None, :] < H))
-        dq *= sm_scale
-        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=qd_mask)
+            rh = rh_next
+        dq_rows = DQ + b * sdqb + h * sdqh + offs_m * sdqn
+        dqa = (dq0 * sm_scale).to(DQ.dtype.element_ty)
+        if D1 > 0:
+            dqb = (dq1 * sm_scale).to(DQ.dtype.element_ty)
+        else:
+            dqb = dqa
+        _store_head(dq_rows, m_mask, dqa, dqb, HEAD_DIM, D0, D1)
         wcol = tl.arange(0, W_PAD)
-        tl.store(DRW + bh * N * W + offs_m[:, None] * W + wcol[None, :], drw,
+        tl.store(DRW + bh * N * W + offs_m[:, None] * W + wcol[None, :], drw.to(DRW.dtype.element_ty),
                  mask=m_mask[:, None] & (wcol[None, :] < W))
 
     class _SingleConfig:
@@ -421,7 +651,7 @@ if triton is not None:
         (triton.autotune skips pruning when it holds a single config.)"""
 
         def __init__(self, fn, kind):
-            self.fn, self.configs, self.prune = fn, _config_space(kind), _make_pruner(kind)
+            self.fn, self.configs, self.prune = fn, _autotune_configs(kind), _make_pruner(kind, fn)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
@@ -433,21 +663,29 @@ if triton is not None:
 
             return launch
 
+    # The autotune key: the shape, and the batch rounded to a power of two (TUNE_BATCH), since
+    # the grid's size decides between tiles; Triton adds the tensors' dtypes. cache_results keeps
+    # each choice in Triton's cache directory (keyed also by Triton's version, the GPU
+    # architecture, the kernel's source and the config list), so a new process tunes nothing.
+    AUTOTUNE_KEY = ["N", "H", "W", "HEAD_DIM", "TUNE_BATCH"]
+
     def _tuned(fn, kind):
         if INTERPRET:
             return _SingleConfig(fn, kind)
-        # Key: the shape (dtype is part of Triton's autotune key already).
-        return triton.autotune(configs=_config_space(kind), key=["N", "H", "W", "HEAD_DIM"],
-                               prune_configs_by={"early_config_prune": _make_pruner(kind)})(fn)
+        return triton.autotune(configs=_autotune_configs(kind), key=AUTOTUNE_KEY, cache_results=True,
+                               prune_configs_by={"early_config_prune": _make_pruner(kind, fn)})(fn)
 
-    _fwd_tuned = _tuned(_fwd_kernel, "fwd")
-    _dkdv_tuned = _tuned(_bwd_dkdv_kernel, "dkdv")
-    _dq_tuned = _tuned(_bwd_dq_kernel, "dq")
+    KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
 
 # --------------------------------------------------------------------------------------------
-# Host launchers
+# Host launchers: the argument lists are built once, for the launches and for the AOT builds
 # --------------------------------------------------------------------------------------------
+# delta: element-wise, BLOCK_M = 64 rows of the head dim per program, Triton's default warps and
+# stages (4, 3): 64 x 64 fp32 products in registers, no shared memory but the reduction's.
+DELTA_CONFIG = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}
+
+
 def _on_device_of(t: torch.Tensor):
     # Triton launches on the current CUDA device: inputs on another GPU need it switched.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -465,26 +703,65 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _strides(*tensors) -> tuple:
+    return tuple(s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2)))
+
+
+def _tune_batch(B: int) -> int:
+    return _next_pow2(B)
+
+
+def _common_meta(q, rel_w, dot_prec: Optional[str] = None) -> dict:
+    d, W = q.shape[-1], rel_w.shape[-1]
+    d0, d1 = head_split(d)
+    prec = dot_prec or dot_precision(q.dtype)
+    return dict(HEAD_DIM=d, D0=d0, D1=d1, W_PAD=_w_pad(W), DOT_PREC=prec, BIAS_PREC=_bias_precision(prec))
+
+
+def _fwd_launch(q, k, v, rel_h, rel_w, o, lse, scale: float, dot_prec: Optional[str] = None) -> Launch:
+    B, NH, N, _ = q.shape
+    H, W = rel_h.shape[-1], rel_w.shape[-1]
+    args = (q, k, v, rel_h, rel_w, o, lse, *_strides(q, k, v, rel_h, rel_w, o),
+            NH, N, H, W, scale * LOG2E_PY, _tune_batch(B))
+    return Launch("attention fwd", _fwd_kernel, args, _common_meta(q, rel_w, dot_prec), {}, "fwd")
+
+
+def _delta_launch(o, do, delta) -> Launch:
+    _, NH, N, d = o.shape
+    args = (o, do, delta, *_strides(o, do), NH, N)
+    meta = dict(HEAD_DIM=d, D_PAD=_d_pad(d))
+    return Launch("attention delta", _bwd_delta_kernel, args, meta, dict(DELTA_CONFIG))
+
+
+def _bwd_launches(do, q, k, v, rel_h, rel_w, lse, delta, dq, dk, dv, drh, drw, scale: float,
+                  dot_prec: Optional[str] = None) -> Tuple[Launch, Launch]:
+    B, NH, N, _ = q.shape
+    H, W = rel_h.shape[-1], rel_w.shape[-1]
+    common = _strides(q, k, v, rel_h, rel_w, do)
+    meta = _common_meta(q, rel_w, dot_prec)
+    qk_scale = scale * LOG2E_PY
+    tail = (NH, N, H, W, qk_scale, scale, _tune_batch(B))
+    dkdv = Launch("attention dkdv", _bwd_dkdv_kernel,
+                  (q, k, v, rel_h, rel_w, do, lse, delta, dk, dv, *common, *_strides(dk), *tail), meta, {}, "dkdv")
+    dq_ = Launch("attention dq", _bwd_dq_kernel,
+                 (q, k, v, rel_h, rel_w, do, lse, delta, dq, drh, drw, *common, *_strides(dq), *tail), meta, {}, "dq")
+    return dkdv, dq_
+
+
+def _run(launch: Launch, grid) -> None:
+    if launch.tuned:
+        _TUNED[launch.tuned][grid](*launch.args, **launch.meta)
+    else:
+        launch.fn[grid](*launch.args, **launch.meta, **launch.options)
 
 
 def _launch_fwd(q, k, v, rel_h, rel_w, scale: float):
     q, k, v, rel_h, rel_w = map(_unit_last, (q, k, v, rel_h, rel_w))
     B, NH, N, d = q.shape
-    H, W = rel_h.shape[-1], rel_w.shape[-1]
     o = _new_output((B, NH, N, d), q.dtype, q.device)
     lse = _new_output((B, NH, N), torch.float32, q.device)
-    grid = lambda META: (B * NH * triton.cdiv(N, META["BLOCK_M"]),)  # noqa: E731
-    _fwd_tuned[grid](
-        q, k, v, rel_h, rel_w, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        rel_h.stride(0), rel_h.stride(1), rel_h.stride(2), rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        NH, N, H, W, scale * 1.4426950408889634,
-        HEAD_DIM=d, D_PAD=_d_pad(d), W_PAD=_w_pad(W), DOT_PREC=_dot_prec(q.dtype),
-    )
+    _run(_fwd_launch(q, k, v, rel_h, rel_w, o, lse, scale),
+         lambda META: (B * NH * triton.cdiv(N, META["BLOCK_M"]),))
     return o, lse
 
 
@@ -493,35 +770,49 @@ def _launch_bwd(do, q, k, v, rel_h, rel_w, o, lse, scale: float):
     B, NH, N, d = q.shape
     H, W = rel_h.shape[-1], rel_w.shape[-1]
     dev, dt = q.device, q.dtype
-    d_pad, w_pad = _d_pad(d), _w_pad(W)
     delta = _new_output((B, NH, N), torch.float32, dev)
-    blk = 64
-    _bwd_delta_kernel[(B * NH * triton.cdiv(N, blk),)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        NH, N, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=blk)
-
+    _run(_delta_launch(o, do, delta), (B * NH * triton.cdiv(N, DELTA_CONFIG["BLOCK_M"]),))
     dq = _new_output((B, NH, N, d), dt, dev)
     dk = _new_output((B, NH, N, d), dt, dev)
     dv = _new_output((B, NH, N, d), dt, dev)
-    # Bias gradients are produced in fp32 and cast at the end: they are sums of up to N
-    # terms of dS and stay exact that way.
-    drh = _new_output((B, NH, N, H), torch.float32, dev)
-    drw = _new_output((B, NH, N, W), torch.float32, dev)
-    common = (
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        rel_h.stride(0), rel_h.stride(1), rel_h.stride(2), rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-    )
-    meta = dict(HEAD_DIM=d, D_PAD=d_pad, W_PAD=w_pad, DOT_PREC=_dot_prec(dt))
-    qk_scale = scale * 1.4426950408889634
-    grid_kv = lambda META: (B * NH * triton.cdiv(H, META["BH"]),)  # noqa: E731
-    _dkdv_tuned[grid_kv](q, k, v, rel_h, rel_w, do, lse, delta, dk, dv, *common,
-                         dk.stride(0), dk.stride(1), dk.stride(2), NH, N, H, W, qk_scale, scale, **meta)
-    grid_q = lambda META: (B * NH * triton.cdiv(N, META["BLOCK_M"]),)  # noqa: E731
-    _dq_tuned[grid_q](q, k, v, rel_h, rel_w, do, lse, delta, dq, drh, drw, *common,
-                      dq.stride(0), dq.stride(1), dq.stride(2), NH, N, H, W, qk_scale, scale, **meta)
-    return dq, dk, dv, drh.to(dt), drw.to(dt)
+    # Written by the dq kernel in the input dtype (each value is an fp32 sum complete in one
+    # program, rounded once): no fp32 copies, no cast kernels.
+    drh = _new_output((B, NH, N, H), dt, dev)
+    drw = _new_output((B, NH, N, W), dt, dev)
+    dkdv, dq_ = _bwd_launches(do, q, k, v, rel_h, rel_w, lse, delta, dq, dk, dv, drh, drw, scale)
+    _run(dkdv, lambda META: (B * NH * triton.cdiv(H, META["BH"]),))
+    _run(dq_, lambda META: (B * NH * triton.cdiv(N, META["BLOCK_M"]),))
+    return dq, dk, dv, drh, drw
+
+
+def sam_layout(B: int, heads: int, H: int, W: int, d: int, dtype: torch.dtype, device="meta"):
+    """q, k, v, rel_h, rel_w as SAM's attention passes them: q/k/v permuted views of one
+    (B, N, 3, heads, d) qkv projection, the bias tables contiguous (B, heads, N, H / W)."""
+    N = H * W
+    qkv = torch.empty(B, N, 3, heads, d, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return (q, k, v, torch.empty(B, heads, N, H, dtype=dtype, device=device),
+            torch.empty(B, heads, N, W, dtype=dtype, device=device))
+
+
+def aot_launches(q, k, v, rel_h, rel_w, dot_prec: Optional[str] = None) -> List[Launch]:
+    """Every launch of a forward and backward on these inputs (e.g. ``sam_layout`` meta tensors),
+    with the arguments the launchers pass: for ``fastsamclip.kernels.aot``. Call with triton
+    importable (the kernels exist). ``dot_prec``: fp32's "tf32" or "ieee" (default: torch's setting now)."""
+    B, NH, N, d = q.shape
+    H, W = rel_h.shape[-1], rel_w.shape[-1]
+    new = lambda *shape, dtype=q.dtype: torch.empty(shape, dtype=dtype, device=q.device)  # noqa: E731
+    o, lse, delta = new(B, NH, N, d), new(B, NH, N, dtype=torch.float32), new(B, NH, N, dtype=torch.float32)
+    do, dq, dk, dv = new(B, NH, N, d), new(B, NH, N, d), new(B, NH, N, d), new(B, NH, N, d)
+    drh, drw = new(B, NH, N, H), new(B, NH, N, W)
+    scale = d ** -0.5
+    return [_fwd_launch(q, k, v, rel_h, rel_w, o, lse, scale, dot_prec), _delta_launch(o, do, delta),
+            *_bwd_launches(do, q, k, v, rel_h, rel_w, lse, delta, dq, dk, dv, drh, drw, scale, dot_prec)]
+
+
+if triton is not None:
+    _TUNED = {kind: _tuned(KERNELS[kind], kind) for kind in KINDS}
+    _fwd_tuned, _dkdv_tuned, _dq_tuned = _TUNED["fwd"], _TUNED["dkdv"], _TUNED["dq"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,6 +899,16 @@ def _auto_check(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
     return []
 
 
+def _notes(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
+    out = [fp32_note()] if q.dtype == torch.float32 else []
+    d0, d1 = head_split(q.shape[-1])
+    if d0 + d1 != q.shape[-1]:
+        out.append(f"head dim {q.shape[-1]} padded to {d0 + d1}" + (f" ({d0} + {d1})" if d1 else ""))
+    elif d1:
+        out.append(f"head dim {q.shape[-1]} as {d0} + {d1}, no padding")
+    return out
+
+
 BACKEND = Backend(
     name="triton",
     fn=relpos_attention_triton,
@@ -615,4 +916,5 @@ BACKEND = Backend(
     check=_check,
     is_available=lambda: UNAVAILABLE,
     auto_check=_auto_check,
+    notes=_notes,
 )

@@ -346,6 +346,37 @@ def test_gpu_preprocess_needs_cuda(setup):
         SAMCLIPPredictor(setup["predictor"].model, device="cpu", gpu_preprocess=True)
 
 
+def test_dtype_defaults_and_low_precision_agrees_with_fp32(setup):
+    """dtype="auto" is fp32 on the CPU (bf16 on CUDA); bf16 / fp16 run the image side in that
+    dtype, hand back fp32, keep the SAM decoder in fp32, and agree with fp32 to their precision."""
+    model = setup["predictor"].model
+    assert setup["predictor"].dtype == torch.float32
+    assert next(model.image_encoder.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be 'auto' or one of"):
+        SAMCLIPPredictor(copy.deepcopy(model), device="cpu", dtype="int8")
+    image = setup["image"]
+    ref = SAMCLIPPredictor(copy.deepcopy(model), device="cpu", dtype="fp32")
+    ref.set_image(image)
+    box = [[20, 15, 120, 90]]
+    ref_masks, _, ref_low = ref.segment(boxes=box, multimask_output=False)
+    ref_probs = ref.classify([image], ["cat", "dog", "grass"])
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        p = SAMCLIPPredictor(copy.deepcopy(model), device="cpu", dtype=name)
+        assert p.dtype == dt and next(p.model.image_encoder.parameters()).dtype == dt
+        assert next(p.model.clip_head.parameters()).dtype == dt
+        assert next(p.model.mask_decoder.parameters()).dtype == torch.float32
+        p.set_image(image)
+        assert p.features.dtype == p.clip_embedding.dtype == torch.float32
+        err = ((p.features - ref.features).abs().max() / ref.features.abs().max()).item()
+        assert err < (5e-2 if dt == torch.bfloat16 else 1e-2), f"{name}: SAM embedding rel err {err:.3g}"
+        cos = F.cosine_similarity(p.clip_embedding, ref.clip_embedding).min().item()
+        assert cos > 0.995, f"{name}: CLIP embedding cosine {cos:.4f}"
+        masks, _, low = p.segment(boxes=box, multimask_output=False)
+        iou = (masks & ref_masks).sum() / max(1, (masks | ref_masks).sum())
+        assert iou > 0.9 or np.abs(ref_low).max() < 0.05, f"{name}: mask IoU {iou:.3f} against fp32"
+        np.testing.assert_allclose(p.classify([image], ["cat", "dog", "grass"]), ref_probs, atol=0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_preprocess_and_cuda_graphs_agree_with_eager(setup):
     model = setup["predictor"].model

@@ -1,21 +1,49 @@
 """``fastsamclip info``: versions, the device, and every op's backends with the reason each one
-cannot run, where it cannot."""
+cannot run, where it cannot; ``--kernels``: the GPU builds of every Triton kernel, compiled here
+ahead of time (registers, spills, shared memory, MMA kind per kernel, config and target)."""
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 
 import torch
 
 from fastsamclip import __version__
 from fastsamclip.cli.common import package_version
-from fastsamclip.kernels import OPS, op_table
+from fastsamclip.kernels import OPS, aot, op_table
 
 PACKAGES = ("torch", "triton", "torchvision", "open_clip_torch", "segment-anything", "safetensors", "xformers",
             "flash-attn")
 
 
+def cmd_kernels(args) -> int:
+    """The ahead-of-time build table; exit 1 when a build has a finding (as the CI test)."""
+    targets = [t for t in args.targets.split(",") if t]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for t in targets:
+        if t not in aot.TARGETS:
+            print(f"info --kernels: unknown target {t!r}; known: {', '.join(aot.TARGETS)}", file=sys.stderr)
+            return 2
+    for d in dtypes:
+        if d not in aot.DTYPES and d != "fp32-ieee":
+            print(f"info --kernels: unknown dtype {d!r}; known: {', '.join(aot.DTYPES)}, fp32-ieee", file=sys.stderr)
+            return 2
+    builds = aot.builds(targets, dtypes)
+    print(f"{aot.versions()}: compiling {len(builds)} builds for {', '.join(targets)} "
+          f"in {args.jobs} processes ...", flush=True)
+    rows = aot.run(builds, jobs=args.jobs)
+    print(aot.format_table(rows))
+    problems = aot.check(rows)
+    print(f"\n{len(rows)} builds, {len(problems)} with findings"
+          + ("" if not problems else ":\n  " + "\n  ".join(problems)))
+    return 1 if problems else 0
+
+
 def cmd_info(args) -> int:
+    if args.kernels:
+        return cmd_kernels(args)
     print(f"fastsamclip {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()}")
     for pkg in PACKAGES:
@@ -38,10 +66,20 @@ def cmd_info(args) -> int:
             print(f"  {r['op']} [{device} {r['probe']}]:")
         status = "available" if r["ok"] else f"no: {r['why']}"
         print(f"    {r['backend']:10s} {status:60s} {r['description']}")
+        if r.get("notes") and r["forced_ok"]:
+            print(f"    {'':10s} ({r['notes']})")
     return 0
 
 
 def register(sub) -> None:
     s = sub.add_parser("info", help="versions, device and every op's backends")
     s.add_argument("--head-dim", type=int, default=64, help="also probe attention at this head dim (ViT-H: 80)")
+    s.add_argument("--kernels", action="store_true",
+                   help="compile every Triton kernel for GPU targets here (no GPU needed) and print registers, "
+                        "spills, shared memory and MMA kind per config; exit 1 on a finding")
+    s.add_argument("--targets", default=",".join(aot.TARGETS), help="with --kernels: GPU targets (sm_90a, sm_80)")
+    s.add_argument("--dtypes", default="fp16,bf16",
+                   help="with --kernels: fp16, bf16, fp32 (TF32), fp32-ieee (exact fp32 attention)")
+    s.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="with --kernels: compile processes")
     s.set_defaults(fn=cmd_info)

@@ -8,6 +8,12 @@ them safe; their outputs live in memory the next replay overwrites, so they are 
 location from ``TORCHINDUCTOR_CACHE_DIR`` when it compiles, so the variable is set for the duration
 of each compiling call and restored after, never left changed in the process.
 
+``dtype``: the precision of the image side (image encoder, neck and CLIP head), which holds nearly
+all of the work: "auto" is bf16 on CUDA (tensor cores, the fused attention kernels' fast path)
+and fp32 elsewhere; "fp32", "bf16", "fp16" force one. Inputs are cast to it and outputs come back
+as fp32, so the prompt encoder, mask decoder and text tower (light, and SAM's prompt encoder
+mixes float32 coordinates into its products) stay fp32 and the callers never see the dtype.
+
 Dynamo keeps the compiled graphs of one function (here: one code object for every shape, and
 every predictor in the process) up to ``recompile_limit`` (8) and silently runs eagerly past it;
 a ninth resolution would then never compile. The compiling call raises that limit for itself.
@@ -32,6 +38,29 @@ WARMUP_OUTPUTS = {"set_image": dict(clip=True, sam=True, clip_patches=True),
                   "clip": dict(clip=True, sam=False, clip_patches=False)}
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """The image side's dtype: "auto" -> bf16 on CUDA, fp32 elsewhere; a name of ``DTYPES`` or a
+    torch dtype among them -> that one."""
+    device = torch.device(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def image_side(model: torch.nn.Module):
+    """The modules the forward pass runs (what ``dtype`` applies to)."""
+    return [m for m in (getattr(model, "image_encoder", None), getattr(model, "clip_head", None)) if m is not None]
+
+
 @contextlib.contextmanager
 def _inductor_cache(cache_dir: Optional[str]) -> Iterator[None]:
     if cache_dir is None:
@@ -50,11 +79,16 @@ def _inductor_cache(cache_dir: Optional[str]) -> Iterator[None]:
 
 
 class Forward:
-    """``model(x, clip=..., sam=..., clip_patches=...)`` on SAM-normalised (B, 3, H, W)."""
+    """``model(x, clip=..., sam=..., clip_patches=...)`` on SAM-normalised (B, 3, H, W), run in
+    ``dtype`` (the image side is cast to it here, in place), fp32 outputs."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool = False,
-                 backend: str = "inductor", mode: Optional[str] = None, cache_dir: Optional[str] = None):
+                 backend: str = "inductor", mode: Optional[str] = None, cache_dir: Optional[str] = None,
+                 dtype="fp32"):
         self.model, self.device = model, device
+        self.dtype = resolve_dtype(dtype, device)
+        for m in image_side(model):
+            m.to(self.dtype)
         self.compile, self.backend = compile, backend
         # CUDA graphs ("reduce-overhead") replay the whole static-shape graph with one launch.
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" and backend == "inductor" else None)
@@ -67,14 +101,16 @@ class Forward:
     def __call__(self, x: torch.Tensor, clip: bool = True, sam: bool = True,
                  clip_patches: bool = False) -> Dict[str, torch.Tensor]:
         if not self.compile:
-            return self.model(x, clip=clip, sam=sam, clip_patches=clip_patches)
+            out = self.model(x.to(self.dtype), clip=clip, sam=sam, clip_patches=clip_patches)
+            return {k: v.float() for k, v in out.items()}
         key = (tuple(x.shape), x.dtype, clip, sam, clip_patches)
         fn = self._compiled.get(key)
         if fn is None:
-            model = self.model
+            model, dtype = self.model, self.dtype
 
             def run(t):
-                return model(t, clip=clip, sam=sam, clip_patches=clip_patches)
+                out = model(t.to(dtype), clip=clip, sam=sam, clip_patches=clip_patches)
+                return {k: v.float() for k, v in out.items()}
 
             kw = {"mode": self.mode} if self.mode else {}
             fn = torch.compile(run, fullgraph=True, dynamic=False, backend=self.backend, **kw)
@@ -89,8 +125,9 @@ class Forward:
 
     @torch.no_grad()
     def warmup(self, resolutions: Sequence[int], batch_sizes: Sequence[int], outputs: Sequence[str],
-               patch_size: int, dtype: torch.dtype) -> Dict[str, float]:
-        """Run (and, compiled, compile) every (resolution, batch, outputs) case; seconds per case."""
+               patch_size: int, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+        """Run (and, compiled, compile) every (resolution, batch, outputs) case; seconds per case.
+        ``dtype``: of the warm-up inputs (the callers' pixels are fp32; the cast is inside)."""
         unknown = set(outputs) - set(WARMUP_OUTPUTS)
         if unknown:
             raise ValueError(f"warmup outputs must be among {sorted(WARMUP_OUTPUTS)}, got {sorted(unknown)}")

@@ -68,12 +68,15 @@ class SAMCLIPPredictor:
     one). device: default CUDA when available, else CPU. compile: wrap the model's forward with
     ``torch.compile(fullgraph=True, dynamic=False)``, one compiled function per input shape;
     compile_backend picks the torch.compile backend (default inductor), compile_mode its mode
-    (default "reduce-overhead" on CUDA), cache_dir a persistent Inductor cache.
+    (default "reduce-overhead" on CUDA), cache_dir a persistent Inductor cache. dtype: the
+    precision of the image side (backbone, neck, CLIP head; cast in place): "auto" is bf16 on
+    CUDA and fp32 on the CPU, or "fp32" / "bf16" / "fp16"; outputs are fp32 either way, and the
+    prompt encoder, mask decoder and text tower stay fp32 (see ``engine``).
     """
 
     def __init__(self, model_or_checkpoint_path: Union[SAMCLIP, str, "os.PathLike"], device=None,
                  compile: bool = False, compile_backend: str = "inductor", compile_mode: Optional[str] = None,
-                 cache_dir: Optional[str] = None, gpu_preprocess: bool = False) -> None:
+                 cache_dir: Optional[str] = None, gpu_preprocess: bool = False, dtype="auto") -> None:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if gpu_preprocess and device.type != "cuda":
             raise ValueError("gpu_preprocess=True needs a CUDA device; the CPU path is used otherwise")
@@ -85,7 +88,8 @@ class SAMCLIPPredictor:
         self.device = device
         self.img_size = int(model.config.sam.backbone.img_size)
         self.patch_size = int(model.config.sam.backbone.patch_size)
-        self.forward = Forward(model, device, compile, compile_backend, compile_mode, cache_dir)
+        self.forward = Forward(model, device, compile, compile_backend, compile_mode, cache_dir, dtype)
+        self.dtype = self.forward.dtype
         self.text = TextEmbeddings(model, device)
         self.gpu_preprocess = gpu_preprocess
         self.reset_image()
@@ -105,8 +109,7 @@ class SAMCLIPPredictor:
         SAM), "clip" (``classify``: pooled CLIP only). Returns seconds per case; the first
         call of a case includes its compile, so these are the cold start costs.
         """
-        dtype = next(self.model.parameters()).dtype
-        return self.forward.warmup(resolutions or (self.img_size,), batch_sizes, outputs, self.patch_size, dtype)
+        return self.forward.warmup(resolutions or (self.img_size,), batch_sizes, outputs, self.patch_size)
 
     # ---------------------------------------------------------------- image state
     def reset_image(self) -> None:

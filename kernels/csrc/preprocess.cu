@@ -24,6 +24,10 @@
 // - The library links the CUDA runtime statically; streams and device pointers from torch's
 //   runtime are driver-level objects and valid here. The kernel runs on the device current to the
 //   calling thread (torch's current device).
+// - Built (CMakeLists.txt) as SASS for sm_80/89/90 plus PTX for compute_75 (any newer GPU JITs
+//   it). The runtime of the nvcc that builds it sets the oldest driver it runs on (nvcc 13.0:
+//   R580); fsc_probe says, before any launch, whether it can run here, and the Python side falls
+//   back to plain torch (logged once) when it cannot.
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -102,18 +106,29 @@ __device__ __forceinline__ void write_pixel(const uint8_t* __restrict__ img, int
   }
 }
 
-// A 1-D grid of 2-D tiles: the first sam.tiles blocks write the SAM input, the rest the CLIP
-// input, so both outputs come from one launch without idle blocks (a blockIdx.z split would
-// launch 1024x1024 worth of blocks for the 224x224 output too).
-__global__ void __launch_bounds__(kBlockX* kBlockY)
-    preprocess_kernel(const uint8_t* __restrict__ img, int H, int W, int C, Target sam,
-                      Target clip) {
-  int tile = blockIdx.x;
-  const Target& t = tile < sam.tiles ? sam : clip;
-  if (tile >= sam.tiles) tile -= sam.tiles;
+// One tile of one target.
+__device__ __forceinline__ void write_tile(const uint8_t* __restrict__ img, int H, int W, int C,
+                                           const Target& t, int tile) {
   const int x = (tile % t.tiles_x) * kBlockX + threadIdx.x;
   const int y = (tile / t.tiles_x) * kBlockY + threadIdx.y;
   if (x < t.side && y < t.side) write_pixel(img, H, W, C, t, x, y);
+}
+
+// A 1-D grid of 2-D tiles: the first sam.tiles blocks write the SAM input, the rest the CLIP
+// input, so both outputs come from one launch without idle blocks (a blockIdx.z split would
+// launch 1024x1024 worth of blocks for the 224x224 output too). Two explicit branches, each on
+// its own kernel parameter: a reference chosen at run time (``cond ? sam : clip``) made the
+// compiler copy both structs to a 144-byte stack frame (ptxas -v, nvcc 13.0); this way each
+// branch reads its parameters in place (31 registers, no stack).
+__global__ void __launch_bounds__(kBlockX* kBlockY)
+    preprocess_kernel(const uint8_t* __restrict__ img, int H, int W, int C, Target sam,
+                      Target clip) {
+  const int tile = blockIdx.x;
+  if (tile < sam.tiles) {
+    write_tile(img, H, W, C, sam, tile);
+  } else {
+    write_tile(img, H, W, C, clip, tile - sam.tiles);
+  }
 }
 
 // SAM's postprocess_masks, per output pixel: stage 1 upsamples (lh, lw) to (pad, pad); the crop
@@ -233,6 +248,25 @@ FSC_API int fsc_preprocess_u8(const uint8_t* img, int H, int W, int C_in, float*
   const int blocks = sam.tiles + clip.tiles;
   preprocess_kernel<<<blocks, dim3(kBlockX, kBlockY), 0, stream>>>(img, H, W, C_in, sam, clip);
   return static_cast<int>(cudaGetLastError());
+}
+
+// Whether this library's kernels can run on the current device: 0, or the cudaError_t a launch
+// would meet, without launching anything. cudaErrorInsufficientDriver (35): the driver is older
+// than the CUDA runtime this library links (nvcc 13.0's needs an R580 driver);
+// cudaErrorNoKernelImageForDevice (209): neither SASS for this GPU nor PTX its driver can JIT.
+//   runtime_version, driver_version: filled with CUDA's version encoding (13000 = 13.0; the
+//   driver's is 0 without one) when not null.
+FSC_API int fsc_probe(int* runtime_version, int* driver_version) {
+  int rt = 0, drv = 0;
+  cudaRuntimeGetVersion(&rt);
+  cudaDriverGetVersion(&drv);
+  if (runtime_version != nullptr) *runtime_version = rt;
+  if (driver_version != nullptr) *driver_version = drv;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, preprocess_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, postprocess_kernel);
+  if (err != cudaSuccess) cudaGetLastError();  // leave no error behind for the next call
+  return static_cast<int>(err);
 }
 
 // SAM's Sam.postprocess_masks fused with the threshold.

@@ -172,3 +172,18 @@ def test_strong_sam_baseline_through_sdpa_equals_segment_anything(sam_type):
     for a, b in zip(go, gr):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert enc.blocks[0].attn.forward.__func__ is type(enc.blocks[0].attn).forward  # the original is untouched
+
+
+def test_rows_chosen_and_ordered_by_impls_and_segment_anything_fast_said_why(tmp_path):
+    out = tmp_path / "e2e.csv"
+    assert e2e.main(["--quick", "--workloads", "sam", "--batch", "1", "--no-semantic", "--out", str(out),
+                     "--plot-dir", str(tmp_path), "--impls",
+                     "merged-reference@fp32,merged-fused@fp16,separate-samfast/tiny-clip"]) == 0
+    rows = read_csv(str(out))
+    assert [(r["impl"], _extra(r)["dtype"]) for r in rows] == [
+        ("merged-reference", "fp32"), ("merged-fused", "fp16"), ("separate-samfast/tiny-clip", "bf16")]
+    assert len({r["date"] for r in rows}) == 1  # one run: one stamp, rows written as measured
+    assert rows[1]["status"] == "ok" and float(_extra(rows[1])["max_rel_err"]) < 0.05
+    assert rows[2]["status"].startswith("skipped: segment_anything_fast"), rows[2]["status"]
+    with pytest.raises(SystemExit):
+        e2e.main(["--quick", "--out", str(out), "--impls", "nope"])

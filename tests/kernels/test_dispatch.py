@@ -206,7 +206,7 @@ def test_every_op_is_registered_with_a_reference_backend():
 
 def test_op_table_rows():
     rows = op_table("cpu")
-    assert set(rows[0]) == {"op", "backend", "probe", "ok", "forced_ok", "why", "description"}
+    assert set(rows[0]) == {"op", "backend", "probe", "ok", "forced_ok", "why", "description", "notes"}
     for op in OPS.values():
         mine = [r for r in rows if r["op"] == op.name]
         assert {r["backend"] for r in mine} == set(op.names)

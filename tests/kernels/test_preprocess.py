@@ -9,6 +9,7 @@ on a GPU. Against the application's own transforms: tests/test_transforms_vs_ker
 import ctypes
 import logging
 import os
+import re
 import shutil
 import subprocess
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastsamclip.kernels import OPS, _cuda_library, preprocess, preprocess_reference
+from fastsamclip.kernels import OPS, _cuda_library, postprocess_masks, preprocess, preprocess_reference
 from fastsamclip.kernels.preprocess import _clip_geometry
 
 from ..conftest import requires_cuda
@@ -66,14 +67,29 @@ def rand_image(h, w, c=3, seed=0):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
-def test_cu_compiles_loads_and_exports(tmp_path):
+def test_cu_compiles_loads_and_exports_without_a_stack_frame(tmp_path):
     lib_path = tmp_path / "libpre.so"
-    # One architecture keeps this ~3 s; CMake builds 80/89/90 (test_cmake_default_architectures).
-    subprocess.run([NVCC, "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                    "-O3", "--use_fast_math", "-arch=sm_80", "-std=c++17", CU_FILE, "-o",
-                    str(lib_path)], check=True, capture_output=True, timeout=120)
+    # sm_80 and sm_90 SASS keep this a few seconds; CMake adds sm_89 and compute_75 PTX
+    # (test_cmake_default_architectures). ptxas -v: registers and stack frame per kernel.
+    out = subprocess.run([NVCC, "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+                          "-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
+                          "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", "-std=c++17", CU_FILE, "-o",
+                          str(lib_path)], check=True, capture_output=True, text=True, timeout=180)
+    frames = {}
+    kernel = None
+    for line in out.stderr.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            kernel = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame", line)
+        if m and kernel:
+            frames.setdefault(kernel, []).append(int(m.group(1)))
+    names = " ".join(frames)
+    assert "preprocess_kernel" in names and "postprocess_kernel" in names, out.stderr
+    # The preprocess kernel once picked its target through a reference (144-byte stack frame).
+    assert all(f == 0 for fs in frames.values() for f in fs) and all(len(fs) == 2 for fs in frames.values()), frames
     lib = ctypes.CDLL(str(lib_path))  # static cudart: loads with no driver / GPU
-    for sym in ("fsc_preprocess_u8", "fsc_postprocess_masks"):
+    for sym in _cuda_library.SYMBOLS:
         assert hasattr(lib, sym), sym
     # Argument checks run before any CUDA call, so they answer without a GPU:
     # cudaErrorInvalidValue (1) for a null image / bad channel count / null logits.
@@ -86,26 +102,31 @@ def test_cu_compiles_loads_and_exports(tmp_path):
     assert lib.fsc_preprocess_u8(16, 8, 8, 3, 16, 16, 17, 16, m3, m3, None, 8, m3, m3, None) == 1
     assert lib.fsc_postprocess_masks(None, 1, 1, 4, 4, 8, 8, 16, 8, 8, 0.0, None, 16, None) == 1
     assert lib.fsc_postprocess_masks(16, 1, 1, 4, 4, 17, 8, 16, 8, 8, 0.0, None, 16, None) == 1
+    if not torch.cuda.is_available():
+        # The probe says why the kernels cannot run: no driver here (or one too old for the runtime).
+        why = _cuda_library.probe(lib)
+        assert why and "cannot run here" in why and "CUDA runtime 13" in why, why
     # Only the C API is exported (hidden visibility for everything else).
     nm = shutil.which("nm")
     if nm:
         out = subprocess.run([nm, "-D", "--defined-only", str(lib_path)], capture_output=True,
                              text=True, check=True).stdout
         exported = {line.split()[-1] for line in out.splitlines() if " T " in line}
-        assert {"fsc_preprocess_u8", "fsc_postprocess_masks"} <= exported
+        assert set(_cuda_library.SYMBOLS) <= exported
         assert not any("preprocess_kernel" in s or "make_target" in s for s in exported), exported
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
 def test_cmake_default_architectures(tmp_path):
-    """Configure only (~3 s): the default must be sm_80/89/90, not the compiler's default."""
+    """Configure only (~3 s): SASS for sm_80/89/90 and compute_75 PTX, not the compiler's default."""
     env = {k: v for k, v in os.environ.items() if k != "CUDAARCHS"}
     subprocess.run(["cmake", "-S", REPO, "-B", str(tmp_path), f"-DCMAKE_CUDA_COMPILER={NVCC}",
                     f"-DFASTSAMCLIP_LIB_DIR={tmp_path / 'lib'}"], check=True, capture_output=True,
                    env=env, timeout=120)
     flags = (tmp_path / "CMakeFiles" / "fastsamclip_cuda.dir" / "flags.make").read_text()
-    for arch in ("80", "89", "90"):
-        assert f"sm_{arch}" in flags, flags
+    for arch in ("80", "89", "90"):  # machine code for A100, Ada, H100/H200
+        assert f"arch=compute_{arch},code=[sm_{arch}]" in flags, flags
+    assert "arch=compute_75,code=[compute_75]" in flags, flags  # PTX any newer GPU can JIT
 
 
 def test_built_library_exports_symbols_if_built():
@@ -146,6 +167,72 @@ def test_unloadable_library_falls_back_with_the_reason(tmp_path, monkeypatch, ca
         assert torch.equal(sam, preprocess_reference(img, **args(img, sam_side=16, clip_side=8))[0])
         msgs = [r.getMessage() for r in caplog.records]
         assert len(msgs) == 1 and match in msgs[0] and "'reference'" in msgs[0], msgs
+
+
+FAILING_LIBRARY = r"""
+// A build of the C API that cannot run here: what an old driver or a GPU without a kernel image
+// makes of the real one (cudaErrorInsufficientDriver from the probe, no kernel image at launch).
+int fsc_probe(int* rt, int* drv) { if (rt) *rt = 13000; if (drv) *drv = 12040; return 35; }
+int fsc_preprocess_u8() { return 209; }
+int fsc_postprocess_masks() { return 209; }
+"""
+
+
+@pytest.fixture
+def failing_library(tmp_path, monkeypatch):
+    """The library replaced by one whose probe and launches fail (built with the C compiler)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "failing.c"
+    src.write_text(FAILING_LIBRARY)
+    so = tmp_path / "libfailing.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(so)], check=True, capture_output=True)
+    monkeypatch.setattr(_cuda_library, "library_path", lambda: str(so))
+    for name, value in (("_LIB", None), ("_LIB_ERROR", None), ("_PROBED", False)):
+        monkeypatch.setattr(_cuda_library, name, value)
+    monkeypatch.setattr(OP, "_logged", set())
+    monkeypatch.setattr(OPS["postprocess_masks"], "_logged", set())
+    return so
+
+
+def test_a_library_that_cannot_run_here_says_why(failing_library, monkeypatch):
+    """The probe's error becomes the cuda backends' reason (once a GPU is visible), naming the
+    runtime the library links and the CUDA version the driver supports; launch errors of that
+    kind mark the library unusable, argument errors stay errors."""
+    monkeypatch.setattr(_cuda_library.torch.cuda, "is_available", lambda: True)
+    why = _cuda_library.unavailable()
+    assert "cudaErrorInsufficientDriver" in why and "runtime 13.0" in why and "CUDA 12.4" in why, why
+    assert OP["cuda"].is_available() == why == OPS["postprocess_masks"]["cuda"].is_available()
+    with pytest.raises(RuntimeError, match="unavailable: the CUDA library cannot run here"):
+        _cuda_library.require()
+    monkeypatch.setattr(_cuda_library, "_LIB_ERROR", None)
+    with pytest.raises(_cuda_library.LibraryUnusable, match="NoKernelImageForDevice"):
+        _cuda_library.check_rc(209, "fsc_preprocess_u8")
+    assert "fsc_preprocess_u8 failed to launch" in _cuda_library.unavailable()
+    with pytest.raises(RuntimeError, match="invalid argument") as e:
+        _cuda_library.check_rc(1, "fsc_preprocess_u8")
+    assert not isinstance(e.value, _cuda_library.LibraryUnusable)
+
+
+@requires_cuda
+def test_a_launch_that_fails_falls_back_to_torch_logged_once(failing_library, monkeypatch, caplog):
+    """A library that loads and probes fine but fails at launch (no kernel image): the call is
+    computed in plain torch, and the fallback is logged once for all later calls."""
+    monkeypatch.setattr(_cuda_library, "probe", lambda lib: None)
+    img = rand_image(40, 30).cuda()
+    kw = args(img, sam_side=64, clip_side=32)
+    low = torch.randn(1, 3, 16, 16, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+        for _ in range(3):
+            sam, clip = preprocess(img, **kw)
+            logits, masks = postprocess_masks(low, (12, 16), 64, (30, 40))
+    ref_sam, ref_clip = preprocess_reference(img, **kw)
+    assert torch.equal(sam, ref_sam) and torch.equal(clip, ref_clip)
+    ref_logits, ref_masks = postprocess_masks(low, (12, 16), 64, (30, 40), backend="reference")
+    assert torch.equal(logits, ref_logits) and torch.equal(masks, ref_masks)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2 and all("failed to launch" in m and "'reference'" in m for m in msgs), msgs
 
 
 def test_fallback_is_logged_once(caplog, monkeypatch):

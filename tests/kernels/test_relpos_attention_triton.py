@@ -152,26 +152,93 @@ def test_triton_opcheck():
 # Autotune pruning (the GPU config path, exercised without a GPU)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(attention_triton.triton is None, reason="triton not installed")
-def test_pruner_converts_block_n_to_grid_rows_and_respects_smem(monkeypatch):
+def test_pruner_converts_block_n_to_grid_rows_and_drops_what_does_not_fit():
+    """The pruner's rule (select_configs): the family's configs only, BLOCK_N as whole grid rows,
+    duplicates dropped, configs over the device's shared memory dropped by the compiled figure."""
     triton = attention_triton.triton
     cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn}, num_warps=4, num_stages=s)
-            for bn in (32, 64, 128) for s in (2, 4)]
-    q = torch.empty(1, dtype=torch.float16)
-    prune = attention_triton._make_pruner("fwd")
-    monkeypatch.setattr(attention_triton, "_device_smem_bytes", lambda: None)
-    out = prune(cfgs, {"Q": q, "W_PAD": 16, "D_PAD": 64})
-    assert sorted({(c.kwargs["BH"], c.num_stages) for c in out}) == [(2, 2), (2, 4), (4, 2), (4, 4), (8, 2), (8, 4)]
+            for bn in (32, 64, 128) for s in (2, 3)]
+    select = attention_triton.select_configs
+    out = select("fwd", cfgs, None, None, 16)  # the interpreter: every config, as grid rows
+    assert sorted({(c.kwargs["BH"], c.num_stages) for c in out}) == [(2, 2), (2, 3), (4, 2), (4, 3), (8, 2), (8, 3)]
     # A 64-wide grid row: 32- and 64-key targets both become one row per tile, deduplicated.
-    out = prune(cfgs, {"Q": q, "W_PAD": 64, "D_PAD": 64})
-    assert sorted((c.kwargs["BH"], c.num_stages) for c in out) == [(1, 2), (1, 4), (2, 2), (2, 4)]
-    # A device with little shared memory keeps only the configs that fit.
-    monkeypatch.setattr(attention_triton, "_device_smem_bytes", lambda: 48 * 1024)
-    out = prune(cfgs, {"Q": q, "W_PAD": 64, "D_PAD": 64})
-    for c in out:
-        assert attention_triton._smem_estimate("fwd", 64, c.kwargs["BH"] * 64, 64, 64, c.num_stages, 2) <= 48 * 1024
-    assert out and len(out) < 4
-    monkeypatch.setattr(attention_triton, "_device_smem_bytes", lambda: 1024)
-    assert [c.kwargs for c in prune(cfgs, {"Q": q, "W_PAD": 64, "D_PAD": 64})] == [{"BLOCK_M": 32, "BH": 1}]
+    out = select("fwd", cfgs, None, None, 64)
+    assert sorted((c.kwargs["BH"], c.num_stages) for c in out) == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    # On a GPU family: only its space's entries (64 x 128 on 4 warps spills: not in sm90's).
+    out = select("fwd", cfgs, "sm90", "16bit", 16)
+    space = attention_triton.config_space("fwd", "sm90", "16bit")
+    assert out and all((c.kwargs["BLOCK_M"], c.kwargs["BH"] * 16, c.num_warps, c.num_stages) in space for c in out)
+    assert not any(c.kwargs["BH"] == 8 for c in out)
+    # Shared memory as the compiled kernel states it: over the limit, or failing to compile, is out.
+    shared = {2: 40_000, 4: 90_000}
+    out = select("fwd", cfgs, None, None, 16, smem_limit=64_000,
+                 shared_of=lambda c: None if c.kwargs["BH"] == 8 else shared[c.kwargs["BH"]])
+    assert sorted({c.kwargs["BH"] for c in out}) == [2]
+    # Never empty: the smallest tile is the last resort.
+    assert [c.kwargs for c in select("fwd", cfgs, None, None, 64, smem_limit=1, shared_of=lambda c: 10)] == [
+        {"BLOCK_M": 32, "BH": 1}]
+
+
+def test_every_space_is_defined_and_small():
+    """Each kernel has a space per GPU family and input class, a handful of configs each (each
+    one costs a compile and a timing per shape on first use)."""
+    at = attention_triton
+    for kind in at.KINDS:
+        for fam in at.FAMILIES:
+            for cls in at.DTYPE_CLASSES:
+                space = at.config_space(kind, fam, cls)
+                assert 1 <= len(space) <= 4 and len(set(space)) == len(space), (kind, fam, cls)
+    with pytest.raises(ValueError, match="no autotune space"):
+        at.config_space("fwd", "sm70", "16bit")
+    assert at.family_of((9, 0)) == at.family_of((10, 0)) == "sm90" and at.family_of((8, 6)) == "sm80"
+    assert at.dtype_class(torch.bfloat16, "tf32", 64, 16) == "16bit-wide"
+    assert at.dtype_class(torch.float32, "ieee", 64, 0) == "ieee"
+
+
+@pytest.mark.parametrize("d,split", [(16, (16, 0)), (32, (32, 0)), (48, (32, 16)), (64, (64, 0)), (72, (64, 16)),
+                                     (80, (64, 16)), (96, (64, 32)), (100, (128, 0)), (112, (128, 0)),
+                                     (128, (128, 0)), (8, (16, 0)), (24, (32, 0))])
+def test_head_split(d, split):
+    assert attention_triton.head_split(d) == split
+
+
+def test_fp32_follows_torchs_tf32_setting():
+    """fp32 inputs take TF32 tensor cores exactly when torch allows TF32 for fp32 matmuls, read
+    from the setting torch >= 2.9 keeps (both of its APIs write it)."""
+    at = attention_triton
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert at.fp32_uses_tf32() and at.dot_precision(torch.float32) == "tf32"
+        assert "TF32 tensor cores" in at.fp32_note() and at._bias_precision("tf32") == "tf32x3"
+        torch.set_float32_matmul_precision("highest")
+        assert not at.fp32_uses_tf32() and at.dot_precision(torch.float32) == "ieee"
+        assert "exact IEEE" in at.fp32_note() and at._bias_precision("ieee") == "ieee"
+        assert at.dot_precision(torch.bfloat16) == "tf32"  # inert for 16-bit operands
+        x = torch.empty(1, 1, 4, 16)
+        notes = at.BACKEND.notes(x, x, x, torch.empty(1, 1, 4, 2), torch.empty(1, 1, 4, 2))
+        assert notes and "exact IEEE" in notes[0]
+        y = torch.empty(1, 1, 4, 80, dtype=torch.float16)
+        assert at.BACKEND.notes(y, y, y, y[..., :2], y[..., :2]) == ["head dim 80 as 64 + 16, no padding"]
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.skipif(attention_triton.triton is None or attention_triton.INTERPRET,
+                    reason="the autotuners exist on a GPU build only (the interpreter runs one config)")
+def test_autotuners_key_on_the_batch_and_keep_results_on_disk():
+    for tuned in (attention_triton._fwd_tuned, attention_triton._dkdv_tuned, attention_triton._dq_tuned):
+        assert "TUNE_BATCH" in tuned.keys and "N" in tuned.keys and tuned.cache_results
+
+
+def test_launch_arguments_carry_the_batch_bucket_and_the_split():
+    q, k, v, rh, rw = attention_triton.sam_layout(3, 2, 14, 14, 80, torch.float16)
+    launches = attention_triton.aot_launches(q, k, v, rh, rw)
+    assert [L.kernel for L in launches] == ["attention fwd", "attention delta", "attention dkdv", "attention dq"]
+    fwd = launches[0]
+    assert fwd.tuned == "fwd" and fwd.meta["D0"] == 64 and fwd.meta["D1"] == 16 and fwd.meta["W_PAD"] == 16
+    assert fwd.args[-1] == 4  # batch 3 -> autotune bucket 4
+    assert launches[1].tuned is None and launches[1].options["num_warps"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +310,36 @@ def test_triton_bf16(B, nh, H, W, d, poisoned_outputs):
 def test_triton_full_size(B, nh, H, W, d, dtype, poisoned_outputs):
     inputs = make_inputs(B, nh, H, W, d, dtype)
     check_against_reference(inputs, attention_triton.relpos_attention_triton, dtype)
+
+
+SECOND_PROCESS = """
+import torch
+from fastsamclip.kernels import relpos_attention_triton as a
+g = torch.Generator().manual_seed(0)
+ts = [torch.randn(s, generator=g).cuda().to(torch.bfloat16).requires_grad_() for s in
+      [(2, 2, 196, 64)] * 3 + [(2, 2, 196, 14)] * 2]
+out = a.relpos_attention_triton(*ts)
+out.backward(torch.randn_like(out))
+torch.cuda.synchronize()
+"""
+
+
+@requires_cuda
+def test_a_second_process_tunes_nothing(tmp_path):
+    """Autotune choices are kept in Triton's cache directory (cache_results): the first process
+    benchmarks the configs of each kernel, a second one with the same cache benchmarks none."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_PRINT_AUTOTUNING="1")
+    env.pop("TRITON_INTERPRET", None)
+    runs = [subprocess.run([sys.executable, "-c", SECOND_PROCESS], env=env, capture_output=True, text=True,
+                           timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    first, second = (r.stdout.count("Triton autotuning for function") for r in runs)
+    assert first >= 1 and second == 0, (runs[0].stdout[-2000:], runs[1].stdout[-2000:])
 
 
 # ---------------------------------------------------------------------------------------------
