@@ -15,7 +15,8 @@ from fastsamclip.checkpoint import save_merged
 from fastsamclip.cli import main
 from fastsamclip.data.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
 from fastsamclip.modeling import CheckpointError, load_clip_teacher, load_sam_teacher, samclip_from_teachers
-from fastsamclip.predictor import ImageReadError, SAMCLIPPredictor, to_rgb_uint8
+from fastsamclip.kernels import native_bf16
+from fastsamclip.predictor import ImageReadError, SAMCLIPPredictor, engine, to_rgb_uint8
 from fastsamclip.transforms import apply_boxes, apply_coords, clip_pixels, postprocess_masks, sam_pixels
 
 from .helpers import assert_close_verbose
@@ -31,7 +32,7 @@ def setup(tmp_path_factory):
     clip = load_clip_teacher(write_clip_local_dir(str(d / "clip")))
     merged = str(d / "merged.safetensors")
     save_merged(samclip_from_teachers(sam, clip, sam_config="vit_tiny"), merged)
-    predictor = SAMCLIPPredictor(merged, device="cpu")
+    predictor = SAMCLIPPredictor(merged, device="cpu", dtype="fp32")  # exact comparisons; "auto" tested below
     # A non-square picture, downscaled so the tests stay fast (the resize still runs).
     image = np.asarray(Image.fromarray(sample_image("chelsea")).resize((150, 100), Image.BILINEAR))
     return {"dir": d, "sam": sam, "sam_path": sam_path, "merged": merged, "predictor": predictor, "image": image}
@@ -63,6 +64,27 @@ def test_set_image_is_one_pass_and_caches_both_heads(setup, monkeypatch):
     assert not p.is_image_set and p.features is None
     with pytest.raises(RuntimeError, match="set_image"):
         p.segment(points=[[10, 10]])
+
+
+def test_token_pooled_clip_path_in_the_predictor(setup):
+    # One pass: the SAM side as with all tokens, the CLIP head on 2 x 2-pooled tokens, its
+    # per-patch map repeated over each cell's patches so every caller keeps the patch grid.
+    full, image = setup["predictor"], setup["image"]
+    p = SAMCLIPPredictor(full.model, device="cpu", clip_token_pool=2)
+    p.set_image(image)
+    full.set_image(image)
+    x, hw = sam_pixels(image, 128)
+    with torch.no_grad():
+        ref = p.model(p.model.preprocess(x[None], hw), clip=True, sam=True, clip_patches=True, clip_token_pool=2)
+    assert torch.equal(p.features, full.features)
+    assert_close_verbose(p.clip_embedding, ref["clip"], 0, 0, "pooled-path clip")
+    assert p.clip_patches.shape == full.clip_patches.shape == (1, 8, 8, ref["clip_patches"].shape[-1])
+    for i, j in ((0, 0), (3, 5), (7, 7)):
+        assert torch.equal(p.clip_patches[0, i, j], ref["clip_patches"][0, i // 2, j // 2]), (i, j)
+    res = p.semantic_segment(image, ["cat", "dog", "grass"], mode="composed")
+    assert res.label_map.shape == image.shape[:2]
+    with pytest.raises(ValueError, match="clip_token_pool must be a positive integer"):
+        SAMCLIPPredictor(full.model, device="cpu", clip_token_pool=0)
 
 
 def test_segment_equals_segment_anything_predictor(setup):
@@ -346,12 +368,21 @@ def test_gpu_preprocess_needs_cuda(setup):
         SAMCLIPPredictor(setup["predictor"].model, device="cpu", gpu_preprocess=True)
 
 
-def test_dtype_defaults_and_low_precision_agrees_with_fp32(setup):
-    """dtype="auto" is fp32 on the CPU (bf16 on CUDA); bf16 / fp16 run the image side in that
-    dtype, hand back fp32, keep the SAM decoder in fp32, and agree with fp32 to their precision."""
+def test_dtype_defaults_and_low_precision_agrees_with_fp32(setup, monkeypatch):
+    """dtype="auto" for a checkpoint is bf16 on CUDA and on a CPU with native bf16, else fp32; a
+    model object keeps its dtype. bf16 / fp16 run the image side in that dtype, hand back fp32,
+    keep the SAM decoder in fp32, and agree with fp32 to their precision."""
     model = setup["predictor"].model
     assert setup["predictor"].dtype == torch.float32
     assert next(model.image_encoder.parameters()).dtype == torch.float32
+    here = torch.bfloat16 if native_bf16() is not None else torch.float32
+    assert SAMCLIPPredictor(setup["merged"], device="cpu").dtype == here
+    for isa, want in ((None, torch.float32), ("AMX-BF16", torch.bfloat16)):
+        monkeypatch.setattr(engine, "native_bf16", lambda isa=isa: isa)
+        assert SAMCLIPPredictor(setup["merged"], device="cpu").dtype == want, isa
+        held = copy.deepcopy(model)
+        assert SAMCLIPPredictor(held, device="cpu").dtype == torch.float32  # never cast unasked
+        assert next(held.image_encoder.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="dtype must be 'auto' or one of"):
         SAMCLIPPredictor(copy.deepcopy(model), device="cpu", dtype="int8")
     image = setup["image"]

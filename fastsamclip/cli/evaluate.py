@@ -69,6 +69,11 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     o.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     o.add_argument("--workers", type=int, default=2, help="image-decoding worker processes per rank")
     o.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    o.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="merged model's backbone and CLIP head precision (recorded in the results); auto: bf16 on "
+                        "CUDA and on a CPU with native bf16, else fp32")
+    o.add_argument("--clip-token-pool", type=int, default=1, metavar="K",
+                   help="merged model: the CLIP head on the backbone's tokens pooled K x K; 1: all tokens")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -47,7 +47,7 @@ def cmd_export(args) -> int:
     if args.format == "onnx" and len(resolutions) > 1:
         raise ValueError("--format onnx writes one encoder.onnx: give one --resolution (the batch is dynamic)")
     device = args.device or ("cpu" if args.format == "onnx" else None)
-    predictor = SAMCLIPPredictor(args.checkpoint, device=device)
+    predictor = SAMCLIPPredictor(args.checkpoint, device=device, dtype="fp32")  # the files are fp32
     model = predictor.model
     os.makedirs(args.out, exist_ok=True)
     if args.format == "onnx":

@@ -210,7 +210,8 @@ def cmd_predict(args) -> int:
     if not np.isfinite(args.label_threshold):
         raise ValueError(f"--label-threshold must be a finite probability, got {args.label_threshold}")
     t0 = time.perf_counter()
-    predictor = SAMCLIPPredictor(args.checkpoint, device=args.device)
+    predictor = SAMCLIPPredictor(args.checkpoint, device=args.device, dtype=args.dtype,
+                                 clip_token_pool=args.clip_token_pool)
     load_ms = (time.perf_counter() - t0) * 1e3
     os.makedirs(args.out, exist_ok=True)
     failed = []
@@ -256,5 +257,11 @@ def register(sub) -> None:
     e.add_argument("--label-threshold", type=float, default=0.0,
                    help="a mask whose best label probability is below this stays unnamed (label null)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="precision of the backbone and CLIP head; auto: bf16 on CUDA and on a CPU with native "
+                        "bf16 (AMX-BF16, AVX512-BF16, Arm BF16; `fastsamclip info` says), else fp32")
+    s.add_argument("--clip-token-pool", type=int, default=1, metavar="K",
+                   help="run the CLIP head on the backbone's tokens pooled K x K (2: a fifth less work at 1024 px, "
+                        "trained in stage 3); 1: all tokens, the paper's path")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_predict)

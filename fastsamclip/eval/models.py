@@ -99,9 +99,11 @@ class MergedModel(EvalModel):
     kind = "merged SAM-CLIP model"
     tasks = ("classify", "semantic", "instances", "retrieval")
 
-    def __init__(self, checkpoint, device: torch.device, hash_file: bool = True) -> None:
+    def __init__(self, checkpoint, device: torch.device, hash_file: bool = True, dtype="auto",
+                 clip_token_pool: int = 1) -> None:
         super().__init__(device)
-        self.predictor = checkpoint if isinstance(checkpoint, SAMCLIPPredictor) else SAMCLIPPredictor(checkpoint, device=device)
+        self.predictor = checkpoint if isinstance(checkpoint, SAMCLIPPredictor) else SAMCLIPPredictor(
+            checkpoint, device=device, dtype=dtype, clip_token_pool=clip_token_pool)
         self.model = self.predictor.model
         cfg = self.model.config
         self.native_size = self.predictor.img_size
@@ -109,7 +111,9 @@ class MergedModel(EvalModel):
                           "sha256": sha256_file(checkpoint) if hash_file and isinstance(checkpoint, (str, os.PathLike)) else None,
                           "backbone": {"embed_dim": cfg.sam.backbone.embed_dim, "depth": cfg.sam.backbone.depth,
                                        "img_size": cfg.sam.backbone.img_size},
-                          "text_model": cfg.text_model_name})
+                          "text_model": cfg.text_model_name,
+                          "dtype": str(self.predictor.dtype).replace("torch.", ""),
+                          "clip_token_pool": self.predictor.forward.clip_token_pool})
 
     def unsupported(self, task: str) -> Optional[str]:
         if task in ("classify", "semantic", "retrieval") and self.model.text is None:
@@ -122,7 +126,7 @@ class MergedModel(EvalModel):
     @torch.no_grad()
     def image_embeddings(self, rgbs, resolution):
         x = torch.stack([clip_pixels(im, resolution) for im in rgbs]).to(self.device)
-        return _unit(self.model(self.model.preprocess(x), clip=True, sam=False)["clip"])
+        return _unit(self.predictor.forward(self.model.preprocess(x), clip=True, sam=False)["clip"])
 
     def class_embeddings(self, names, templates):
         # open_clip's builder rather than SAMCLIPPredictor.text_embeddings: the same recipe (tested
@@ -146,7 +150,7 @@ class MergedModel(EvalModel):
             raise EvalInputError(None, f"--resolution {resolution} is not a multiple of the patch size {self.predictor.patch_size}")
         prepped = [sam_pixels(im, resolution) for im in rgbs]
         x = self.model.preprocess(torch.stack([p[0] for p in prepped]).to(self.device), [p[1] for p in prepped])
-        patches = self.model(x, clip=False, sam=False, clip_patches=True)["clip_patches"]
+        patches = self.predictor.forward(x, clip=False, sam=False, clip_patches=True)["clip_patches"]
         scale = self.logit_scale()
         return [postprocess_masks(class_maps(patches[b:b + 1], text, scale)[None], hw, rgb.shape[:2], resolution)[0]
                 for b, (rgb, (_, hw)) in enumerate(zip(rgbs, prepped))]
@@ -238,7 +242,8 @@ def build_model(args, device: torch.device) -> EvalModel:
     if args.checkpoint:
         if not os.path.isfile(args.checkpoint):
             raise EvalInputError(args.checkpoint, "merged checkpoint not found")
-        return MergedModel(args.checkpoint, device)
+        return MergedModel(args.checkpoint, device, dtype=args.dtype,
+                           clip_token_pool=args.clip_token_pool)
     if args.teacher == "clip":
         if not args.clip_model:
             raise EvalInputError(None, "--teacher clip needs --clip-model (an open_clip name or local-dir:FOLDER)")

@@ -128,8 +128,7 @@ class Engine:
             target = next(s for s in padded_sizes(self.max_batch) if s >= n) if n <= self.max_batch else n
             if target > n:
                 x = torch.cat([x, x.new_zeros((target - n, *x.shape[1:]))])
-        dtype = next(p.model.parameters()).dtype
-        out = p.forward(x.to(dtype), **outputs)
+        out = p.forward(x, **outputs)  # in the predictor's dtype, fp32 out
         return {k: v[:n] for k, v in out.items()}
 
     @torch.no_grad()

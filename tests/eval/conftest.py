@@ -29,7 +29,7 @@ def models(tmp_path_factory):
     merged = str(d / "merged.safetensors")
     save_merged(samclip_from_teachers(sam, clip, sam_config="vit_tiny"), merged)
     return {"dir": d, "sam_path": sam_path, "clip_name": clip_name, "sam": sam, "clip": clip, "merged": merged,
-            "predictor": SAMCLIPPredictor(merged, device="cpu")}
+            "predictor": SAMCLIPPredictor(merged, device="cpu", dtype="fp32")}  # exact comparisons
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def exported(micro, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
     assert main(["export", "--checkpoint", micro["merged"], "--format", "onnx", "--labels", ",".join(LABELS),
                  "--out", str(out)]) == 0
-    predictor = SAMCLIPPredictor(micro["merged"], device="cpu")
+    predictor = SAMCLIPPredictor(micro["merged"], device="cpu", dtype="fp32")  # the files are fp32
     return {"out": str(out), "meta": json.load(open(out / "export.json")), "predictor": predictor, **micro}
 
 
