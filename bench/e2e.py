@@ -12,9 +12,14 @@ Configurations (the ``impl`` column), each at one precision (the ``dtype`` in ``
 - ``separate-strong/<clip>``: the same in bf16 under ``torch.compile``, with SAM's attention
   through ``F.scaled_dot_product_attention`` and its relative-position bias as the mask (what
   segment-anything-fast does); open_clip's attention already runs through SDPA.
+- ``separate-fused/<clip>``: SAM's image encoder with SAM's weights on fastsamclip's backbone and
+  kernels (the automatic attention backend), then CLIP: the strongest separate pipeline there is,
+  so that a merged row's lead over it is the merging's, not the kernels'.
 - ``merged-reference``: the merged model, eager, attention backend ``reference`` (plain torch).
 - ``merged-fused``: the merged model, eager, automatic attention backend (fused kernels).
 - ``merged-fused-compile``: the same under ``torch.compile``.
+- ``merged-fused-pool<k>``, ``merged-fused-compile-pool<k>``: the CLIP head on the backbone's
+  tokens pooled k x k (``--clip-token-pools``, default 2 and 4), the SAM embedding unchanged.
 - ``separate-samfast/<clip>`` (only when asked for with ``--impls``): segment-anything-fast's
   image encoder (the PyTorch team's package, installed from its git source; the PyPI project of
   that name is another one, FastSAM) with SAM's weights, bf16, compiled (Inductor's default mode,
@@ -22,8 +27,12 @@ Configurations (the ``impl`` column), each at one precision (the ``dtype`` in ``
   Skipped, with the reason, when the package is not importable or has no such SAM config.
 
 ``--impls`` picks and orders rows (``impl`` or ``impl@dtype``); ``--dtype`` is the precision of
-the merged model's fused rows (auto: bf16 on CUDA, fp32 on the CPU). Rows are written to the CSV
-as they are measured.
+the fused rows (auto: bf16 on CUDA and on a CPU with native bf16, ``kernels.native_bf16``, else
+fp32). Rows are written to the CSV as they are measured.
+
+FLOPs: each row carries ``gflop_per_img``, the matrix products, convolutions and attention of
+one image of its pipeline counted by ``torch.utils.flop_counter`` on meta tensors (no compute;
+resizes and elementwise work are not counted), so ``img/s`` beside it tells work from efficiency.
 
 Workloads (``mode``): ``both`` (SAM embedding + CLIP embedding per image), ``sam``, ``clip``;
 and ``semantic``: one picture segmented into 20 labels by the merged predictor's composed mode
@@ -59,16 +68,17 @@ from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import get_rel_pos as sam_get_rel_pos
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as tprofile
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastsamclip.checkpoint import load_merged
 from fastsamclip.data import samples
-from fastsamclip.kernels import use_backend
-from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
+from fastsamclip.kernels import native_bf16, use_backend
+from fastsamclip.modeling import build_backbone, load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
 
 from .harness import (LABELS, RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras,
                       format_table, full_size_device, percentile, pyplot, read_csv, time_calls)
-from .report import markdown, run_rows
+from .report import markdown, pool_of, run_rows
 
 WORKLOADS = ("both", "sam", "clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -124,7 +134,41 @@ def build_models(args, device: torch.device, tmp: str) -> Models:
     # Quick mode writes random teachers to disk: weights are random unless the user gave some.
     models.random_sam = args.sam_checkpoint is None
     models.sam_type = args.sam_type
+    models.clip_token_pools = args.clip_token_pools
+    models.flops = {}  # (pipeline, workload) -> GFLOP per image
+    models.meta = None  # the same models on the meta device, for counting FLOPs
     return models
+
+
+def meta_models(models: Models) -> Models:
+    """The models as meta tensors (shapes only), built once: FLOPs are counted on them."""
+    if models.meta is None:
+        meta = Models(copy.deepcopy(models.sam).to("meta"), {k: copy.deepcopy(v).to("meta") for k, v in models.clips.items()},
+                      copy.deepcopy(models.merged).to("meta"), models.sam_size)
+        meta.sam_type = models.sam_type
+        models.meta = meta
+    return models.meta
+
+
+def gflop_per_image(models: Models, impl: str, workload: str):
+    """GFLOP of one image of the row's pipeline (the model's arithmetic: every implementation of
+    a pipeline does the same work), counted once per pipeline on meta tensors; or why not."""
+    merged = impl.startswith("merged")
+    key = (("merged", pool_of(impl)) if merged else ("separate", impl.split("/", 1)[1]), workload)
+    if key not in models.flops:
+        try:
+            meta = meta_models(models)
+            if merged:
+                fn, _ = merged_fn(meta, workload, torch.float32, pool_of(impl))
+            else:
+                fn, _ = separate_fn(meta, key[0][1], workload, torch.float32)
+            x = torch.empty(1, 3, models.sam_size, models.sam_size, device="meta")
+            with FlopCounterMode(display=False) as counter, torch.no_grad(), use_backend("reference"):
+                fn(x)
+            models.flops[key] = round(counter.get_total_flops() / 1e9, 3)
+        except Exception as e:  # a pipeline the meta device cannot trace: say so in the row
+            models.flops[key] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return models.flops[key]
 
 
 def _nbytes(modules: Sequence[torch.nn.Module]) -> int:
@@ -189,11 +233,21 @@ def sam_fast_encoder(models: Models, dtype: torch.dtype) -> torch.nn.Module:
     return fast.image_encoder.to(device=device, dtype=dtype).eval()
 
 
+def sam_fused_encoder(models: Models, dtype: torch.dtype) -> torch.nn.Module:
+    """SAM's image encoder, SAM's weights, on fastsamclip's backbone (and so its kernels)."""
+    enc = build_backbone(models.sam_type)
+    enc.load_state_dict(models.sam.image_encoder.state_dict())
+    return enc.to(device=next(models.sam.parameters()).device, dtype=dtype).eval()
+
+
 def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtype, sdpa: bool = False,
-                sam_fast: bool = False) -> Tuple[Callable[[torch.Tensor], Dict[str, torch.Tensor]], List[torch.nn.Module]]:
+                sam_fast: bool = False, fused: bool = False
+                ) -> Tuple[Callable[[torch.Tensor], Dict[str, torch.Tensor]], List[torch.nn.Module]]:
     """SAM then CLIP, each with its own preprocessing, as two separate models are used."""
     if sam_fast:
         sam_enc = sam_fast_encoder(models, dtype)
+    elif fused:
+        sam_enc = sam_fused_encoder(models, dtype)
     else:
         sam_enc = _as_dtype(models.sam.image_encoder, dtype)
     if sdpa:  # patch a copy, never the shared fp32 encoder
@@ -212,12 +266,12 @@ def separate_fn(models: Models, clip_name: str, workload: str, dtype: torch.dtyp
     return run, used
 
 
-def merged_fn(models: Models, workload: str, dtype: torch.dtype):
+def merged_fn(models: Models, workload: str, dtype: torch.dtype, pool: int = 1):
     model = _as_dtype(models.merged, dtype)
     clip, sam = workload in ("both", "clip"), workload in ("both", "sam")
 
     def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return model(model.preprocess(images).to(dtype), clip=clip, sam=sam)
+        return model(model.preprocess(images).to(dtype), clip=clip, sam=sam, clip_token_pool=pool)
 
     # Weights a deployment of this workload holds: the text tower is not used by image embedding,
     # the CLIP head not by a SAM-only deployment.
@@ -230,12 +284,12 @@ def make_row_fn(models: Models, impl: str, workload: str, dtype: torch.dtype, co
     if impl.startswith("separate-"):
         kind, clip_name = impl.split("/", 1)
         fn, used = separate_fn(models, clip_name, workload, dtype, sdpa=kind == "separate-strong",
-                               sam_fast=kind == "separate-samfast")
+                               sam_fast=kind == "separate-samfast", fused=kind == "separate-fused")
         if kind in ("separate-strong", "separate-samfast"):
             fn = torch.compile(fn, dynamic=False, backend=compile_backend)
         return fn, used, None
-    fn, used = merged_fn(models, workload, dtype)
-    if impl == "merged-fused-compile":
+    fn, used = merged_fn(models, workload, dtype, pool_of(impl))
+    if impl.startswith("merged-fused-compile"):
         fn = torch.compile(fn, dynamic=False, backend=compile_backend)
     return fn, used, ("reference" if impl == "merged-reference" else None)
 
@@ -356,12 +410,17 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
     joules = power.joules(total)
     extra["j_per_img"] = round(joules / (b * len(times)), 5) if joules is not None else (
         power.reason or "n/a: too few power samples")
-    family = "merged" if impl.startswith("merged") else impl.split("/", 1)[1]
+    pool = pool_of(impl) if impl.startswith("merged") else 1
+    family = (f"merged-pool{pool}" if pool > 1 else "merged") if impl.startswith("merged") else impl.split("/", 1)[1]
     key = (family, workload, b)
     if dtype_name == "fp32" and (impl == "merged-reference" or impl.startswith("separate-eager")):
         refs[key] = out  # the eager fp32 row of each model is the reference of the rows after it
+    if key not in refs and pool > 1:  # the pooled path's own reference: eager, plain torch, fp32
+        with torch.no_grad(), use_backend("reference"):
+            refs[key] = merged_fn(models, workload, torch.float32, pool)[0](images)
     extra["max_rel_err"] = f"{rel_err(out, refs[key]):.3g}" if key in refs else "n/a: reference row failed"
-    if impl.endswith("compile") or impl.startswith(("separate-strong", "separate-samfast")):
+    extra["gflop_per_img"] = gflop_per_image(models, impl, workload)
+    if "compile" in impl or impl.startswith(("separate-strong", "separate-samfast")):
         extra["compile_backend"] = args.compile_backend
     return r
 
@@ -371,9 +430,11 @@ def configurations(models: Models, fast_dtype: str) -> List[Tuple[str, str]]:
     rows = []
     for clip_name in models.clips:
         rows += [(f"separate-eager/{clip_name}", "fp32"), (f"separate-eager/{clip_name}", "bf16"),
-                 (f"separate-strong/{clip_name}", "bf16")]
-    rows += [("merged-reference", "fp32"), ("merged-reference", "bf16"),
-             ("merged-fused", fast_dtype), ("merged-fused-compile", fast_dtype)]
+                 (f"separate-strong/{clip_name}", "bf16"), (f"separate-fused/{clip_name}", fast_dtype)]
+    rows += [("merged-reference", "fp32"), ("merged-reference", "bf16"), ("merged-fused", fast_dtype)]
+    rows += [(f"merged-fused-pool{k}", fast_dtype) for k in models.clip_token_pools]
+    rows += [("merged-fused-compile", fast_dtype)]
+    rows += [(f"merged-fused-compile-pool{k}", fast_dtype) for k in models.clip_token_pools]
     return rows
 
 
@@ -551,8 +612,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clip-pretrained", action="append", default=None, help="tag or file per --clip-model")
     p.add_argument("--merged", default=None, help="merged .safetensors (default: built from the teachers)")
     p.add_argument("--dtype", "--fast-dtype", dest="fast_dtype", default="auto", choices=["auto"] + list(DTYPES),
-                   help="precision of the merged model's fused rows (auto: bf16 on CUDA, fp32 on the CPU); each "
-                        "row's agreement with the eager fp32 row of its model is in max_rel_err")
+                   help="precision of the fused rows (auto: bf16 on CUDA and on a CPU with native bf16, else fp32); "
+                        "each row's agreement with the eager fp32 row of its pipeline is in max_rel_err")
+    p.add_argument("--clip-token-pools", default="2,4",
+                   help="token-pool factors of the pooled-CLIP-head rows (merged-fused-pool<k>); '' for none")
     p.add_argument("--impls", default=None,
                    help="comma-separated rows to run, in this order: impl or impl@dtype (e.g. "
                         "merged-reference@fp32,merged-fused-compile,separate-samfast/ViT-B-16); default: every "
@@ -580,7 +643,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.warmup = args.warmup or (1 if q else 3)
     args.compile_backend = args.compile_backend or ("eager" if q else "inductor")
     args.points_per_side = args.points_per_side or (4 if q else 32)
-    fast_dtype = args.fast_dtype if args.fast_dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    native = device.type == "cuda" or (device.type == "cpu" and native_bf16() is not None)
+    fast_dtype = args.fast_dtype if args.fast_dtype != "auto" else ("bf16" if native else "fp32")
+    try:
+        args.clip_token_pools = tuple(int(k) for k in args.clip_token_pools.split(",") if k)
+    except ValueError:
+        args.clip_token_pools = (0,)
+    if any(k < 2 for k in args.clip_token_pools):
+        p.error(f"--clip-token-pools {args.clip_token_pools}: comma-separated integers >= 2 (e.g. 2,4), or ''")
     workloads = [w for w in args.workloads.split(",") if w]
     for w in workloads:
         if w not in WORKLOADS:

@@ -9,15 +9,18 @@ import pytest
 from fastsamclip.bench import e2e
 from fastsamclip.bench.harness import read_csv
 
-IMPLS = {"separate-eager/tiny-clip", "separate-strong/tiny-clip", "merged-reference", "merged-fused",
-         "merged-fused-compile"}
+IMPLS = {"separate-eager/tiny-clip", "separate-strong/tiny-clip", "separate-fused/tiny-clip", "merged-reference",
+         "merged-fused", "merged-fused-pool2", "merged-fused-pool4", "merged-fused-compile",
+         "merged-fused-compile-pool2", "merged-fused-compile-pool4"}
+ROWS = 12  # per workload and batch: the impls above, two of them at two precisions
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("e2e")
     out, plots = folder / "e2e.csv", folder / "plots"
-    assert e2e.main(["--quick", "--out", str(out), "--plot-dir", str(plots)]) == 0
+    # fp32 fused rows whatever this CPU does natively, so agreement can be held to fp32 rounding.
+    assert e2e.main(["--quick", "--dtype", "fp32", "--out", str(out), "--plot-dir", str(plots)]) == 0
     return read_csv(str(out)), plots
 
 
@@ -48,7 +51,7 @@ def test_measured_rows_carry_speed_memory_energy_and_agreement(quick_run):
     rows, _ = quick_run
     ok = [r for r in rows if r["status"] == "ok" and r["mode"] != "semantic"]
     # On the CPU every image-embedding configuration runs; a failure here is a regression.
-    assert len(ok) == len(e2e.WORKLOADS) * 2 * 7
+    assert len(ok) == len(e2e.WORKLOADS) * 2 * ROWS
     for r in ok:
         e = _extra(r)
         # p99 >= p50, up to the CSV's 4-significant-digit rounding.
@@ -60,8 +63,8 @@ def test_measured_rows_carry_speed_memory_energy_and_agreement(quick_run):
 
 def test_fused_agrees_with_plain_torch_reference(quick_run):
     rows, _ = quick_run
-    fp32_merged = [r for r in rows if r["status"] == "ok" and r["impl"].startswith("merged-fused")]
-    assert fp32_merged
+    fp32_merged = [r for r in rows if r["status"] == "ok" and r["impl"].startswith(("merged-fused", "separate-fused"))]
+    assert len(fp32_merged) == len(e2e.WORKLOADS) * 2 * 7
     for r in fp32_merged:
         e = _extra(r)
         assert e["dtype"] == "fp32"
@@ -72,6 +75,24 @@ def test_fused_agrees_with_plain_torch_reference(quick_run):
         if r["status"] == "ok" and e["dtype"] == "bf16":
             # bf16 keeps ~3 significant digits; far off would mean a wrong reference pairing.
             assert 0 < float(e["max_rel_err"]) < 0.1, (r["case"], r["impl"], e["max_rel_err"])
+
+
+def test_flops_per_image_are_counted_per_pipeline(quick_run):
+    rows, _ = quick_run
+    ok = [r for r in rows if r["status"] == "ok" and r["mode"] != "semantic"]
+    flops = {}
+    for r in ok:
+        pipeline = "merged-pool" + r["impl"].rsplit("-pool", 1)[1] if "-pool" in r["impl"] else (
+            "merged" if r["impl"].startswith("merged") else "separate")
+        flops.setdefault((r["mode"], pipeline), set()).add(float(_extra(r)["gflop_per_img"]))
+    # One count per pipeline and workload, whatever the implementation, precision or batch.
+    assert all(len(v) == 1 and next(iter(v)) > 0 for v in flops.values()), flops
+    f = {k: next(iter(v)) for k, v in flops.items()}
+    # The SAM side is the same encoder in every pipeline; the pooled head does less work.
+    assert f[("sam", "separate")] == f[("sam", "merged")] == f[("sam", "merged-pool2")]
+    for w in ("both", "clip"):
+        assert f[(w, "merged")] > f[(w, "merged-pool2")] > f[(w, "merged-pool4")], w
+    assert f[("both", "separate")] == pytest.approx(f[("sam", "separate")] + f[("clip", "separate")], rel=1e-3)
 
 
 def test_plot_per_workload(quick_run):
@@ -104,7 +125,7 @@ def test_report_checks_the_claims_on_rows_of_the_run(quick_run):
     run = report.run_rows(rows)
     assert run == rows  # one run in the file: all of it
     claims, batch, dtype = report.claims(run)
-    assert (batch, dtype) == (2, "fp32") and len(claims) == 6
+    assert (batch, dtype) == (2, "fp32") and len(claims) == 7
     by_name = {c[0].split(" (")[0]: c for c in claims}
     # Each ratio is the quotient of two rows of the CSV, not a constant.
     enc = by_name["image encoder img/s vs segment_anything eager fp32"]
@@ -119,9 +140,18 @@ def test_report_checks_the_claims_on_rows_of_the_run(quick_run):
     # No batch 32 and no CUDA memory on the CPU: that claim says why it has no number.
     memory = [c for c in claims if c[0].startswith("peak memory")][0]
     assert memory[1] is None and memory[4].startswith("n/a")
+    # Both outputs: the fastest merged row of each CLIP path over the fastest separate pipeline.
+    both = [r for r in run if r["mode"] == "both" and r["case"] == "both B2" and r["status"] == "ok"]
+    best_sep = max(row_value(r, "img_s") for r in both if r["impl"].startswith("separate-"))
+    best_full = max(row_value(r, "img_s") for r in both if r["impl"] in ("merged-fused", "merged-fused-compile"))
+    best_pool = max(row_value(r, "img_s") for r in both if r["impl"].startswith("merged-fused") and "-pool" in r["impl"])
+    full = [c for c in claims if c[0].startswith("both outputs img/s, CLIP head on all tokens")][0]
+    pooled = [c for c in claims if c[0].startswith("both outputs img/s, CLIP head on pooled tokens")][0]
+    assert full[1] == pytest.approx(best_full / best_sep) and full[3] == (full[1] >= 1)
+    assert pooled[1] == pytest.approx(best_pool / best_sep) and pooled[2] == ">= 1.2x"  # the CPU's goal
     md = report.markdown(run)
     assert "| claim | measured | goal | met |" in md and rows[0]["commit"] in md
-    assert md.count("\n| sam B2 |") == 7  # the table holds the claim's batch size only
+    assert md.count("\n| sam B2 |") == ROWS  # the table holds the claim's batch size only
 
 
 def test_report_command_and_compare_against_the_earlier_run(quick_run, tmp_path, capsys):
@@ -140,11 +170,11 @@ def test_report_command_and_compare_against_the_earlier_run(quick_run, tmp_path,
     with pytest.raises(SystemExit, match="no e2e run at commit"):
         report.main([str(csv_path), "--commit", "0000000"])
     # A second, smaller run compared with the first by commit id, through the same CSV.
-    assert e2e.main(["--quick", "--workloads", "sam", "--batch", "1", "--no-semantic", "--out", str(csv_path),
+    assert e2e.main(["--quick", "--dtype", "fp32", "--workloads", "sam", "--batch", "1", "--no-semantic", "--out", str(csv_path),
                      "--plot-dir", str(tmp_path), "--compare", rows[0]["commit"]]) == 0
     out = capsys.readouterr().out
     gains = [line for line in out.splitlines() if line.startswith("sam B1 ") and f"(was {rows[0]['commit']}" in line]
-    assert len(gains) == 7, out[-3000:]
+    assert len(gains) == ROWS, out[-3000:]
     with pytest.raises(SystemExit, match="no row of"):
         e2e.main(["--quick", "--out", str(csv_path), "--compare", "not-a-commit"])
 
