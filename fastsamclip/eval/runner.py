@@ -74,7 +74,6 @@ class Dist:
 def init_distributed(device_arg: Optional[str]) -> tuple:
     """(Dist, device). torchrun's WORLD_SIZE/RANK/LOCAL_RANK select the process group and the GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg:
         device = torch.device(device_arg)

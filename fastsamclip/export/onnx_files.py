@@ -28,7 +28,6 @@ import warnings
 from collections import OrderedDict
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from segment_anything.modeling import Sam

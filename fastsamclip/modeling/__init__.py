@@ -32,5 +32,5 @@ __all__ = [
     "BACKBONE_CONFIGS", "SAM_CONFIGS", "BackboneConfig", "CLIPHead", "CLIPHeadConfig", "CLIPTeacher",
     "CheckpointError", "ImageEncoderViT", "SAMCLIP", "SAMCLIPConfig", "SamConfig", "build_backbone", "build_sam",
     "build_samclip", "encode_prompts", "get_sam_config", "infer_sam_type", "load_clip_teacher", "load_sam_teacher",
-    "sam_preprocess", "samclip_from_teachers",
+    "pool_tokens", "sam_preprocess", "samclip_from_teachers",
 ]

@@ -16,8 +16,7 @@ OP = OPS["relpos_attention"]
 
 def explicit_reference(q, k, v, rel_h, rel_w, scale):
     """The op written out element by element over (kh, kw), independent of the backends' reshapes."""
-    B, nh, N, d = q.shape
-    H, W = rel_h.shape[-1], rel_w.shape[-1]
+    N, W = q.shape[2], rel_w.shape[-1]
     s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
     kh = torch.arange(N) // W
     kw = torch.arange(N) % W
