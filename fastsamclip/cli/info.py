@@ -12,7 +12,7 @@ import torch
 
 from fastsamclip import __version__
 from fastsamclip.cli.common import package_version
-from fastsamclip.kernels import OPS, aot, op_table
+from fastsamclip.kernels import OPS, aot, native_bf16, op_table
 
 PACKAGES = ("torch", "triton", "torchvision", "open_clip_torch", "segment-anything", "safetensors", "xformers",
             "flash-attn")
@@ -53,6 +53,11 @@ def cmd_info(args) -> int:
         print(f"device: cuda:0 {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, CUDA {torch.version.cuda}")
     else:
         print("device: cpu (no CUDA GPU visible)")
+    isa = native_bf16()
+    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch kernels "
+          f"{torch.backends.cpu.get_cpu_capability()}; native bf16: "
+          + (f"{isa} (the predictor's default dtype on the CPU: bf16)" if isa else
+             "no (the predictor's default dtype on the CPU: fp32)"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = op_table(device) + [dict(r, op="relpos_attention") for r in
                                OPS["relpos_attention"].table(device, head_dim=args.head_dim)
