@@ -19,11 +19,12 @@ BENCHMARKS = {
     "losses": "the fused distillation losses against eager and compiled torch",
     "inference": "single-request latency and time to first result, cold and warm",
     "report": "the latest e2e run as Markdown, with the product's claims checked",
+    "gpu": "everything above on a freshly lent GPU in at most 8 minutes: --out DIR (CSVs + summary.md)",
 }
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
-           "inference": ("bench_inference",), "report": ("report",)}
+           "inference": ("bench_inference",), "report": ("report",), "gpu": ("gpu",)}
 # `bench all`: every benchmark that needs no input, in this order.
 BENCH_ALL = ("attention", "losses", "train", "inference", "e2e")
 
