@@ -75,7 +75,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._triton import INTERPRET, UNAVAILABLE, Launch, device_refusals, tl, triton
-from .dispatch import Backend
+from .dispatch import Backend, log
 
 __all__ = ["relpos_attention_triton", "BACKEND", "head_split", "fp32_uses_tf32", "config_space", "aot_launches"]
 
@@ -310,6 +310,9 @@ def _device_limits(device: torch.device) -> Tuple[Tuple[int, int], int]:
     return (props.major, props.minor), int(smem)
 
 
+_DROPPED: set = set()
+
+
 def _make_pruner(kind: str, fn):
     """``early_config_prune`` of ``kind``'s autotuner; ``fn`` is its @triton.jit kernel."""
 
@@ -323,10 +326,16 @@ def _make_pruner(kind: str, fn):
 
         def shared_of(cfg):
             # Compiles the config (Triton caches it, so the autotuner's own launch reuses it) and
-            # reads the shared memory Triton allocated; a config that fails to compile is dropped.
+            # reads the shared memory Triton allocated; a config that fails to compile is dropped,
+            # and said once.
             try:
                 return fn.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs()).metadata.shared
-            except Exception:
+            except Exception as e:
+                key = (kind, str(cfg), type(e).__name__)
+                if key not in _DROPPED:
+                    _DROPPED.add(key)
+                    log.warning("relpos_attention %s: config %s does not compile here, dropped (%s: %s)", kind, cfg,
+                                type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
                 return None
 
         dclass = dtype_class(q.dtype, kwargs["DOT_PREC"], int(args["D0"]), int(args["D1"]))
