@@ -159,7 +159,7 @@ def builds(targets: Iterable[str] = tuple(TARGETS), dtypes: Iterable[str] = ("fp
                         continue
                     dclass = attn.dtype_class(DTYPES[dtype.split("-")[0]], launch.meta["DOT_PREC"], launch.meta["D0"],
                                               launch.meta["D1"])
-                    for c in attn.select_configs(launch.tuned, attn._autotune_configs(launch.tuned), tgt.family,
+                    for c in attn.select_configs(launch.tuned, attn._autotune_configs(launch.tuned, interpret=False), tgt.family,
                                                  dclass, launch.meta["W_PAD"]):
                         out.append(Build(op, shape, label, dtype, i, dict(c.kwargs, num_warps=c.num_warps,
                                                                            num_stages=c.num_stages), target))

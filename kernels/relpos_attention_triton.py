@@ -49,7 +49,10 @@ Caveats
   ``fastsamclip info`` and the backend's ``notes`` say which one a call gets.
 * Compiled ahead of time for sm_90a and sm_80 (``fastsamclip.kernels.aot``, run in CI: every
   config of the autotune spaces below at SAM's shapes, fp16 and bf16): no spills, shared memory
-  under each GPU's limit, wgmma on sm_90a. Run times are a GPU's to measure.
+  under each GPU's limit, wgmma on sm_90a, no synchronous load in the key loops. fp32 (not in
+  CI's matrix; ``fastsamclip info --kernels --dtypes fp32,fp32-ieee``): clean at d = 64 but for
+  the dq kernel's V tile, which TF32 cannot take by cp.async; at d = 80 some fp32 kernels spill
+  in every config tried (the spaces below say which). Run times are a GPU's to measure.
 * Autotuning is keyed by (N, H, W, head dim, batch rounded to a power of two, dtypes) and kept on
   disk in Triton's cache (``cache_results``): a second process with the same cache tunes nothing.
 * Double backward is not supported (the backward op has no autograd formula).
@@ -72,7 +75,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._triton import INTERPRET, UNAVAILABLE, Launch, device_refusals, tl, triton
-from .dispatch import Backend
+from .dispatch import Backend, log
 
 __all__ = ["relpos_attention_triton", "BACKEND", "head_split", "fp32_uses_tf32", "config_space", "aot_launches"]
 
@@ -170,9 +173,11 @@ _SM90_16BIT = {
     "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     # 32 queries x 64 keys on 4 warps: 168-251; 128 keys need 8 warps (172-235; 4 warps: 255 and
     # 60-448 B of spill); 64 x 64 on 8 warps 178-255 (on 4 warps, 3 stages: 40 B spill at d 80).
-    "dkdv": [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2)],
+    # Two stages only in the backward: every candidate costs a compile and a timing per shape on
+    # first use, and the 3-stage variants compiled as clean (207-255) but are unmeasured.
+    "dkdv": [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
     # 164-255 registers, no spill anywhere (at d 80 on the 64 x 64 grid every config sits at 255).
-    "dq": [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)],
+    "dq": [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
 }
 _SM80_16BIT = {
     # mma.sync keeps the operands in registers: 64-row tiles on 4 warps (168-255), 128 x 64 on 8
@@ -192,22 +197,33 @@ _SM80_16BIT_WIDE = {
     # d 80 on the 64 x 64 grid: every 4- and 8-warp dq config spills (20-52 B); 2 warps do not.
     "dq": [(16, 32, 2, 2)],
 }
-# fp32 inputs: 4-byte operands double the shared memory and the registers of every tile.
-_FP32 = {
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2)],
-    "dkdv": [(16, 64, 4, 2), (32, 64, 4, 2)],
-    "dq": [(32, 32, 4, 2), (64, 32, 4, 2)],
+# fp32 inputs (a check dtype: the model runs bf16 on GPUs): 4-byte operands double the shared
+# memory and the registers of every tile, and TF32 wgmma needs both operands K-major, so the
+# dq kernel's V tile is loaded to registers, not by cp.async (1-2 such loads per iteration).
+_SM90_TF32 = {
+    # 140-255 registers at every shape, d 80 included.
+    "fwd": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
+    # 16 queries on 8 warps: 158-242; 32 queries spill 16-24 B, 4 warps 20-56 B at d 80.
+    "dkdv": [(16, 64, 8, 2)],
+    # 203-255 at d 64.
+    "dq": [(64, 32, 8, 2), (64, 64, 8, 2)],
 }
-_FP32_IEEE = {
-    "fwd": [(32, 32, 4, 2)],
-    "dkdv": [(16, 64, 4, 2)],
-    "dq": [(16, 32, 4, 2)],
+_SM90_TF32_WIDE = dict(_SM90_TF32, dq=[(64, 32, 8, 2)])  # d 80, 64 x 64 grid: 84 B of spill, the least of 10 tried
+_SM80_TF32 = {
+    "fwd": [(64, 32, 4, 2), (64, 32, 8, 2)],  # 145-255 at d 64; 64 x 64 keys on 8 warps spill at d 80
+    "dkdv": [(16, 32, 4, 2)],  # 158-241 at d 64
+    "dq": [(32, 32, 8, 2), (16, 32, 4, 2)],  # 136-255 at d 64
 }
+# d 80 on sm_80 in fp32: every config tried spills somewhere (fwd 28 B, dk/dv 44 B, dq 360 B are
+# the least); these are the least-spilling ones.
+_SM80_TF32_WIDE = {"fwd": [(64, 32, 8, 2)], "dkdv": [(16, 64, 8, 2)], "dq": [(16, 32, 4, 2)]}
+# Exact fp32: FMA products, small tiles (69-204 registers on both families).
+_IEEE = {"fwd": [(32, 32, 8, 2)], "dkdv": [(16, 64, 4, 2)], "dq": [(16, 32, 4, 2)]}
 SPACES: Dict[Tuple[str, str, str], List[Tuple[int, int, int, int]]] = {}
-for _fam, _classes in {"sm90": {"16bit": _SM90_16BIT, "16bit-wide": _SM90_16BIT, "tf32": _FP32, "tf32-wide": _FP32,
-                                "ieee": _FP32_IEEE, "ieee-wide": _FP32_IEEE},
-                       "sm80": {"16bit": _SM80_16BIT, "16bit-wide": _SM80_16BIT_WIDE, "tf32": _FP32,
-                                "tf32-wide": _FP32, "ieee": _FP32_IEEE, "ieee-wide": _FP32_IEEE}}.items():
+for _fam, _classes in {"sm90": {"16bit": _SM90_16BIT, "16bit-wide": _SM90_16BIT, "tf32": _SM90_TF32,
+                                "tf32-wide": _SM90_TF32_WIDE, "ieee": _IEEE, "ieee-wide": _IEEE},
+                       "sm80": {"16bit": _SM80_16BIT, "16bit-wide": _SM80_16BIT_WIDE, "tf32": _SM80_TF32,
+                                "tf32-wide": _SM80_TF32_WIDE, "ieee": _IEEE, "ieee-wide": _IEEE}}.items():
     for _cls, _table in _classes.items():
         for _kind, _space in _table.items():
             SPACES[(_kind, _fam, _cls)] = _space
@@ -244,10 +260,10 @@ def grid_rows(block_n: int, w_pad: int) -> int:
     return max(1, block_n // w_pad)
 
 
-def _autotune_configs(kind: str) -> list:
+def _autotune_configs(kind: str, interpret: bool = INTERPRET) -> list:
     """The union over families and dtype classes (what ``triton.autotune`` holds; the pruner keeps
-    the device's share)."""
-    if INTERPRET:
+    the device's share); in the interpreter its one config."""
+    if interpret:
         bm, bn, w, s = INTERPRET_CONFIG
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
     seen = {}
@@ -294,6 +310,9 @@ def _device_limits(device: torch.device) -> Tuple[Tuple[int, int], int]:
     return (props.major, props.minor), int(smem)
 
 
+_DROPPED: set = set()
+
+
 def _make_pruner(kind: str, fn):
     """``early_config_prune`` of ``kind``'s autotuner; ``fn`` is its @triton.jit kernel."""
 
@@ -307,10 +326,16 @@ def _make_pruner(kind: str, fn):
 
         def shared_of(cfg):
             # Compiles the config (Triton caches it, so the autotuner's own launch reuses it) and
-            # reads the shared memory Triton allocated; a config that fails to compile is dropped.
+            # reads the shared memory Triton allocated; a config that fails to compile is dropped,
+            # and said once.
             try:
                 return fn.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs()).metadata.shared
-            except Exception:
+            except Exception as e:
+                key = (kind, str(cfg), type(e).__name__)
+                if key not in _DROPPED:
+                    _DROPPED.add(key)
+                    log.warning("relpos_attention %s: config %s does not compile here, dropped (%s: %s)", kind, cfg,
+                                type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
                 return None
 
         dclass = dtype_class(q.dtype, kwargs["DOT_PREC"], int(args["D0"]), int(args["D1"]))

@@ -21,12 +21,13 @@ BENCHMARKS = {
     "everything": "segment everything + name every mask: SAM's generator + CLIP on box crops vs one merged pass",
     "report": "the latest e2e run as Markdown, with the product's claims checked",
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
+    "gpu": "everything above on a freshly lent GPU in at most 8 minutes: --out DIR (CSVs + summary.md)",
 }
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
            "inference": ("bench_inference",), "everything": ("bench_everything",), "report": ("report",),
-           "serve": ("bench_serve",)}
+           "serve": ("bench_serve",), "gpu": ("gpu",)}
 # `bench all`: every benchmark that needs no input, in this order.
 BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e")
 

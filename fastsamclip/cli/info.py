@@ -35,6 +35,9 @@ def cmd_kernels(args) -> int:
           f"in {args.jobs} processes ...", flush=True)
     rows = aot.run(builds, jobs=args.jobs)
     print(aot.format_table(rows))
+    print("\nconfig: queries per block x grid rows per key tile (r) / warps / pipeline stages (autotuned), or the "
+          "launcher's fixed blocks; spill: ptxas's spill stores; mma: wgmma (Hopper), mma (mma.sync), fma (no "
+          "tensor cores); sync ld: loads of the key loop used in the iteration that issues them")
     problems = aot.check(rows)
     print(f"\n{len(rows)} builds, {len(problems)} with findings"
           + ("" if not problems else ":\n  " + "\n  ".join(problems)))

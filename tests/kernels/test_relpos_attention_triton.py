@@ -179,6 +179,40 @@ def test_pruner_converts_block_n_to_grid_rows_and_drops_what_does_not_fit():
         {"BLOCK_M": 32, "BH": 1}]
 
 
+@pytest.mark.skipif(attention_triton.triton is None, reason="triton not installed")
+def test_the_gpu_pruner_compiles_each_candidate_and_reads_its_shared_memory(monkeypatch, caplog):
+    """The pruner as on a GPU (device figures faked): each config of the device's space is compiled
+    through the kernel's warmup, kept when Triton's shared-memory figure fits, dropped (logged
+    once) when it does not compile."""
+    import logging
+
+    at = attention_triton
+    monkeypatch.setattr(at, "INTERPRET", False)
+    monkeypatch.setattr(at, "_device_limits", lambda device: ((9, 0), 50_000))
+    monkeypatch.setattr(at, "_DROPPED", set())
+    calls = []
+
+    class FakeKernel:
+        def warmup(self, grid, **kw):
+            calls.append((kw["BLOCK_M"], kw["BH"], kw["num_warps"], kw["num_stages"], kw["HEAD_DIM"]))
+            if kw["BLOCK_M"] == 128:
+                raise RuntimeError("PTXASError: out of registers")
+            return type("K", (), {"metadata": type("M", (), {"shared": 40_000 if kw["num_stages"] == 2 else 60_000})})
+
+    prune = at._make_pruner("fwd", FakeKernel())
+    q = torch.empty(1, dtype=torch.bfloat16)
+    cfgs = at._autotune_configs("fwd", interpret=False)
+    meta = dict(HEAD_DIM=64, D0=64, D1=0, W_PAD=16, DOT_PREC="tf32", BIAS_PREC="tf32x3")
+    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+        kept = prune(cfgs, {"Q": q, "N": 196}, **meta)
+        prune(cfgs, {"Q": q, "N": 196}, **meta)
+    space = at.config_space("fwd", "sm90", "16bit")
+    assert len(calls) == 2 * len(space)  # every candidate of the family compiled (Triton caches them)
+    assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BH"], c.num_stages) for c in kept) == [(64, 2, 2), (64, 4, 2)]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "does not compile here" in msgs[0] and "PTXASError" in msgs[0], msgs
+
+
 def test_every_space_is_defined_and_small():
     """Each kernel has a space per GPU family and input class, a handful of configs each (each
     one costs a compile and a timing per shape on first use)."""
