@@ -54,7 +54,7 @@ from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_fr
 from fastsamclip.predictor import SAMCLIPPredictor
 from fastsamclip.transforms import clip_pixels
 
-from .harness import LABELS, Result, append_csv, format_extras, format_table, full_size_device, percentile
+from .harness import LABELS, Result, append_csv, format_extras, format_table, full_size_device, percentile, sync
 
 IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "coins", "clock")
 
@@ -69,12 +69,7 @@ def label_box_crops(clip, image: np.ndarray, boxes_xywh: Sequence[Sequence[float
     if not len(boxes_xywh):
         return torch.zeros(0, text.shape[0])
     device = next(clip.model.parameters()).device
-    h, w = image.shape[:2]
-    crops = []
-    for x, y, bw, bh in boxes_xywh:
-        x0, y0 = min(max(int(round(x)), 0), w - 1), min(max(int(round(y)), 0), h - 1)
-        crops.append(clip_pixels(image[y0:y0 + max(int(round(bh)), 1), x0:x0 + max(int(round(bw)), 1)],
-                                 clip.image_size))
+    crops = [clip_pixels(crop, clip.image_size) for crop in box_crops(image, boxes_xywh)]
     probs = []
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
@@ -85,6 +80,7 @@ def label_box_crops(clip, image: np.ndarray, boxes_xywh: Sequence[Sequence[float
 
 
 def box_crops(image: np.ndarray, boxes_xywh: Sequence[Sequence[float]]) -> List[np.ndarray]:
+    """Each XYWH box cut from the (H, W, 3) image, rounded, kept inside it, at least 1 px."""
     h, w = image.shape[:2]
     out = []
     for x, y, bw, bh in boxes_xywh:
@@ -140,18 +136,13 @@ class PeakMemory:
             self.peak_mb = (self._max - self._base) / 2**20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_pipeline(fn: Callable[[np.ndarray], list], images: List[np.ndarray], device: torch.device, warmup: int,
                  iters: int):
     """Warm-up on the first image, then ``iters`` passes over all images, each image timed on its
     own (synchronised). Returns (outputs of the last pass, per-image ms, seconds in all, peak MB)."""
     for _ in range(warmup):
         fn(images[0])
-    _sync(device)
+    sync(device)
     times, outs, peak = [], [], None
     t_all = time.perf_counter()
     for it in range(iters):
@@ -161,13 +152,13 @@ def run_pipeline(fn: Callable[[np.ndarray], list], images: List[np.ndarray], dev
                 with PeakMemory(device) as mem:
                     t0 = time.perf_counter()
                     outs.append(fn(image))
-                    _sync(device)
+                    sync(device)
                     times.append((time.perf_counter() - t0) * 1e3)
                 peak = mem.peak_mb
                 continue
             t0 = time.perf_counter()
             outs.append(fn(image))
-            _sync(device)
+            sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return outs, times, time.perf_counter() - t_all, peak
 

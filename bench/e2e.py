@@ -35,8 +35,8 @@ one image of its pipeline counted by ``torch.utils.flop_counter`` on meta tensor
 resizes and elementwise work are not counted), so ``img/s`` beside it tells work from efficiency.
 
 Workloads (``mode``): ``both`` (SAM embedding + CLIP embedding per image), ``sam``, ``clip``;
-and ``semantic``: one picture segmented into 20 labels by the merged predictor's composed mode
-against SAM's automatic mask generator + CLIP on every mask's box crop (``sam-amg+clip``).
+and ``semantic`` (``bench.e2e_semantic``): one picture segmented into 20 labels by the merged
+predictor's composed mode against SAM's automatic mask generator + CLIP on every mask's box crop.
 Per row: img/s, p50 (``ms``) and p99 latency per batch, peak CUDA memory, weight bytes on the
 device, energy per image from NVML power samples (or why not), and agreement: the maximum over
 outputs of ``max|out - ref| / max|ref|`` against the eager fp32 row of the same model on the
@@ -56,14 +56,11 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
-import time
 import types
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import get_rel_pos as sam_get_rel_pos
 from torch.profiler import ProfilerActivity
@@ -74,10 +71,10 @@ from fastsamclip.checkpoint import load_merged
 from fastsamclip.data import samples
 from fastsamclip.kernels import native_bf16, use_backend
 from fastsamclip.modeling import build_backbone, load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
-from fastsamclip.predictor import SAMCLIPPredictor
 
-from .harness import (LABELS, RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras,
-                      format_table, full_size_device, percentile, pyplot, read_csv, time_calls)
+from .e2e_semantic import semantic_rows
+from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras, format_table,
+                      full_size_device, measure_batches, nbytes, percentile, pyplot, read_csv, sync)
 from .report import markdown, pool_of, run_rows
 
 WORKLOADS = ("both", "sam", "clip")
@@ -169,16 +166,6 @@ def gflop_per_image(models: Models, impl: str, workload: str):
         except Exception as e:  # a pipeline the meta device cannot trace: say so in the row
             models.flops[key] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     return models.flops[key]
-
-
-def _nbytes(modules: Sequence[torch.nn.Module]) -> int:
-    seen, total = set(), 0
-    for m in modules:
-        for t in list(m.parameters()) + list(m.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
 
 
 # ------------------------------------------------------------------------------------ row functions
@@ -294,60 +281,6 @@ def make_row_fn(models: Models, impl: str, workload: str, dtype: torch.dtype, co
     return fn, used, ("reference" if impl == "merged-reference" else None)
 
 
-# ------------------------------------------------------------------------------------ energy
-class PowerSampler:
-    """Samples GPU board power through NVML in a background thread while the timed loop runs."""
-
-    def __init__(self, device: torch.device, period_s: float = 0.01):
-        self.reason: Optional[str] = None
-        self.samples: List[Tuple[float, float]] = []
-        self.period_s = period_s
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        if device.type != "cuda":
-            self.reason = "n/a: no GPU (NVML power needs one)"
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            pynvml.nvmlDeviceGetPowerUsage(self._handle)
-        except ImportError:
-            self.reason = "n/a: nvidia-ml-py not installed"
-        except Exception as e:  # NVML present but refusing (containers without power access)
-            self.reason = f"n/a: NVML: {type(e).__name__}"
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            mw = self._nvml.nvmlDeviceGetPowerUsage(self._handle)
-            self.samples.append((time.perf_counter(), mw / 1e3))
-            time.sleep(self.period_s)
-
-    def __enter__(self):
-        if self.reason is None:
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def joules(self, seconds: float) -> Optional[float]:
-        if self.reason is not None or len(self.samples) < 2:
-            return None
-        return statistics.mean(w for _, w in self.samples) * seconds
-
-
-# ------------------------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rel_err(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
     """max over outputs of max|out - ref| / max|ref| (scale-free, no division by tiny entries)."""
     errs = []
@@ -355,30 +288,6 @@ def rel_err(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float
         o, r = out[k].float(), r.float()
         errs.append(((o - r).abs().max() / r.abs().max().clamp_min(1e-12)).item())
     return max(errs)
-
-
-def measure(fn, images: torch.Tensor, device: torch.device, warmup: int, iters: int):
-    """Warm-up (compiles there), then ``iters`` batches, each timed by device events and
-    synchronised. Returns (outputs, sorted per-batch ms, total seconds, peak MB or None, PowerSampler)."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            out = fn(images)
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        last = {}
-
-        def call():
-            last["out"] = fn(images)
-
-        with PowerSampler(device) as power:
-            times, total = time_calls(call, iters, device)
-        out = last["out"]
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
-    # Compiled functions may hand back buffers a later call reuses: keep copies for agreement.
-    return {k: v.detach().clone() for k, v in out.items()}, sorted(times), total, peak, power
 
 
 def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: torch.Tensor,
@@ -390,7 +299,7 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
     try:
         fn, used, backend = make_row_fn(models, impl, workload, DTYPES[dtype_name], args.compile_backend)
         with use_backend(backend):
-            out, times, total, peak, power = measure(fn, images, device, args.warmup, args.iters)
+            out, times, total, peak, power = measure_batches(fn, images, device, args.warmup, args.iters)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         r.status = "failed: out of memory"
@@ -406,7 +315,7 @@ def run_row(models: Models, impl: str, dtype_name: str, workload: str, images: t
     r.ms, r.peak_mem_mb = p50, peak
     extra["img_s"] = round(b * len(times) / total, 3)
     extra["p99_ms"] = round(p99, 3)
-    extra["weight_mb"] = round(_nbytes(used) / 2**20, 3)
+    extra["weight_mb"] = round(nbytes(used) / 2**20, 3)
     joules = power.joules(total)
     extra["j_per_img"] = round(joules / (b * len(times)), 5) if joules is not None else (
         power.reason or "n/a: too few power samples")
@@ -462,90 +371,6 @@ def select_rows(models: Models, fast_dtype: str, spec: Optional[str]) -> List[Tu
     return out
 
 
-def composed_fn(models: Models, image, device: torch.device):
-    """The merged model's training-free semantic segmentation: one pass, CLIP-prompted SAM head."""
-    model = copy.deepcopy(models.merged)
-    model.text = models.merged_text
-    if model.text is None:
-        raise RuntimeError("the merged model has no text tower")
-    pred = SAMCLIPPredictor(model, device=device)
-
-    def run(_images):
-        res = pred.semantic_segment(image, LABELS, mode="composed")
-        return {"label_map": torch.from_numpy(res.label_map)}
-
-    return run, [model.image_encoder, model.clip_head, model.prompt_encoder, model.mask_decoder, model.text]
-
-
-def amg_clip_fn(models: Models, clip_name: str, image, points_per_side: int, device: torch.device):
-    """SAM's automatic masks, then CLIP on every mask's box crop, each labelled by its best class
-    (the training-free pipeline users assemble from the two models)."""
-    clip = models.clips[clip_name]
-    # Random SAM weights give mask logits within about +-0.1 (vit_tiny) and IoU predictions near
-    # zero: the default thresholds (and the stability offset of 1.0) would drop every mask and
-    # time an empty CLIP stage, so random weights keep all masks.
-    thresh = ({"pred_iou_thresh": -1e9, "stability_score_thresh": -1.0, "stability_score_offset": 0.05}
-              if models.random_sam else {})
-    amg = SamAutomaticMaskGenerator(models.sam, points_per_side=points_per_side, **thresh)
-    with torch.no_grad():
-        text = clip.encode_text(clip.tokenize([f"a photo of a {c}." for c in LABELS]).to(device), normalize=True)
-    h, w = image.shape[:2]
-    counts: List[int] = []  # masks per image, reported beside the timing
-
-    def run(_images):
-        masks = amg.generate(image)
-        counts.append(len(masks))
-        label_map = torch.full((h, w), -1, dtype=torch.long)
-        if masks:
-            img = torch.from_numpy(image).to(device).permute(2, 0, 1).float()
-            crops = []
-            for m in masks:
-                x, y, bw, bh = (int(round(v)) for v in m["bbox"])
-                crop = img[:, y:y + max(bh, 1), x:x + max(bw, 1)][None]
-                crops.append(clip.preprocess(crop))
-            emb = clip.encode_image(torch.cat(crops), normalize=True)
-            cls = (emb @ text.T).argmax(-1).cpu()
-            # Larger masks first, so smaller ones on top keep their label.
-            for i in sorted(range(len(masks)), key=lambda i: -masks[i]["area"]):
-                label_map[torch.from_numpy(masks[i]["segmentation"])] = cls[i]
-        return {"label_map": label_map}
-
-    run.mask_counts = counts
-    return run, [models.sam, clip.model]
-
-
-def semantic_rows(models: Models, args, device: torch.device) -> List[Result]:
-    image = samples.sample_image("chelsea")
-    case = f"semantic {image.shape[1]}x{image.shape[0]} {len(LABELS)} labels"
-    rows = []
-    builders = [("merged-composed", lambda: composed_fn(models, image, device))]
-    builders += [(f"sam-amg+clip/{c}", (lambda c=c: amg_clip_fn(models, c, image, args.points_per_side, device)))
-                 for c in models.clips]
-    for impl, build in builders:
-        r = Result(bench="e2e", case=case, impl=impl, mode="semantic",
-                   extra={"dtype": "fp32", "batch": 1})
-        try:
-            fn, used = build()
-            with use_backend(None):
-                _, times, total, peak, power = measure(fn, None, device, args.warmup, args.iters)
-        except Exception as e:  # a pipeline that breaks is a row with its error
-            r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            rows.append(r)
-            continue
-        r.ms, r.peak_mem_mb = statistics.median(times), peak
-        r.extra.update(img_s=round(len(times) / total, 3),
-                       p99_ms=round(percentile(times, 0.99), 3),
-                       weight_mb=round(_nbytes(used) / 2**20, 3),
-                       j_per_img=(round(power.joules(total) / len(times), 5) if power.joules(total) is not None
-                                  else power.reason or "n/a: too few power samples"),
-                       max_rel_err="n/a: different pipelines, no shared reference")
-        if impl.startswith("sam-amg"):
-            r.extra["points_per_side"] = args.points_per_side
-            r.extra["masks"] = fn.mask_counts[-1]
-        rows.append(r)
-    return rows
-
-
 # ------------------------------------------------------------------------------------ plots, profile
 def plot_workloads(results: List[Result], folder: str) -> List[str]:
     """One PNG per workload: img/s vs batch size, one line per (impl, dtype)."""
@@ -585,11 +410,11 @@ def profile(models: Models, impl: str, dtype_name: str, images: torch.Tensor, ar
     with torch.no_grad(), use_backend(backend):
         for _ in range(max(1, args.warmup)):  # compile outside the trace
             fn(images)
-        _sync(device)
+        sync(device)
         with tprofile(activities=activities) as prof:
             for _ in range(3):
                 fn(images)
-            _sync(device)
+            sync(device)
     path = args.trace or os.path.join(RESULTS_DIR, f"e2e_trace_{impl.replace('/', '_')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     prof.export_chrome_trace(path)

@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -150,6 +151,95 @@ def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> Tu
         b.record()
         b.synchronize()
     return [a.elapsed_time(b) for a, b in zip(starts, ends)], starts[0].elapsed_time(ends[-1]) / 1e3
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PowerSampler:
+    """Samples GPU board power through NVML in a background thread while the timed loop runs;
+    ``reason`` says why not where it cannot (no GPU, no nvidia-ml-py, NVML refusing)."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.01):
+        self.reason: Optional[str] = None
+        self.samples: List[Tuple[float, float]] = []
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if device.type != "cuda":
+            self.reason = "n/a: no GPU (NVML power needs one)"
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            pynvml.nvmlDeviceGetPowerUsage(self._handle)
+        except ImportError:
+            self.reason = "n/a: nvidia-ml-py not installed"
+        except Exception as e:  # NVML present but refusing (containers without power access)
+            self.reason = f"n/a: NVML: {type(e).__name__}"
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            mw = self._nvml.nvmlDeviceGetPowerUsage(self._handle)
+            self.samples.append((time.perf_counter(), mw / 1e3))
+            time.sleep(self.period_s)
+
+    def __enter__(self):
+        if self.reason is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def joules(self, seconds: float) -> Optional[float]:
+        if self.reason is not None or len(self.samples) < 2:
+            return None
+        return statistics.mean(w for _, w in self.samples) * seconds
+
+
+def measure_batches(fn, images: torch.Tensor, device: torch.device, warmup: int, iters: int):
+    """Warm-up (compiles there), then ``iters`` batches, each timed by device events and
+    synchronised. Returns (outputs, sorted per-batch ms, total seconds, peak MB or None, PowerSampler)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            out = fn(images)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        last = {}
+
+        def call():
+            last["out"] = fn(images)
+
+        with PowerSampler(device) as power:
+            times, total = time_calls(call, iters, device)
+        out = last["out"]
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    # Compiled functions may hand back buffers a later call reuses: keep copies for agreement.
+    return {k: v.detach().clone() for k, v in out.items()}, sorted(times), total, peak, power
+
+
+def nbytes(modules: Sequence[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers of ``modules``, each tensor counted once."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
 
 
 def percentile(sorted_ms: Sequence[float], q: float) -> float:
