@@ -100,19 +100,25 @@ def claims(rows: Sequence[Row]) -> Tuple[List[Tuple[str, Optional[float], str, O
           _find(rows, "sam", f"separate-eager/{any_clip}", b, "fp32"), ">= 6x", lambda v: v >= 6)
     ratio(f"image encoder img/s vs SAM bf16 + compile + SDPA (B{b})", merged_sam,
           _find(rows, "sam", f"separate-strong/{any_clip}", b, "bf16"), ">= 1.5x", lambda v: v >= 1.5)
-    # Both outputs: the fastest merged row of each CLIP path against the fastest separate pipeline
-    # with the same CLIP, whatever their precision or compilation (each row's agreement with its
-    # fp32 reference is in the table).
+    # Both outputs: the fastest merged row of each CLIP path against the fastest pipeline users run
+    # today (segment_anything SAM + open_clip CLIP, eager, bf16 or compiled with SDPA), whatever the
+    # precision or compilation (each row's agreement with its fp32 reference is in the table); and
+    # the pooled path against SAM ported onto fastsamclip's own backbone and kernels + open_clip,
+    # the merging's gain alone (one image tower fewer), bounded by the CLIP tower's share of the work.
     cpu = bool(rows) and rows[0]["device"].startswith("cpu")
-    best_sep = _best(rows, "both", b, lambda i: i.startswith("separate-") and i.endswith(f"/{big}"))
+    best_up = _best(rows, "both", b, lambda i: i.startswith("separate-") and not i.startswith("separate-fused/")
+                    and i.endswith(f"/{big}"))
+    sep_fused = _best(rows, "both", b, lambda i: i == f"separate-fused/{big}")
     merged_rows = lambda i: i.startswith("merged-fused")  # noqa: E731
     best_full = _best(rows, "both", b, lambda i: merged_rows(i) and pool_of(i) == 1)
     best_pool = _best(rows, "both", b, lambda i: merged_rows(i) and pool_of(i) > 1)
-    ratio(f"both outputs img/s, CLIP head on all tokens: {_label(best_full)} vs the best separate "
-          f"pipeline, {_label(best_sep)} (B{b})", best_full, best_sep, ">= 1x", lambda v: v >= 1.0)
+    ratio(f"both outputs img/s, CLIP head on all tokens: {_label(best_full)} vs the best segment_anything + "
+          f"open_clip pipeline, {_label(best_up)} (B{b})", best_full, best_up, ">= 1x", lambda v: v >= 1.0)
     goal = 1.2 if cpu else 1.5
-    ratio(f"both outputs img/s, CLIP head on pooled tokens: {_label(best_pool)} vs {_label(best_sep)} (B{b})",
-          best_pool, best_sep, f">= {goal:g}x", lambda v: v >= goal)
+    ratio(f"both outputs img/s, CLIP head on pooled tokens: {_label(best_pool)} vs {_label(best_up)} (B{b})",
+          best_pool, best_up, f">= {goal:g}x", lambda v: v >= goal)
+    ratio(f"both outputs img/s, pooled tokens: {_label(best_pool)} vs SAM on fastsamclip's kernels + CLIP, "
+          f"{_label(sep_fused)} (B{b})", best_pool, sep_fused, ">= 1x", lambda v: v >= 1.0)
     # Weight bytes at one precision on both sides: the fp32 rows (bytes scale with the dtype alike).
     ratio(f"both outputs weight bytes vs SAM + CLIP {big}", _find(rows, "both", "merged-reference", b, "fp32"),
           _find(rows, "both", f"separate-eager/{big}", b, "fp32"), "<= 0.5x", lambda v: v <= 0.5, metric="weight_mb")
