@@ -10,7 +10,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
