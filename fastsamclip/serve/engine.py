@@ -61,23 +61,6 @@ def tensor_b64(t: torch.Tensor) -> Dict[str, Any]:
     return {"shape": list(a.shape), "dtype": "float32", "data": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
-def plain(value: Any) -> Any:
-    """numpy / torch values inside records -> JSON types (NaN stays for the caller to refuse)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return plain(value.detach().cpu().numpy())
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("ascii")
-    return value
-
-
 def semantic_json(res: SemanticResult) -> Dict[str, Any]:
     present = [int(c) for c in np.unique(res.label_map) if c >= 0]
     out = {"labels": list(res.labels), "mode": res.mode, "size": list(res.label_map.shape),
@@ -229,7 +212,7 @@ class Engine:
                                      templates=params["templates"], output_mode="coco_rle", **generator)
             finally:
                 p.reset_image()
-            return {"size": list(task["original_size"]), "count": len(records), "masks": finite_or_none(plain(records))}
+            return {"size": list(task["original_size"]), "count": len(records), "masks": finite_or_none(records)}
         raise ValueError(f"unknown task {name!r}")
 
     def _semantic_clip(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> SemanticResult:

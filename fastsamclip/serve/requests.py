@@ -150,7 +150,7 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
                 raise RequestError(413, f"image of {w}x{h} (WxH) = {w * h} pixels is over this server's limit "
                                         f"of {limits.max_image_pixels} pixels")
             im.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES stays False)
-            return to_rgb_uint8(im.copy())
+            return to_rgb_uint8(im)
     except RequestError:
         raise
     except Image.DecompressionBombError as e:

@@ -1,44 +1,18 @@
 """Masks as COCO RLE: ``{"size": [h, w], "counts": str}``, what ``pycocotools.mask.decode`` reads.
 
-Run lengths of the column-major (Fortran order) mask, starting with a run of zeros, written as
-pycocotools' ``rleToString`` does (6-bit groups from chr 48, 0x20 = more, runs from the fourth
-on delta-coded against the run two before). ``fastsamclip.data.sa1b.rle_run_lengths`` is the
-reader this is tested against, with pycocotools where installed.
+``segment_anything``'s run lengths, then the predictor's COCO string (pycocotools' encoder where
+installed, the same string in Python otherwise: :func:`fastsamclip.predictor.everything.coco_rle`).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
+import torch
+from segment_anything.utils.amg import mask_to_rle_pytorch
 
-
-def run_lengths(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> run lengths of the column-major flattening, zeros first (the first may be 0)."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    if flat.size == 0:
-        return np.zeros(0, np.int64)
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate(([0], change, [flat.size]))
-    runs = np.diff(bounds)
-    return np.concatenate(([0], runs)) if flat[0] else runs
-
-
-def counts_string(runs: np.ndarray) -> str:
-    """pycocotools' ``rleToString`` of the run lengths."""
-    out: List[str] = []
-    runs = [int(r) for r in runs]
-    for i, r in enumerate(runs):
-        x = r - runs[i - 2] if i > 2 else r
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
+from fastsamclip.predictor.everything import coco_rle
 
 
 def encode_rle(mask: np.ndarray) -> Dict[str, object]:
@@ -46,4 +20,4 @@ def encode_rle(mask: np.ndarray) -> Dict[str, object]:
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"encode_rle takes one (h, w) mask, got shape {m.shape}")
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": counts_string(run_lengths(m))}
+    return coco_rle(mask_to_rle_pytorch(torch.from_numpy(m.astype(bool))[None])[0])
