@@ -39,7 +39,7 @@ from fastsamclip.export.encoder import (
     OUTPUT_NAMES,
     ImageEncoder,
     check_resolution,
-    errors_by_name,
+    encoder_errors,
     example_image,
     model_metadata,
     update_metadata,
@@ -119,17 +119,7 @@ def check_package(path: str, model: SAMCLIP, resolution: int, device: torch.devi
                   batch_sizes: Sequence[int] = (1, 2)) -> Dict[str, float]:
     """Load ``path`` and compare it with the eager model (automatic attention backend) on the
     same inputs: max relative error per output over ``batch_sizes``."""
-    runner = torch._inductor.aoti_load_package(path)
-    encoder = ImageEncoder(model).eval()
-    errors: Dict[str, float] = {}
-    for b in batch_sizes:
-        x = example_image(resolution, batch=b, seed=b, device=device)
-        with torch.no_grad():
-            ref = encoder(x)
-            got = runner(x)
-        for name, e in errors_by_name(got, ref, OUTPUT_NAMES).items():
-            errors[name] = max(errors.get(name, 0.0), e)
-    return errors
+    return encoder_errors(torch._inductor.aoti_load_package(path), model, resolution, device, batch_sizes)
 
 
 def export_aoti(model: SAMCLIP, out_dir: str, resolution: Optional[int] = None, device=None,

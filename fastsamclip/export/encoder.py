@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +75,23 @@ def max_rel_err(actual, expected) -> float:
 
 def errors_by_name(actual: Sequence, expected: Sequence, names: Sequence[str]) -> Dict[str, float]:
     return {n: max_rel_err(a, e) for n, a, e in zip(names, actual, expected)}
+
+
+def encoder_errors(run: Callable[[torch.Tensor], Sequence], model: SAMCLIP, resolution: int, device,
+                   batch_sizes: Sequence[int] = (1, 2)) -> Dict[str, float]:
+    """An exported encoder (``run``: (B, 3, R, R) input on ``device`` -> outputs in ``OUTPUT_NAMES``
+    order) against the eager one on the same :func:`example_image` inputs: the max relative error
+    of each output over ``batch_sizes``."""
+    encoder = ImageEncoder(model).eval()
+    errors: Dict[str, float] = {}
+    for b in batch_sizes:
+        x = example_image(resolution, batch=b, seed=b, device=device)
+        with torch.no_grad():
+            ref = encoder(x)
+            got = run(x)
+        for name, e in errors_by_name(got, ref, OUTPUT_NAMES).items():
+            errors[name] = max(errors.get(name, 0.0), e)
+    return errors
 
 
 def model_metadata(model: SAMCLIP, resolution: int) -> dict:

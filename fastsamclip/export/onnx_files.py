@@ -39,6 +39,7 @@ from fastsamclip.export.encoder import (
     OUTPUT_NAMES,
     ImageEncoder,
     check_resolution,
+    encoder_errors,
     errors_by_name,
     example_image,
     model_metadata,
@@ -132,17 +133,10 @@ def verify(model: SAMCLIP, out_dir: str, resolution: int, onnx_model: SamOnnxMod
     relative error (max |ort - torch| / max |torch|) of every output, at batch 1 and 2."""
     import onnxruntime as ort  # optional dependency (extra "export")
 
-    errors: Dict[str, float] = {}
     enc = ort.InferenceSession(os.path.join(out_dir, ENCODER_FILE), providers=["CPUExecutionProvider"])
-    torch_encoder = ImageEncoder(model).eval()
-    device = next(torch_encoder.parameters()).device
-    for batch in (1, 2):
-        x = example_image(resolution, batch=batch, seed=batch)
-        with torch.no_grad():
-            ref = torch_encoder(x.to(device))
-        got = enc.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-        for name, e in errors_by_name(got, ref, OUTPUT_NAMES).items():
-            errors[name] = max(errors.get(name, 0.0), e)
+    device = next(model.parameters()).device
+    errors = encoder_errors(lambda x: enc.run(list(OUTPUT_NAMES), {INPUT_NAME: x.cpu().numpy()}),
+                            model, resolution, device)
     dec = ort.InferenceSession(os.path.join(out_dir, DECODER_FILE), providers=["CPUExecutionProvider"])
     inputs = decoder_example(onnx_model.model, num_points=3, seed=1)
     inputs["point_labels"] = torch.tensor([[1.0, 0.0, -1.0]])
