@@ -40,12 +40,7 @@ from fastsamclip.data import samples
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
 
-from .harness import LABELS, Result, append_csv, format_table, percentile, time_calls
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .harness import LABELS, Result, append_csv, format_table, percentile, sync, time_calls
 
 
 def make_random_checkpoint(folder: str, sam_type: str = "vit_b", clip_model: str = "ViT-L-14") -> str:
@@ -101,7 +96,7 @@ def child_first_result(args) -> None:
     predictor = build_predictor(args)
     image = samples.sample_image(args.image)
     request(predictor, image, LABELS[: args.labels], args.resolution)
-    _sync(predictor.device)
+    sync(predictor.device)
     print(json.dumps({"seconds": time.time() - t0}))
 
 
@@ -159,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels = LABELS[: args.labels]
     for _ in range(args.warmup):
         request(predictor, image, labels, args.resolution)
-    _sync(predictor.device)
+    sync(predictor.device)
     times, _ = time_calls(lambda: request(predictor, image, labels, args.resolution), args.iters, predictor.device)
     times.sort()
     p50 = statistics.median(times)

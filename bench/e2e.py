@@ -69,8 +69,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastsamclip.checkpoint import load_merged
 from fastsamclip.data import samples
-from fastsamclip.kernels import native_bf16, use_backend
+from fastsamclip.kernels import use_backend
 from fastsamclip.modeling import build_backbone, load_clip_teacher, load_sam_teacher, sam_preprocess, samclip_from_teachers
+from fastsamclip.predictor.engine import resolve_dtype
 
 from .e2e_semantic import semantic_rows
 from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras, format_table,
@@ -468,8 +469,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.warmup = args.warmup or (1 if q else 3)
     args.compile_backend = args.compile_backend or ("eager" if q else "inductor")
     args.points_per_side = args.points_per_side or (4 if q else 32)
-    native = device.type == "cuda" or (device.type == "cpu" and native_bf16() is not None)
-    fast_dtype = args.fast_dtype if args.fast_dtype != "auto" else ("bf16" if native else "fp32")
+    # auto: the predictor's own choice for this device (bf16 on CUDA and on a native-bf16 CPU)
+    fast_dtype = args.fast_dtype if args.fast_dtype != "auto" else (
+        "bf16" if resolve_dtype("auto", device) == torch.bfloat16 else "fp32")
     try:
         args.clip_token_pools = tuple(int(k) for k in args.clip_token_pools.split(",") if k)
     except ValueError:

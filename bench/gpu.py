@@ -58,7 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .harness import environment, parse_extra, read_csv, row_value
+from .harness import environment, fmt_num, parse_extra, read_csv, row_value
 from .report import markdown as e2e_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -326,10 +326,6 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]
         "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
-def _num(v: Optional[float], digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}g}"
-
-
 def attention_section(rows: List[Dict[str, str]]) -> Tuple[List[str], List[Tuple[str, Optional[float], str, Optional[bool]]]]:
     lines: List[str] = []
     claims: List[Tuple[str, Optional[float], str, Optional[bool]]] = []
@@ -347,7 +343,7 @@ def attention_section(rows: List[Dict[str, str]]) -> Tuple[List[str], List[Tuple
             elif r["status"] != "ok":
                 cells.append("n/a" if r["status"].startswith("skipped") else "failed")
             else:
-                cells.append(f"{_num(row_value(r, 'tflops'))} ({_num(row_value(r, 'ms'))} ms)")
+                cells.append(f"{fmt_num(row_value(r, 'tflops'))} ({fmt_num(row_value(r, 'ms'))} ms)")
         table.append([case, mode] + cells)
     lines += _md_table(["case", "mode"] + impls, table)
     lines.append("")
@@ -380,7 +376,7 @@ def _simple_table(rows: List[Dict[str, str]], extras: Sequence[str]) -> List[str
     body = []
     for r in rows:
         e = parse_extra(r.get("extra", ""))
-        body.append([r["case"], r["impl"], r["mode"], _num(row_value(r, "ms"), 4), r["status"]]
+        body.append([r["case"], r["impl"], r["mode"], fmt_num(row_value(r, "ms"), 4), r["status"]]
                     + [e.get(k, "-") for k in extras])
     return _md_table(["case", "impl", "mode", "ms", "status"] + list(extras), body)
 

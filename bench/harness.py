@@ -242,6 +242,11 @@ def nbytes(modules: Sequence[torch.nn.Module]) -> int:
     return total
 
 
+def fmt_num(v: Optional[float], digits: int = 3) -> str:
+    """A number to ``digits`` significant digits for a table, "-" for none."""
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
 def percentile(sorted_ms: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (``q`` in [0, 1])."""
     return sorted_ms[min(len(sorted_ms) - 1, int(round(q * (len(sorted_ms) - 1))))]

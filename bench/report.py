@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .harness import RESULTS_DIR, parse_extra, read_csv, row_value
+from .harness import RESULTS_DIR, fmt_num, parse_extra, read_csv, row_value
 
 Row = Dict[str, str]
 
@@ -131,10 +131,6 @@ def claims(rows: Sequence[Row]) -> Tuple[List[Tuple[str, Optional[float], str, O
     return out, b, dtype
 
 
-def _fmt(v: Optional[float], digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}g}"
-
-
 def _short(v: Optional[str]) -> str:
     """A measured value as written, a reason as "n/a" (the CSV keeps the reason)."""
     return "-" if v is None else ("n/a" if v.startswith("n/a") else v)
@@ -151,7 +147,7 @@ def markdown(rows: Sequence[Row]) -> str:
              f"compiled graphs in {dtype})", "",
              "| claim | measured | goal | met |", "|---|---|---|---|"]
     for name, v, goal, met, why in cl:
-        lines.append(f"| {name} | {_fmt(v) + 'x' if v is not None else why} | {goal} | "
+        lines.append(f"| {name} | {fmt_num(v) + 'x' if v is not None else why} | {goal} | "
                      f"{'-' if met is None else ('yes' if met else '**no**')} |")
     lines += ["", "| workload | impl | dtype | img/s | GFLOP/img | GFLOP/s | p50 ms | p99 ms | peak MB | weights MB | "
               "J/img | max rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -163,10 +159,10 @@ def markdown(rows: Sequence[Row]) -> str:
             lines.append(f"| {r['case']} | {r['impl']} | {e.get('dtype', '')} | {r['status']} |||||||||")
             continue
         img_s, gflop = row_value(r, "img_s"), row_value(r, "gflop_per_img")
-        lines.append(f"| {r['case']} | {r['impl']} | {e.get('dtype', '')} | {_fmt(img_s, 4)} | {_fmt(gflop, 4)} | "
-                     f"{_fmt(gflop * img_s if gflop is not None and img_s is not None else None, 4)} | "
-                     f"{_fmt(row_value(r, 'ms'), 4)} | {_fmt(row_value(r, 'p99_ms'), 4)} | "
-                     f"{_fmt(row_value(r, 'peak_mem_mb'), 4)} | {_fmt(row_value(r, 'weight_mb'), 4)} | "
+        lines.append(f"| {r['case']} | {r['impl']} | {e.get('dtype', '')} | {fmt_num(img_s, 4)} | {fmt_num(gflop, 4)} | "
+                     f"{fmt_num(gflop * img_s if gflop is not None and img_s is not None else None, 4)} | "
+                     f"{fmt_num(row_value(r, 'ms'), 4)} | {fmt_num(row_value(r, 'p99_ms'), 4)} | "
+                     f"{fmt_num(row_value(r, 'peak_mem_mb'), 4)} | {fmt_num(row_value(r, 'weight_mb'), 4)} | "
                      f"{_short(e.get('j_per_img'))} | {_short(e.get('max_rel_err'))} |")
     return "\n".join(lines)
 
