@@ -688,11 +688,12 @@ if triton is not None:
 
             return launch
 
-    # The autotune key: the shape, and the batch rounded to a power of two (TUNE_BATCH), since
-    # the grid's size decides between tiles; Triton adds the tensors' dtypes. cache_results keeps
-    # each choice in Triton's cache directory (keyed also by Triton's version, the GPU
-    # architecture, the kernel's source and the config list), so a new process tunes nothing.
-    AUTOTUNE_KEY = ["N", "H", "W", "HEAD_DIM", "TUNE_BATCH"]
+    # The autotune key: the shape, the batch rounded to a power of two (TUNE_BATCH), since the
+    # grid's size decides between tiles, and the fp32 product precision (DOT_PREC: TF32 and exact
+    # fp32 prune to different config spaces, so one must not reuse the other's choice); Triton
+    # adds the tensors' dtypes. cache_results keeps each choice in Triton's cache directory (keyed
+    # also by Triton's version, the GPU architecture, the kernel's source and the config list).
+    AUTOTUNE_KEY = ["N", "H", "W", "HEAD_DIM", "TUNE_BATCH", "DOT_PREC"]
 
     def _tuned(fn, kind):
         if INTERPRET:
