@@ -32,6 +32,8 @@ spread over ``jobs`` processes. Uses Triton's JIT binder (``create_function_from
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -167,23 +169,6 @@ def builds(targets: Iterable[str] = tuple(TARGETS), dtypes: Iterable[str] = ("fp
 
 
 # ------------------------------------------------------------------------------------ compiling
-class _Capture:
-    """Collects what Triton prints (the ptxas log) while a build runs."""
-
-    def __init__(self):
-        self.parts: List[str] = []
-
-    def write(self, s: str) -> int:
-        self.parts.append(s)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
 _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -247,24 +232,19 @@ def _compile(build: Build) -> Row:
     kw = {**launch.meta, **options}
     args = [MockTensor(a.dtype) if isinstance(a, torch.Tensor) else a for a in launch.args]
     t0 = time.perf_counter()
-    capture = _Capture()
-    stdout = sys.stdout
+    log = io.StringIO()  # what Triton prints while compiling: the ptxas log
     try:
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, spec, opts = binder(*args, **kw)
         opts, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-        sys.stdout = capture
-        try:
+        with contextlib.redirect_stdout(log):
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
-        finally:
-            sys.stdout = stdout
     except Exception as e:  # a compile error is a finding of this row
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         row.seconds = time.perf_counter() - t0
         return row
     row.seconds = time.perf_counter() - t0
-    log = capture.text()
-    m, r = _PTXAS.search(log), _REGS.search(log)
+    m, r = _PTXAS.search(log.getvalue()), _REGS.search(log.getvalue())
     if m and r:
         row.stack_bytes, row.spill_bytes, row.regs = int(m.group(1)), int(m.group(2)), int(r.group(1))
     row.smem_bytes = int(kernel.metadata.shared)
@@ -325,11 +305,15 @@ def run(items: Sequence[Build], jobs: int = 2, timeout: Optional[float] = None) 
         for p, _, payload in procs:  # all are running: feed each its list
             p.stdin.write(payload)
             p.stdin.close()
+            p.stdin = None  # fed: communicate() below only reads, both pipes at once
         rows: Dict[int, Row] = {}
         for p, chunk, _ in procs:
-            out = p.stdout.read()
-            err = p.stderr.read()
-            p.wait(timeout=timeout)
+            try:
+                out, err = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+                err = f"timed out after {timeout} s; {err}"
             got = [Row(**json.loads(line)) for line in out.splitlines() if line.startswith("{")]
             for b, r in zip(chunk, got):
                 rows[id(b)] = r
