@@ -183,7 +183,7 @@ def test_kernels_import_torch_and_triton_only():
     third_party = {i.target.split(".")[0] for i in imports(mods)} - {"fastsamclip", "__future__"}
     stdlib = {"contextlib", "ctypes", "dataclasses", "functools", "logging", "math", "os", "typing", "hashlib",
               "json", "sys", "threading", "time", "warnings", "collections", "itertools", "platform", "pathlib",
-              "shutil", "subprocess", "tempfile", "importlib", "re", "enum", "abc", "inspect"}
+              "shutil", "subprocess", "tempfile", "importlib", "re", "enum", "abc", "inspect", "io"}
     assert third_party - stdlib <= {"torch", "triton", "numpy", "packaging"}, third_party - stdlib
 
 
