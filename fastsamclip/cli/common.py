@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, List, Tuple, Type
+from typing import Callable, Tuple, Type
 
 from fastsamclip.errors import InputError
 
@@ -62,15 +62,3 @@ def log_to_stderr(level: int = logging.INFO) -> None:
         log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
-
-
-def floats(text: str, n: int, what: str) -> List[float]:
-    """``"1,2,3,4"`` -> [1.0, 2.0, 3.0, 4.0], or a ValueError naming the input."""
-    parts = text.replace(" ", "").split(",")
-    try:
-        vals = [float(v) for v in parts]
-    except ValueError:
-        vals = []
-    if len(vals) != n:
-        raise ValueError(f"{what} {text!r}: expected {n} comma-separated numbers")
-    return vals

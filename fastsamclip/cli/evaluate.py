@@ -34,6 +34,7 @@ from fastsamclip.eval.runner import (
 )
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
+from fastsamclip.predictor.engine import DTYPES
 
 TASKS = {
     "classify": "zero-shot classification: top-1/top-5 on ImageNet, ImageNet-v2, Places365, an image folder or a CSV",
@@ -69,7 +70,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     o.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     o.add_argument("--workers", type=int, default=2, help="image-decoding worker processes per rank")
     o.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
-    o.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    o.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="merged model's backbone and CLIP head precision (recorded in the results); auto: bf16 on "
                         "CUDA and on a CPU with native bf16, else fp32")
     o.add_argument("--clip-token-pool", type=int, default=1, metavar="K",

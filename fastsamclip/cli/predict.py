@@ -28,6 +28,7 @@ from fastsamclip.cli.common import INPUT_ERRORS, one_line_errors
 from fastsamclip.draw import draw_named_masks, draw_overlay
 from fastsamclip.files import write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
+from fastsamclip.predictor.engine import DTYPES
 from fastsamclip.predictor.everything import EverythingParams, coco_rle
 
 
@@ -257,7 +258,7 @@ def register(sub) -> None:
     e.add_argument("--label-threshold", type=float, default=0.0,
                    help="a mask whose best label probability is below this stays unnamed (label null)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    s.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="precision of the backbone and CLIP head; auto: bf16 on CUDA and on a CPU with native "
                         "bf16 (AMX-BF16, AVX512-BF16, Arm BF16; `fastsamclip info` says), else fp32")
     s.add_argument("--clip-token-pool", type=int, default=1, metavar="K",
