@@ -154,9 +154,16 @@ class SAMCLIPPredictor:
         rgb = to_rgb_uint8(image)
         x, input_size = self._sam_input(rgb, self.img_size)
         out = self.forward(x, clip=True, sam=True, clip_patches=True)
+        self.set_pass(out, rgb.shape[:2], input_size, image=rgb)
+
+    def set_pass(self, out: Dict[str, torch.Tensor], original_size: Tuple[int, int], input_size: Tuple[int, int],
+                 image: Optional[np.ndarray] = None) -> None:
+        """The current image from a backbone pass made elsewhere (``forward``'s ``sam``, ``clip``
+        and ``clip_patches`` of one image, e.g. a row of a batched pass): what ``set_image``
+        stores after its own pass. ``image``: the RGB array, needed by crop layers of ``generate``."""
         self.reset_image()
-        self.image = rgb
-        self.original_size = tuple(rgb.shape[:2])
+        self.image = image
+        self.original_size = tuple(original_size)
         self.input_size = tuple(input_size)
         self.features = out["sam"]
         self.clip_embedding = out["clip"]

@@ -159,15 +159,9 @@ class Engine:
 
     # ------------------------------------------------------------------ heads
     def _set_image_state(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> None:
-        """What ``set_image`` would have stored for this image, from the batched pass."""
-        p = self.predictor
-        p.reset_image()
-        p.original_size = tuple(task["original_size"])
-        p.input_size = tuple(task["input_size"])
-        p.features = out["sam"][j:j + 1]
-        p.clip_embedding = out["clip"][j:j + 1]
-        p.clip_patches = out["clip_patches"][j:j + 1]
-        p.is_image_set = True
+        """The predictor's current image: row ``j`` of the batched pass."""
+        self.predictor.set_pass({k: out[k][j:j + 1] for k in ("sam", "clip", "clip_patches")},
+                                task["original_size"], task["input_size"], image=task.get("image"))
 
     def _head(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> dict:
         p, params, name = self.predictor, task["params"], task["task"]
@@ -205,7 +199,6 @@ class Engine:
             return semantic_json(res)
         if name == "everything":
             self._set_image_state(task, out, j)
-            p.image = task["image"]
             generator = {k: v for k, v in params.items() if k not in ("labels", "label_threshold", "templates")}
             try:
                 records = p.generate(None, labels=params["labels"], label_threshold=params["label_threshold"],
