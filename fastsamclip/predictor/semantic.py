@@ -101,12 +101,19 @@ def segment_clip(predictor, rgb: np.ndarray, labels, text: torch.Tensor, resolut
     x, input_size = sam_pixels(rgb, resolution)
     x = predictor.model.preprocess(x[None].to(predictor.device), input_size)
     patches = predictor.forward(x, clip=False, sam=False, clip_patches=True)["clip_patches"]
-    probs = class_maps(patches, text, predictor.text.logit_scale())  # (L, g, g)
-    scores = postprocess_masks(probs[None], input_size, rgb.shape[:2], resolution)[0]
+    return clip_result(patches, text, predictor.text.logit_scale(), labels, input_size, rgb.shape[:2], resolution,
+                       patch)
+
+
+def clip_result(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, labels, input_size, original_size,
+                resolution: int, patch: int) -> SemanticResult:
+    """mode "clip" from one image's (1, g, g, E) per-patch embeddings of a pass at ``resolution``."""
+    probs = class_maps(patches, text, logit_scale)  # (L, g, g)
+    scores = postprocess_masks(probs[None], input_size, original_size, resolution)[0]
     gh, gw = (-(-s // patch) for s in input_size)
     class_scores = probs[:, :gh, :gw].flatten(1).amax(1)
     return SemanticResult(label_map=scores.argmax(0).cpu().numpy(), scores=scores.cpu().numpy(),
-                          labels=labels, mode="clip", class_scores=class_scores.cpu().numpy())
+                          labels=tuple(labels), mode="clip", class_scores=class_scores.cpu().numpy())
 
 
 @torch.no_grad()

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from fastsamclip.files import finite_or_none
 from fastsamclip.predictor import SAMCLIPPredictor, SemanticResult
-from fastsamclip.predictor.semantic import class_maps
+from fastsamclip.predictor.semantic import clip_result
 from fastsamclip.serve.rle import encode_rle
-from fastsamclip.transforms import postprocess_masks
 
 log = logging.getLogger("fastsamclip.serve")
 
@@ -212,10 +211,5 @@ class Engine:
         """``semantic_segment(mode="clip")`` on the pass's per-patch row (segment_clip's steps)."""
         p, params = self.predictor, task["params"]
         labels, resolution = params["labels"], params["resolution"]
-        text = p.text_embeddings(labels, params["templates"])
-        probs = class_maps(out["clip_patches"][j:j + 1], text, p.logit_scale())  # (L, g, g)
-        scores = postprocess_masks(probs[None], task["input_size"], task["original_size"], resolution)[0]
-        gh, gw = (-(-s // p.patch_size) for s in task["input_size"])
-        class_scores = probs[:, :gh, :gw].flatten(1).amax(1)
-        return SemanticResult(label_map=scores.argmax(0).cpu().numpy(), scores=scores.cpu().numpy(),
-                              labels=tuple(labels), mode="clip", class_scores=class_scores.cpu().numpy())
+        return clip_result(out["clip_patches"][j:j + 1], p.text_embeddings(labels, params["templates"]),
+                           p.logit_scale(), labels, task["input_size"], task["original_size"], resolution, p.patch_size)
