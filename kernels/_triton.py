@@ -77,3 +77,7 @@ class Launch(NamedTuple):
     meta: dict  # constexpr keyword arguments the launcher passes
     options: dict  # num_warps / num_stages (and constexprs) of a fixed-config launch
     tuned: Optional[str] = None  # the autotune space ("fwd", "dkdv", "dq") of an autotuned launch
+
+    def run(self, grid) -> None:
+        """Launch it on ``grid``."""
+        self.fn[grid](*self.args, **self.meta, **self.options)

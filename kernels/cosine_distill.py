@@ -202,7 +202,7 @@ def cosine_rows_fwd(s: torch.Tensor, t: torch.Tensor, eps: float, loss: torch.Te
     if R == 0:
         return
     launch = _fwd_launch(s, t, eps, loss, coef_a, coef_b, ds)
-    launch.fn[(triton.cdiv(R, launch.meta["BLOCK_R"]),)](*launch.args, **launch.meta, **launch.options)
+    launch.run((triton.cdiv(R, launch.meta["BLOCK_R"]),))
 
 
 def cosine_rows_bwd(s: torch.Tensor, t: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor,
@@ -213,7 +213,7 @@ def cosine_rows_bwd(s: torch.Tensor, t: torch.Tensor, coef_a: torch.Tensor, coef
         return
     launch = _bwd_launch(s, t, coef_a, coef_b, g, ds)
     grid = (triton.cdiv(R, launch.meta["BLOCK_R"]), triton.cdiv(D, launch.meta["BLOCK_D"]))
-    launch.fn[grid](*launch.args, **launch.meta, **launch.options)
+    launch.run(grid)
 
 
 def aot_launches(rows: int, features: int, dtype: torch.dtype) -> List[Launch]:

@@ -245,8 +245,8 @@ def focal_dice_fwd(x2: torch.Tensor, t2: torch.Tensor, focal_weight: float, dice
     loss = torch.empty((), device=x2.device, dtype=torch.float32)
     coef = torch.empty(n_masks, 2, device=x2.device, dtype=torch.float32)
     fwd, fin = _fwd_launches(x2, t2, part, loss, coef, focal_weight, dice_weight, alpha, gamma)
-    fwd.fn[(n_masks, part.shape[1])](*fwd.args, **fwd.meta, **fwd.options)
-    fin.fn[(1,)](*fin.args, **fin.meta, **fin.options)
+    fwd.run((n_masks, part.shape[1]))
+    fin.run((1,))
     return loss, coef
 
 
@@ -255,7 +255,7 @@ def focal_dice_bwd(x2: torch.Tensor, t2: torch.Tensor, coef: torch.Tensor, g: to
     n_masks, hw = x2.shape
     dx = torch.empty_like(x2)
     launch = _bwd_launch(x2, t2, coef, g, dx, alpha, gamma, focal_scale)
-    launch.fn[(n_masks, triton.cdiv(hw, launch.meta["BLOCK"]))](*launch.args, **launch.meta, **launch.options)
+    launch.run((n_masks, triton.cdiv(hw, launch.meta["BLOCK"])))
     return dx
 
 

@@ -778,7 +778,7 @@ def _run(launch: Launch, grid) -> None:
     if launch.tuned:
         _TUNED[launch.tuned][grid](*launch.args, **launch.meta)
     else:
-        launch.fn[grid](*launch.args, **launch.meta, **launch.options)
+        launch.run(grid)
 
 
 def _launch_fwd(q, k, v, rel_h, rel_w, scale: float):
