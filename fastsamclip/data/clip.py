@@ -2,8 +2,9 @@
 
 Both yield ``(key, PIL RGB image)``; unreadable samples are counted in ``skipped``
 (:class:`~fastsamclip.data.common.SkipCounter`), and a data path with no readable sample at all
-fails at construction (``validate``). Keys are unique per source: ``shard path:key`` would be,
-and a folder's keys are paths relative to its root.
+fails at construction (``validate``). Keys are sample identities (:func:`source_name`): the
+shard's folder and file name with the WebDataset ``__key__``, or the image folder's name with the
+file's path in it, the same wherever the data is mounted or moved.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls = [u for s in specs for u in expand_urls(s)]
-    # Local shards by absolute path: a shard's path is part of each of its samples' identity.
     urls = [os.path.abspath(u.removeprefix("file://")) if _is_local(u) else u for u in urls]
     kept = [u for u in urls if not _is_local(u) or os.path.isfile(u)]
     if not kept:
@@ -63,11 +63,21 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
     return kept
 
 
+def source_name(url: str) -> str:
+    """How a shard is named in its samples' identities: a local shard by its folder's name and its
+    file name (``cc3m/00000.tar`` for ``/data/cc3m/00000.tar``), the same wherever the data is
+    mounted or moved; a remote URL whole."""
+    if not _is_local(url):
+        return url
+    path = os.path.abspath(url.removeprefix("file://"))
+    return f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"
+
+
 class ClipImageFolder(Dataset):
     """A folder of images, searched recursively; yields ``(key, PIL RGB image)``.
 
-    ``key`` is the sample's identity: the folder's absolute path joined with the file's path in
-    it, without extension. ``split`` keeps the "train" or "held_out" files of a hash split at
+    ``key`` is the sample's identity: the folder's name joined with the file's path in it,
+    without extension (``photos/a/b`` for ``/data/photos/a/b.jpg``). ``split`` keeps the "train" or "held_out" files of a hash split at
     ``holdout`` (:mod:`fastsamclip.data.holdout`), or "all" of them. ``dataset[i]`` returns ``None``
     for an unreadable file (counted in ``skipped``); :func:`collate_clip` drops those.
     ``dataset[(i, r)]`` returns ``(key, image, r)``: the form :class:`MultiResolutionBatchSampler`
@@ -89,7 +99,7 @@ class ClipImageFolder(Dataset):
                 f"image folder {self.root!r} holds no file with an image extension {exts} "
                 "(searched recursively)")
         self.holdout, self.split = holdout, check_split(split)
-        self.files = [f for f in files if in_split(os.path.splitext(f)[0], self.split, holdout)]
+        self.files = [f for f in files if in_split(self._identity(f), self.split, holdout)]
         if not self.files:
             raise DataError(f"image folder {self.root!r}: none of its {len(files)} images falls in the "
                             f"{self.split!r} split at held-out fraction {holdout}")
@@ -100,8 +110,12 @@ class ClipImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def _identity(self, path: str) -> str:
+        rel = os.path.splitext(os.path.relpath(path, self.root))[0].replace(os.sep, "/")
+        return f"{os.path.basename(self.root)}/{rel}"
+
     def key(self, index: int) -> str:
-        return os.path.splitext(self.files[index])[0]
+        return self._identity(self.files[index])
 
     def load(self, index: int, skipped: SkipCounter | None = None) -> Image.Image | None:
         skipped = self.skipped if skipped is None else skipped
@@ -145,10 +159,10 @@ class ClipWebDataset(IterableDataset):
     ``(key, image_or_None)`` for every record, ``None`` marking an unreadable one, and
     ``records(start=n)`` skips the first ``n`` records without decoding them.
 
-    ``key`` is the sample's identity: its shard's path (absolute for local shards) joined with
-    its ``__key__`` (:meth:`identity`), unique over every source of a ``::``-joined spec although
-    each img2dataset run numbers its keys from ``000000000``; two samples with one key inside a
-    shard are a DataError naming the shard. ``split`` keeps the "train" or "held_out" records of
+    ``key`` is the sample's identity: its shard's name (:func:`source_name`) joined with its
+    ``__key__`` (:meth:`identity`), unique over every source of a ``::``-joined spec although
+    each img2dataset run numbers its keys from ``000000000``; two shards of one name, or two
+    samples with one key inside a shard, are a DataError naming them. ``split`` keeps the "train" or "held_out" records of
     a hash split at ``holdout`` (:mod:`fastsamclip.data.holdout`), or "all" of them.
     """
 
@@ -157,6 +171,15 @@ class ClipWebDataset(IterableDataset):
                  validate: bool = True, probe_samples: int = 8, holdout: float = 0.0, split: str = "all"):
         self.spec = shards if isinstance(shards, str) else ",".join(shards)
         self.shards = expand_shard_spec(shards)
+        self.names = {u: source_name(u) for u in self.shards}
+        first: dict = {}
+        for u, name in self.names.items():
+            if name in first:
+                raise DataError(f"shards {first[name]} and {u} are both named {name!r} in sample identities "
+                                "(a shard's folder and file name, so that the held-out split and the teacher "
+                                "cache follow the data wherever it is mounted): put each source in a folder "
+                                "of its own name")
+            first[name] = u
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if len(self.shards) < world_size:
@@ -190,10 +213,10 @@ class ClipWebDataset(IterableDataset):
         worker, num_workers = _worker() if worker is None else worker
         return mine[worker::num_workers]
 
-    @staticmethod
-    def identity(sample: dict) -> str:
-        """A record's identity: ``{shard}/{__key__}``."""
-        return f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+    def identity(self, sample: dict) -> str:
+        """A record's identity: ``{source_name(shard)}/{__key__}``."""
+        url = sample.get("__url__", "?")
+        return f"{self.names.get(url, url)}/{sample.get('__key__', '?')}"
 
     def _raw_samples(self, shards: list[str], skipped: SkipCounter) -> Iterator[dict]:
         """The records of ``shards`` in this reader's split, undecoded; a key seen twice in one

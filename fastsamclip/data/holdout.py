@@ -1,10 +1,11 @@
 """The held-out split of D_CLIP, chosen by a hash of each sample's identity.
 
 A sample is held out when ``blake2b(identity)`` read as a number in [0, 1) falls below the
-fraction (the paper holds out 1%). The identity names the sample and its source (the shard path
-and the sample's key, or the image folder and the file's path in it), so the split is the same
-on every rank, after a restart, and whatever the shard order, and two sources whose keys collide
-(every img2dataset run numbers its keys from 000000000) still split independently.
+fraction (the paper holds out 1%). The identity names the sample and its source (the shard's
+folder and file name and the sample's key, or the image folder's name and the file's path in it),
+so the split is the same on every rank, after a restart, whatever the shard order and wherever
+the data is mounted, and two sources whose keys collide (every img2dataset run numbers its keys
+from 000000000) still split independently.
 """
 
 from __future__ import annotations

@@ -45,9 +45,11 @@ from fastsamclip.transforms import clip_pixels, sam_pixels
 logger = logging.getLogger("fastsamclip.train")
 
 FORMAT = "fastsamclip.teacher_cache"
-# 2: CLIP entries keyed by identity (source + key). Version 1 keyed them by the WebDataset key
-# alone, so the sources of a "::" spec overwrote each other's entries.
-FORMAT_VERSION = 2
+# 3: CLIP entries keyed by identity (the shard's folder and file name + key, or the image
+# folder's name + the file's path in it). Version 2 named the source by its absolute path (a
+# moved dataset missed every entry); version 1 keyed entries by the WebDataset key alone, so the
+# sources of a "::" spec overwrote each other's entries.
+FORMAT_VERSION = 3
 INDEX = "index.json"
 
 

@@ -38,7 +38,7 @@ def test_clip_shards_roundtrip_with_brace_spec(tmp_path, images):
     ds = D.ClipWebDataset(str(tmp_path / "{00000..00002}.tar"), shuffle_shards=False)
     got = list(ds)
     assert len(got) == 10 and not ds.skipped
-    assert got[4][0] == str(tmp_path / "00001.tar" / "000010")  # identity: shard path / key
+    assert got[4][0] == f"{tmp_path.name}/00001.tar/000010"  # identity: shard folder / file / key
     for (key, im), a in zip(got, pics):
         assert im.mode == "RGB" and im.size == (a.shape[1], a.shape[0])
         assert mean_abs(im, a) < 4.0, key  # JPEG q95 is near-lossless
@@ -120,7 +120,8 @@ def test_image_folder_recursive_with_corrupt_files(tmp_path, images, corrupt):
     got = [ds[i] for i in range(len(ds))]
     assert sum(g is None for g in got) == 2 and ds.skipped == {"decode_error": 2}
     keys = {g[0] for g in got if g is not None}
-    assert str(tmp_path / "part_1" / "000003") in keys and str(tmp_path / "deep" / "er" / "000000") in keys
+    # identity: the folder's name / the file's path in it, without extension
+    assert f"{tmp_path.name}/part_1/000003" in keys and f"{tmp_path.name}/deep/er/000000" in keys
     k, im = ds[ds.files.index(str(tmp_path / "part_0" / "000001.jpg"))]
     assert mean_abs(im, pics[1]) < 4.0
     good = next(i for i, g in enumerate(got) if g is not None)
@@ -151,3 +152,21 @@ def test_shard_spec_list_and_remote_urls(tmp_path, images):
         "s3://bucket/cc3m/00000.tar", "s3://bucket/cc3m/00001.tar"]
 
 
+
+
+def test_identities_and_split_follow_the_data_wherever_it_is_mounted(tmp_path, images):
+    import shutil
+
+    pics = list(images.values())[:6]
+    S.write_clip_shards(tmp_path / "one" / "cc3m", pics, shard_size=3)
+    shutil.copytree(tmp_path / "one", tmp_path / "moved" / "elsewhere")
+    here, there = (f"{tmp_path / p / 'cc3m'}/{{00000..00001}}.tar" for p in ("one", "moved/elsewhere"))
+    keys = [k for k, _ in D.ClipWebDataset(here, shuffle_shards=False)]
+    assert keys[0] == "cc3m/00000.tar/000000"
+    assert keys == [k for k, _ in D.ClipWebDataset(there, shuffle_shards=False)]
+    held = [k for k, _ in D.ClipWebDataset(here, shuffle_shards=False, split="held_out", holdout=0.4, validate=False)]
+    assert held == [k for k, _ in D.ClipWebDataset(there, shuffle_shards=False, split="held_out", holdout=0.4,
+                                                   validate=False)]
+    # Two sources whose shards share a folder and file name could not be told apart: refused.
+    with pytest.raises(D.DataError, match="both named 'cc3m/00000.tar'"):
+        D.ClipWebDataset(f"{here}::{there}")
