@@ -6,8 +6,9 @@ teacher's image encoder a ViT-B at 1024 px); reading them from disk removes that
 stored:
 
 - CLIP: the teacher's image embedding (E,) per (sample identity, CLIP-stream resolution r). The
-  identity names the sample's source too (shard path / key, or folder / file), so two sources
-  whose keys collide (every img2dataset run numbers its keys from 000000000) keep one entry each;
+  identity names the sample's source too (shard folder / file / key, or folder name / file; see
+  ``fastsamclip.data.clip.source_name``), so two sources whose keys collide (every img2dataset
+  run numbers its keys from 000000000) keep one entry each, and a moved dataset still finds them;
   an entry name written twice is an error, never an overwrite. The teacher
   sees exactly what the student sees at resolution r (the r x r crop, resized to the teacher's own
   input size when r differs), so one entry per resolution.
