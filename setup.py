@@ -95,7 +95,9 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib", "torchmetrics",
                  # the export and serve tests (the two extras below, and the tests' HTTP client)
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3", "litserve>=0.2.10", "python-multipart",
-                 "httpx"],
+                 "httpx",
+                 # clip_benchmark's zero-shot metrics (clip-benchmark itself: pip install --no-deps)
+                 "scikit-learn"],
         # `fastsamclip export --format onnx`: torch's dynamo exporter needs onnxscript; onnxruntime
         # checks the files against the torch model.
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],

@@ -2,6 +2,8 @@
 
 - :func:`atomic_write`: a temporary file in the same folder, then a rename over the target, so an
   interrupted write leaves the previous file or none.
+- :func:`staged_folder`: the same for a set of files written into one folder: all of them, or none
+  and no new folder.
 - :func:`write_json` / :func:`json_line`: NaN and Infinity (JSON has no such numbers) become
   ``null`` anywhere in the object, numpy scalars become Python numbers, and ``allow_nan=False``
   guards the rest.
@@ -9,11 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,6 +34,34 @@ def atomic_write(path: str, write_fn: Callable[[str], None]) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str) -> Iterator[str]:
+    """Yields a fresh hidden folder beside ``out_dir`` to write into. When the block ends without an
+    error, its files move into ``out_dir`` (created then; a file of the same name is replaced, any
+    other file kept); on an error the staged files are deleted and ``out_dir`` is as it was, not
+    even created (nor are the missing folders above it)."""
+    out = os.path.abspath(out_dir)
+    created, parent = [], os.path.dirname(out)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+        try:
+            yield stage
+            os.makedirs(out, exist_ok=True)
+            for name in sorted(os.listdir(stage)):
+                os.replace(os.path.join(stage, name), os.path.join(out, name))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    except BaseException:
+        for folder in created:  # deepest first; only those this call made
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
 
 

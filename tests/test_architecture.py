@@ -9,6 +9,7 @@ package or from packages of a lower rank):
     2  fastsamclip.modeling                    the models, their configs and builders
     3  fastsamclip.checkpoint                  the merged checkpoint format
     4  fastsamclip.data, fastsamclip.draw      readers, prompts, streams, sample data; pictures
+       fastsamclip.open_clip_compat            open_clip's interface on a merged checkpoint
     5  fastsamclip.train, fastsamclip.predictor
     6  fastsamclip.demo, fastsamclip.eval, fastsamclip.export, fastsamclip.serve
     7  fastsamclip.cli, fastsamclip.bench      the commands and the benchmarks, on the public API
@@ -36,7 +37,7 @@ RANKS = {
     "fastsamclip.transforms": 1,
     "fastsamclip.modeling": 2,
     "fastsamclip.checkpoint": 3,
-    "fastsamclip.data": 4, "fastsamclip.draw": 4,
+    "fastsamclip.data": 4, "fastsamclip.draw": 4, "fastsamclip.open_clip_compat": 4,
     "fastsamclip.train": 5, "fastsamclip.predictor": 5,
     "fastsamclip.demo": 6, "fastsamclip.eval": 6, "fastsamclip.export": 6, "fastsamclip.serve": 6,
     "fastsamclip.cli": 7, "fastsamclip.bench": 7,

@@ -11,6 +11,7 @@ errors measured against the torch model.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from fastsamclip.cli.common import one_line_errors
@@ -49,7 +50,6 @@ def cmd_export(args) -> int:
     device = args.device or ("cpu" if args.format == "onnx" else None)
     predictor = SAMCLIPPredictor(args.checkpoint, device=device, dtype="fp32")  # the files are fp32
     model = predictor.model
-    os.makedirs(args.out, exist_ok=True)
     if args.format == "onnx":
         t = time.perf_counter()
         section = export_onnx(model, args.out, resolutions[0], return_single_mask=not args.multimask,
@@ -60,11 +60,12 @@ def cmd_export(args) -> int:
         print(f"{os.path.join(args.out, section['decoder']['file'])}: segment_anything's ONNX decoder interface; "
               f"opset {section['decoder']['opset']} ({time.perf_counter() - t:.0f} s){_errors(section)}")
     elif args.format == "aoti":
-        for res in resolutions:
-            t = time.perf_counter()
-            info = export_aoti(model, args.out, res, device=predictor.device, check=not args.no_check)
-            print(f"{os.path.join(args.out, info['file'])}: {info['device']}, {info['resolution']} px, attention "
-                  f"{info['attention']} ({time.perf_counter() - t:.0f} s){_errors(info)}")
+        # Every size or none: the packages land in --out together once all have compiled and passed.
+        infos = export_aoti(model, args.out, args.resolution, device=predictor.device, check=not args.no_check,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+        for info in infos.values():
+            print(f"{os.path.join(args.out, info['file'])}: {info['device']}, {info['resolution']} px, batch 1.."
+                  f"{info['max_batch']}, attention {info['attention']}{_errors(info)}")
             for name, why in info["attention_not_used"].items():
                 print(f"  not {name}: {why}")
     if labels is not None:

@@ -7,8 +7,10 @@
     result = predictor.semantic_segment(image, ["cat", "dog", "grass"], mode="composed")
     records = predictor.generate(image, labels=["cat", "dog", "grass"])  # every mask, named
 
-``set_image``/``segment``/``reset_image`` behave as ``segment_anything.SamPredictor``'s
-``set_image``/``predict``/``reset_image``: prompts are in ORIGINAL image pixels, mapped with
+The predictor is also a ``segment_anything.SamPredictor`` (``predict``, ``predict_torch``,
+``get_image_embedding``, ``transform``, ``set_torch_image``: :mod:`fastsamclip.predictor.sam_api`),
+so SAM code runs on it with only the constructor changed; ``segment`` is ``predict`` for P prompts
+at once. Prompts are in ORIGINAL image pixels, mapped with
 SAM's ResizeLongestSide rule to the model's native input size, and masks come back at the
 original size (low-res logits upscaled to the padded input, cropped, resized). At
 initialisation the merged model's SAM side is the SAM teacher, so ``segment`` equals
@@ -45,6 +47,7 @@ from fastsamclip.modeling import SAMCLIP
 from fastsamclip.predictor.engine import Forward
 from fastsamclip.predictor.everything import EverythingParams
 from fastsamclip.predictor.everything import generate as generate_everything
+from fastsamclip.predictor.sam_api import SamPredictorInterface, check_image_format
 from fastsamclip.predictor.semantic import SemanticResult, segment_clip, segment_composed
 from fastsamclip.predictor.text import TextEmbeddings, check_labels
 from fastsamclip.transforms import (
@@ -60,8 +63,10 @@ from fastsamclip.transforms import (
 )
 
 
-class SAMCLIPPredictor:
-    """Promptable segmentation, zero-shot classification and semantic segmentation with one model.
+class SAMCLIPPredictor(SamPredictorInterface):
+    """Promptable segmentation, zero-shot classification and semantic segmentation with one model,
+    and ``segment_anything.SamPredictor``'s interface (``predict``, ``predict_torch``,
+    ``get_image_embedding``, ``transform``...: :mod:`fastsamclip.predictor.sam_api`).
 
     model_or_checkpoint_path: a ``SAMCLIP`` or the path of a merged ``.safetensors`` checkpoint
     (anything else raises ``CheckpointError`` from ``load_merged``, naming the command that makes
@@ -144,14 +149,22 @@ class SAMCLIPPredictor:
         return self.model.preprocess(x[None].to(self.device), hw), hw
 
     @torch.no_grad()
-    def set_image(self, image: ImageLike) -> None:
+    def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
         """One backbone pass at the native size; caches both heads' outputs for the image.
 
-        image: uint8 (H, W, 3) RGB array, PIL image or path (other formats: see to_rgb_uint8).
+        image: uint8 (H, W, 3) array, PIL image or path (other formats: see to_rgb_uint8);
+        image_format: the array's channel order, "RGB" or "BGR" (as ``SamPredictor.set_image``;
+        a PIL image or a file is decoded as RGB).
         Afterwards ``original_size`` = (H, W), ``input_size`` = the resized (h, w) before padding,
         ``features`` (1, C, gh, gw), ``clip_embedding`` (1, E), ``clip_patches`` (1, gh, gw, E).
         """
+        check_image_format(image_format)
         rgb = to_rgb_uint8(image)
+        if image_format == "BGR":
+            if isinstance(image, (str, os.PathLike)) or type(image).__module__.startswith("PIL"):
+                raise InputError("image_format='BGR' describes an array's channels; a file or a PIL image is "
+                                 "decoded as RGB: leave image_format out")
+            rgb = np.ascontiguousarray(rgb[..., ::-1])
         x, input_size = self._sam_input(rgb, self.img_size)
         out = self.forward(x, clip=True, sam=True, clip_patches=True)
         self.set_pass(out, rgb.shape[:2], input_size, image=rgb)
