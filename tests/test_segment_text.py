@@ -2,11 +2,18 @@
 whose answer is known (per-patch CLIP embeddings and text embeddings injected, SAM's decoder
 replaced by one that returns the object under each prompt), and the plumbing on a real tiny model."""
 
+import json
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from fastsamclip.checkpoint import save_merged
+from fastsamclip.cli import main
 from fastsamclip.data.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
@@ -222,3 +229,39 @@ def test_text_cache_is_per_name_and_bounded(predictor, monkeypatch):
     text(["d"], "simple")
     assert list(text._cache) == [("b", "simple"), ("c", "simple"), ("d", "simple")]  # "a" went first
     assert torch.allclose(F.normalize(text(["a"], "simple"), dim=-1), ab[:1], atol=1e-6)  # recomputed the same
+
+
+# ------------------------------------------------------------------------------------ the command
+def test_predict_text_writes_every_instance_as_coco_rle_and_an_outlined_overlay(predictor, tmp_path, capsys):
+    ckpt = tmp_path / "merged.safetensors"
+    save_merged(predictor.model, str(ckpt))
+    image = tmp_path / "chelsea.png"
+    Image.fromarray(sample_image("chelsea")[::3, ::3]).save(image)
+    out = tmp_path / "out"
+    rc = main(["predict", str(image), "--checkpoint", str(ckpt), "--dtype", "fp32", "--text", "a cat", "--text",
+               "grass", "--text-threshold", "0", "--text-score-threshold", "0", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert {"chelsea.json", "chelsea_text.png"} <= set(os.listdir(out))
+    rep = json.loads((out / "chelsea.json").read_text())["text"]
+    assert rep["phrases"] == ["a cat", "grass"] and rep["background"] == ["background"]
+    want = predictor.segment_text(np.asarray(Image.open(image)), ["a cat", "grass"], threshold=0.0, score_threshold=0.0,
+                                  output_mode="coco_rle")
+    assert len(rep["instances"]) == len(want) > 2 and sum(rep["counts"].values()) == len(want)
+    for got, ref in zip(rep["instances"], want):
+        assert got["segmentation"] == ref["segmentation"] and got["phrase"] == ref["phrase"]
+        assert got["bbox"] == ref["bbox"] and got["score"] == pytest.approx(ref["score"], abs=1e-5)
+    assert f"{len(want)} instances of 2 phrases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--text", ""], r"--text\[0\] is empty"),
+    ([a for i in range(300) for a in ("--text", f"thing {i}")], "300 phrases in one call"),
+    (["--text", "a cat", "--text", "a cat"], "repeat"),
+    (["--text", "a cat", "--text-threshold", "2"], "threshold must be a number in"),
+    (["--text", "a cat", "--background", " , "], "background must name")])
+def test_predict_bad_text_is_one_line_and_exit_2_before_loading(tmp_path, capsys, argv, match):
+    rc = main(["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "missing.safetensors"), *argv,
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("predict: ") and err.count("\n") == 1 and re.search(match, err), err
+    assert not (tmp_path / "out").exists()

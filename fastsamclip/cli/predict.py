@@ -1,5 +1,6 @@
 """``fastsamclip predict``: masks for point/box prompts, every mask of the image with its name,
-zero-shot labels and semantic maps with a merged checkpoint; PNGs, overlays and one JSON per image.
+every instance of a phrase (``--text``), zero-shot labels and semantic maps with a merged
+checkpoint; PNGs, overlays and one JSON per image.
 
 Prompts as people write them: each ``--points`` value is ONE prompt of one or more points,
 ``x,y`` (foreground) or ``x,y,label`` (1 foreground, 0 background), separated by ``;``; each
@@ -28,6 +29,7 @@ from fastsamclip.cli.common import INPUT_ERRORS, one_line_errors
 from fastsamclip.draw import draw_named_masks, draw_overlay
 from fastsamclip.files import write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
+from fastsamclip.predictor.concepts import ConceptParams, check_texts
 from fastsamclip.predictor.engine import DTYPES
 from fastsamclip.predictor.everything import EverythingParams, coco_rle
 
@@ -108,7 +110,31 @@ def _everything_params(args) -> EverythingParams:
                             min_mask_region_area=args.min_mask_region_area, output_mode="uncompressed_rle")
 
 
-def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms) -> str:
+def _concept_params(args) -> ConceptParams:
+    background = tuple(b.strip() for b in args.background.split(",") if b.strip())
+    return ConceptParams(threshold=args.text_threshold, score_threshold=args.text_score_threshold,
+                         background=background, output_mode="uncompressed_rle").checked()
+
+
+def _segment_text(predictor: SAMCLIPPredictor, image: np.ndarray, path: str, stem: str, phrases, cfg: ConceptParams,
+                  report: dict, overlays: list) -> None:
+    """Every instance of each phrase on the current image: records in the report, an overlay."""
+    records = predictor.segment_text(None, phrases, **{k: getattr(cfg, k) for k in ConceptParams.__dataclass_fields__})
+    rles = [r["segmentation"] for r in records]  # drawn from these, one mask at a time
+    for r in records:
+        r["segmentation"] = coco_rle(r["segmentation"])
+    report["text"] = {"phrases": list(phrases), "params": {k: getattr(cfg, k) for k in ("threshold", "score_threshold",
+                                                                                         "nms_thresh", "max_peaks")},
+                      "background": list(cfg.background), "output_mode": "coco_rle",
+                      "counts": {ph: sum(r["phrase"] == ph for r in records) for ph in phrases}, "instances": records}
+    overlays.append((draw_named_masks, (image, (rle_to_mask(rle) for rle in rles),
+                                        [r["phrase"] for r in records], f"{stem}_text.png"),
+                     dict(title=f"{os.path.basename(path)}: {len(records)} instances of {len(phrases)} phrases",
+                          captions=[f"{r['phrase']} {r['score']:.2f}" for r in records])))
+
+
+def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms,
+                 phrases=None) -> str:
     """Everything for one image, computed first, then written; returns the summary line."""
     ms = lambda t: round((time.perf_counter() - t) * 1e3, 2)  # noqa: E731
     timings = {"load_checkpoint": round(load_ms, 2)}
@@ -138,6 +164,10 @@ def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompt
                                       "box": pr["box"], "scores": ps.tolist(), "best": best, "mask": name})
         overlays.append((draw_overlay, (image, masks, names, f"{stem}_overlay.png"),
                          dict(title=os.path.basename(path), prompts=drawn)))
+    if phrases:
+        t = time.perf_counter()
+        _segment_text(predictor, image, path, stem, phrases, _concept_params(args), report, overlays)
+        timings["segment_text"] = ms(t)
     if args.everything:
         t = time.perf_counter()
         records = predictor.generate(None, labels=labels, label_threshold=args.label_threshold,
@@ -187,6 +217,8 @@ def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompt
     timings["total_image"] = round(sum(v for k, v in timings.items() if k != "load_checkpoint"), 2)
     write_json(os.path.join(args.out, f"{stem}.json"), report)
     what = [f"{len(masks)} prompt masks"] if prompts else []
+    if phrases:
+        what.append(f"{len(report['text']['instances'])} instances of {len(phrases)} phrases")
     if args.everything:
         what.append(f"{len(report['everything']['masks'])} masks of everything")
     if labels is not None:
@@ -204,8 +236,11 @@ def cmd_predict(args) -> int:
         labels = [lab.strip() for lab in args.labels.split(",") if lab.strip()]
         if not labels:
             raise ValueError(f"--labels {args.labels!r} names no class; give e.g. --labels \"cat,dog,grass\"")
-    if not prompts and labels is None and not args.everything:
-        raise ValueError("nothing to predict: give --points, --boxes, --everything and/or --labels")
+    phrases = check_texts(args.text, "--text") if args.text is not None else None
+    if phrases:
+        _concept_params(args)  # bad --text parameters fail before the checkpoint is loaded
+    if not prompts and labels is None and not args.everything and not phrases:
+        raise ValueError("nothing to predict: give --points, --boxes, --text, --everything and/or --labels")
     params = _everything_params(args)
     params.grids()  # bad --everything parameters fail before the checkpoint is loaded
     if not np.isfinite(args.label_threshold):
@@ -218,7 +253,7 @@ def cmd_predict(args) -> int:
     failed = []
     for path, stem in zip(args.images, unique_stems(args.images)):
         try:
-            print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms), flush=True)
+            print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms, phrases), flush=True)
         except INPUT_ERRORS + (OSError,) as e:  # this image's input: say so, go on with the others
             failed.append(path)
             print(f"predict: {path}: {e}".splitlines()[0], file=sys.stderr, flush=True)
@@ -230,8 +265,8 @@ def cmd_predict(args) -> int:
 
 def register(sub) -> None:
     d = EverythingParams()
-    s = sub.add_parser("predict", help="masks for point/box prompts, every mask with its name, zero-shot labels "
-                                       "and semantic maps with a merged checkpoint")
+    s = sub.add_parser("predict", help="masks for point/box prompts, every mask with its name, every instance of a "
+                                       "phrase, zero-shot labels and semantic maps with a merged checkpoint")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--checkpoint", required=True, help="merged .safetensors (from `fastsamclip merge` or distill)")
     s.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,dog,grass"; with '
@@ -257,6 +292,16 @@ def register(sub) -> None:
     e.add_argument("--min-mask-region-area", type=int, default=d.min_mask_region_area)
     e.add_argument("--label-threshold", type=float, default=0.0,
                    help="a mask whose best label probability is below this stays unnamed (label null)")
+    c, dc = s.add_argument_group("segment by text (every instance of each phrase; COCO RLE in the JSON)"), ConceptParams()
+    c.add_argument("--text", action="append", default=None, metavar="PHRASE",
+                   help='a phrase whose every instance to find, e.g. --text "a cat" --text "a dog"')
+    c.add_argument("--text-threshold", type=float, default=dc.threshold,
+                   help="probability at which a patch, and a whole mask, is the phrase (softmax over the phrases "
+                        "and --background)")
+    c.add_argument("--text-score-threshold", type=float, default=dc.score_threshold,
+                   help="keep instances whose score, sqrt(predicted IoU x phrase probability), reaches this")
+    c.add_argument("--background", default=",".join(dc.background),
+                   help="comma-separated texts that take what no phrase matches")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="precision of the backbone and CLIP head; auto: bf16 on CUDA and on a CPU with native "
