@@ -104,6 +104,8 @@ class ConceptParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.box_prompts, bool):
+            raise ValueError(f"box_prompts must be true or false, got {self.box_prompts!r}")
         if self.output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
         if not self.background:
