@@ -19,6 +19,7 @@ BENCHMARKS = {
     "losses": "the fused distillation losses against eager and compiled torch",
     "inference": "single-request latency and time to first result, cold and warm",
     "everything": "segment everything + name every mask: SAM's generator + CLIP on box crops vs one merged pass",
+    "text": "every instance of 1, 5, 20 phrases: segment_text vs generate+filter vs SAM's generator + CLIP crops",
     "report": "the latest e2e run as Markdown, with the product's claims checked",
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
     "gpu": "everything above on a freshly lent GPU in at most 8 minutes: --out DIR (CSVs + summary.md)",
@@ -26,10 +27,11 @@ BENCHMARKS = {
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
-           "inference": ("bench_inference",), "everything": ("bench_everything",), "report": ("report",),
+           "inference": ("bench_inference",), "everything": ("bench_everything",), "text": ("bench_text",),
+           "report": ("report",),
            "serve": ("bench_serve",), "gpu": ("gpu",)}
 # `bench all`: every benchmark that needs no input, in this order.
-BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e")
+BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "text", "serve", "e2e")
 
 
 def cmd_bench(args) -> int:
