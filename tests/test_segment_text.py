@@ -17,7 +17,8 @@ from fastsamclip.cli import main
 from fastsamclip.data.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
-from fastsamclip.predictor.concepts import MAX_PHRASES, mask_nms
+from fastsamclip.predictor.concepts import MAX_PHRASES, find_prompts, mask_nms, phrase_maps
+from fastsamclip.predictor.everything import mask_patch_weights, name_masks
 from fastsamclip.predictor.text import TextEmbeddings
 
 H, W = 96, 128  # the scene: the tiny model's native side is 128, so the input frame is the image's
@@ -265,3 +266,38 @@ def test_predict_bad_text_is_one_line_and_exit_2_before_loading(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("predict: ") and err.count("\n") == 1 and re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ the ONNX recipe
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def test_readme_numpy_recipe_gives_segment_texts_peaks_and_phrase_scores(predictor):
+    text = open(README).read()
+    section = text[text.index("## Segment by text"):]
+    section = section[section.index("**From the ONNX export,"):section.index("\n## ", 5)]
+    scope = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md (Segment by text)", "exec"), scope)
+    image = np.asarray(sample_image("astronaut")[::5, ::4])  # 103 x 128: padding rows on the patch grid
+    predictor.set_image(image)
+    texts = ("a person", "a rocket", "background")
+    emb = predictor.text_embeddings(texts, "simple")
+    ih, iw = predictor.input_size
+    vh, vw = -(-ih // 16), -(-iw // 16)
+    probs = phrase_maps(predictor.clip_patches[0], emb, predictor.logit_scale())[:2, :vh, :vw]
+    threshold = float(probs.median())  # random weights: a threshold with peaks above and patches below it
+    peaks, _ = find_prompts(probs, threshold, 10**6, False)
+    got = scope["where"](predictor.clip_patches.numpy(), emb.numpy(), predictor.logit_scale(), (vh, vw), 2, threshold)
+    assert [sorted(map(tuple, g.tolist())) for g in got] == [sorted(pk) for pk in peaks]
+    assert 0 < sum(map(len, peaks)) < vh * vw
+    low, _ = predictor.decode(torch.tensor([[[40.0, 30.0]], [[100.0, 90.0]]]), torch.ones(2, 1, dtype=torch.int),
+                              None, None, True)
+    low = low.flatten(0, 1)
+    valid = (-(-ih // 4), -(-iw // 4))
+    want, _ = name_masks(mask_patch_weights(low, (8, 8), valid), predictor.clip_patches[0], emb, predictor.logit_scale())
+    for m in range(low.shape[0]):
+        if (low[m, :valid[0], :valid[1]] > 0).any():
+            for k in range(2):
+                np.testing.assert_allclose(scope["phrase_score"](low[m].numpy(), predictor.clip_patches.numpy(),
+                                                                 emb.numpy(), predictor.logit_scale(), k, valid),
+                                           float(want[m, k]), rtol=1e-4, atol=1e-6)
