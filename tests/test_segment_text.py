@@ -144,6 +144,9 @@ def test_a_mask_that_is_mostly_something_else_is_not_the_phrase(predictor, scene
     assert len(dog) == 1 and list(dog[0]["prompt"]) == ["point"]
     assert _iou(dog[0]["segmentation"], _box_mask(OBJECTS["dog"], (H, W))) > 0.95
     assert predictor.segment_text(None, ["a cat", "a dog"], score_threshold=0.99) == []  # the score's own veto
+    # The name's veto on its own: with the score's and the suppression's off, no kept mask is mostly not its phrase.
+    loose = predictor.segment_text(None, ["a cat", "a dog"], score_threshold=0.0, nms_thresh=1.0)
+    assert loose and all(r["phrase_score"] >= 0.5 for r in loose)
     # Without the suppression of contained masks, the half and the blob of each point come back.
     assert len(predictor.segment_text(None, ["a cat", "a dog"], nms_thresh=1.0)) > 3 * len(OBJECTS)
 
@@ -162,7 +165,7 @@ def test_bad_phrases_and_parameters_are_one_value_error(predictor):
     cases = [([], "the list is empty"), ([""], r"phrases\[0\] is empty"), (["a cat", "  "], r"phrases\[1\] is empty"),
              ([f"thing {i}" for i in range(10_000)], f"10000 phrases in one call; at most {MAX_PHRASES}"),
              ([1, 2], r"phrases\[0\] must be a string, got int"), (None, "got NoneType"),
-             (b"a cat", "got bytes"), (["a cat", "a cat"], "repeat"), (["x" * 301], "at most 300")]
+             (b"a cat", "got bytes"), (["a cat", "a cat"], r"phrases repeat: \['a cat'\]"), (["x" * 301], "at most 300")]
     for phrases, match in cases:
         with pytest.raises(ValueError, match=match):
             predictor.segment_text(image, phrases)
@@ -204,6 +207,12 @@ def test_one_backbone_pass_and_batches_that_do_not_change_the_answer(predictor, 
     again = predictor.segment_text(None, phrases, points_per_batch=1, **kw)
     assert len(calls) == 1  # the current image's pass, not a second
     assert len(out) > 3 and {r["phrase"] for r in out} <= set(phrases)
+    (ih, iw), (oh, ow) = predictor.input_size, image.shape[:2]
+    points = [r["prompt"]["point"] for r in out if "point" in r["prompt"]]
+    assert points and ow != iw
+    for x, y in points:  # in original pixels: mapped to the input frame, a patch centre (inside the image)
+        assert abs((x * iw / ow) % 16 - 8) < 0.1 or x * iw / ow > iw - 16
+        assert abs((y * ih / oh) % 16 - 8) < 0.1 or y * ih / oh > ih - 16
     assert [r["score"] for r in again] == pytest.approx([r["score"] for r in out], abs=1e-5)
     for a, b in zip(out, again):
         assert np.array_equal(a["segmentation"], b["segmentation"]) and a["prompt"] == b["prompt"]
@@ -227,9 +236,11 @@ def test_text_cache_is_per_name_and_bounded(predictor, monkeypatch):
     ab = text(["a", "b"], "simple")
     bc = text(["b", "c"], "simple")
     assert seen == [14, 7] and torch.equal(ab[1], bc[0])  # "b" computed once, reused
+    text(["a"], "simple")  # used again: now the most recent
     text(["d"], "simple")
-    assert list(text._cache) == [("b", "simple"), ("c", "simple"), ("d", "simple")]  # "a" went first
-    assert torch.allclose(F.normalize(text(["a"], "simple"), dim=-1), ab[:1], atol=1e-6)  # recomputed the same
+    assert seen == [14, 7, 7]
+    assert list(text._cache) == [("c", "simple"), ("a", "simple"), ("d", "simple")]  # "b", least recent, went
+    assert torch.allclose(F.normalize(text(["b"], "simple"), dim=-1), ab[1:], atol=1e-6)  # recomputed the same
 
 
 # ------------------------------------------------------------------------------------ the command

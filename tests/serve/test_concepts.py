@@ -31,9 +31,9 @@ def setup(micro):
 
 def test_the_answer_is_segment_texts_from_the_shared_pass(setup):
     p, png, geo = setup["p"], setup["png"], setup["geometry"]
-    tasks = [make_task("concepts", {"image": png, "phrases": PHRASES, **OFF}, Limits(), geo),
-             make_task("segment", {"image": png, "boxes": [[2, 3, 40, 30]]}, Limits(), geo)]
-    answer = Engine(p).run(tasks)[0]
+    tasks = [make_task("segment", {"image": png, "boxes": [[2, 3, 40, 30]]}, Limits(), geo),
+             make_task("concepts", {"image": png, "phrases": PHRASES, **OFF}, Limits(), geo)]
+    answer = Engine(p).run(tasks)[1]
     assert answer["batch"]["backbone_batch"] == 2  # the concepts request rode the segment request's pass
     assert not p.is_image_set  # the worker's predictor holds no request's image afterwards
     body = answer["result"]
