@@ -39,7 +39,7 @@ from fastsamclip.predictor.engine import DTYPES
 TASKS = {
     "classify": "zero-shot classification: top-1/top-5 on ImageNet, ImageNet-v2, Places365, an image folder or a CSV",
     "semantic": "zero-shot semantic segmentation: mIoU on VOC, Pascal Context, ADE20K, COCO-Stuff, COCO-Panoptic",
-    "instances": "box-prompted instance segmentation: COCOeval mask AP on COCO or LVIS",
+    "instances": "instance segmentation, box-prompted or named by class (--prompts): COCOeval mask AP on COCO or LVIS",
     "retrieval": "image-text retrieval: recall@1/5/10 on the Karpathy splits of Flickr30k and COCO",
 }
 DATASETS = {
@@ -116,6 +116,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="COCO results json of boxes to prompt with (the paper: ViTDet-B's); default the ground-truth boxes")
     s.add_argument("--annotations", default=None,
                    help="instances json (default annotations/instances_<split>2017.json, or lvis_v1_<split>.json)")
+    s.add_argument("--prompts", choices=("boxes", "text", "everything"), default="boxes",
+                   help="boxes: each box prompts one mask; text: segment_text with every category name as a phrase; "
+                        "everything: every mask of a generator named with the category names (the merged model's "
+                        "generate, or with --teacher sam and --clip-model SAM's generator + the CLIP teacher on crops)")
+    s.add_argument("--background", default="background",
+                   help="--prompts text|everything: comma-separated texts that take what no category matches")
+    s.add_argument("--templates", choices=("openai", "simple"), default="openai",
+                   help="--prompts text|everything: the category names' prompt templates")
+    s.add_argument("--points-per-side", type=int, default=32,
+                   help="--prompts everything: the generator's grid (SamAutomaticMaskGenerator's default 32)")
     s.add_argument("--save-predictions", default=None, metavar="DIR", help="write the masks as a COCO results json")
     s.set_defaults(fn=cmd_eval)
 
@@ -164,6 +174,14 @@ def _setup(task: str, args, device):
         ds = open_semantic(args.dataset, args.data_root, split)
     elif task == "instances":
         ds = instances.InstanceSet(args.dataset, args.data_root, split, args.annotations)
+        if args.detections and args.prompts != "boxes":
+            raise EvalInputError(args.detections, f"--detections are box prompts: drop them with --prompts {args.prompts}")
+        if args.prompts == "text" and args.teacher:
+            raise EvalInputError(None, "--prompts text is the merged model's segment_text: give --checkpoint")
+        if args.points_per_side < 1:
+            raise EvalInputError(None, f"--points-per-side must be at least 1, got {args.points_per_side}")
+        if args.prompts != "boxes" and not [b for b in args.background.split(",") if b.strip()]:
+            raise EvalInputError(None, f"--background {args.background!r} names no text; give e.g. --background background")
         if args.detections:
             ds.detections(args.detections)  # checked now, before the model is loaded
     else:
@@ -224,8 +242,16 @@ def _run(task: str, args, d, device, argv) -> int:
                                 args.background_threshold, args.batch_size, save_dir=args.save_predictions, **common)
         rows = [("mIoU", "mIoU"), ("pixel accuracy", "pixel_accuracy"), ("mean class accuracy", "mean_accuracy")]
     elif task == "instances":
-        setting = {"boxes": "detections" if args.detections else "ground truth", "resolution": resolution}
-        out = instances.evaluate(model, ds, d, args.detections, save_dir=args.save_predictions, **common)
+        background = tuple(b.strip() for b in args.background.split(",") if b.strip())
+        setting = {"prompts": "boxes", "boxes": "detections" if args.detections else "ground truth",
+                   "resolution": resolution} if args.prompts == "boxes" else {
+            "prompts": args.prompts, "background": list(background), "templates": args.templates,
+            "resolution": resolution}
+        if args.prompts == "everything":
+            setting["points_per_side"] = args.points_per_side
+        out = instances.evaluate(model, ds, d, args.detections, save_dir=args.save_predictions, prompts=args.prompts,
+                                 background=background, named={"templates": args.templates,
+                                                               "points_per_side": args.points_per_side}, **common)
         rows = [(k, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         if args.dataset == "lvis":
             rows += [(k, k) for k in ("APr", "APc", "APf")]

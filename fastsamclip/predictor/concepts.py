@@ -140,6 +140,15 @@ def check_texts(texts, what: str = "phrases") -> Tuple[str, ...]:
     return texts
 
 
+def instance_score(predicted_iou, phrase_prob):
+    """An instance's score: sqrt(clamp(predicted IoU, 0, 1) x its name's probability), for tensors
+    (elementwise), arrays or floats; the rule of step 4, also how the evaluation scores the masks of
+    the pipelines it compares with."""
+    if isinstance(predicted_iou, torch.Tensor):
+        return (predicted_iou.clamp(0, 1) * phrase_prob).sqrt()
+    return np.sqrt(np.clip(predicted_iou, 0.0, 1.0) * phrase_prob)
+
+
 # ------------------------------------------------------------------------------------ prompts
 def phrase_maps(patches: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """(gh, gw, E) per-patch embeddings, (T, E) unit texts -> (T, gh, gw) softmax over the texts."""
@@ -208,7 +217,7 @@ def _score(predictor, cands: _Candidates, low: torch.Tensor, iou: torch.Tensor, 
     probs, cos = name_masks(weights, patches, text, predictor.logit_scale())
     rows = torch.arange(len(phrase), device=low.device)
     prob, sim = probs[rows, phrase], cos[rows, phrase]
-    score = (iou.clamp(0, 1) * prob).sqrt()
+    score = instance_score(iou, prob)
     inside = (low[:, :valid[0], :valid[1]] > MASK_THRESHOLD).flatten(1).any(1)
     keep = ((prob >= p.threshold) & (score >= p.score_threshold) & inside).nonzero()[:, 0]
     cands.low_res.append(low[keep])
@@ -281,7 +290,7 @@ def segment_text(predictor, phrases: Tuple[str, ...], p: ConceptParams) -> List[
     low = torch.cat(cands.low_res) if cands.low_res else torch.zeros(0, g4, g4, device=dev)
     phrase = torch.cat(cands.phrase) if cands.phrase else torch.zeros(0, dtype=torch.long, device=dev)
     iou, prob, sim = (torch.cat(x) if x else torch.zeros(0, device=dev) for x in (cands.iou, cands.prob, cands.cos))
-    score = (iou.clamp(0, 1) * prob).sqrt()
+    score = instance_score(iou, prob)
     keep = mask_nms(low > MASK_THRESHOLD, score, phrase, p.nms_thresh)
     keep = keep[torch.argsort(score[keep], descending=True, stable=True)]
     keep = keep[torch.argsort(phrase[keep], stable=True)]  # by phrase as given, then by score
