@@ -91,7 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sam, clip, predictor = build(argparse.Namespace(quick=q, sam_checkpoint=args.sam_checkpoint, sam_type=args.sam_type,
                                                     clip_model=args.clip_model, clip_pretrained=args.clip_pretrained),
                                  device, tmp)
-    images = list(samples.load_sample_images(IMAGES[:n_images], max_side=args.max_side or (160 if q else None)).values())
+    max_side = args.max_side or (160 if q else None)
+    images = list(samples.load_sample_images(IMAGES[:n_images], max_side=max_side).values())
     amg = SamAutomaticMaskGenerator(sam, **amg_params)
     scale = predictor.logit_scale()
     clip_name = "tiny-clip" if q else os.path.basename(str(args.clip_model))
@@ -125,7 +126,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             extra = {"device": str(device), "dtype": "fp32", "phrases": n, "img_s": round(len(ms) / total, 4),
                      "p50_ms": round(statistics.median(ms), 2), "p90_ms": round(percentile(s, 0.9), 2),
                      "instances_per_image": round(float(np.mean([len(o) for o in outs])), 1),
-                     "points_per_side": args.points_per_side, "max_peaks": args.max_peaks, "weights": "random" if random else "checkpoint",
+                     "points_per_side": args.points_per_side, "max_peaks": args.max_peaks,
+                     "weights": "random" if random else "checkpoint",
                      "threads": torch.get_num_threads(), "images": n_images}
             if impl != "samclip-segment_text":
                 extra["text_speedup"] = round(statistics.median(ms) / ours_p50, 3)

@@ -174,7 +174,8 @@ def draw_named_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequ
     for i, (m, n) in enumerate(zip(ms, names)):
         at = _label_point(m)
         if at is not None:
-            ax.text(*at, captions[i] if captions is not None else n if n is not None else f"#{i}", fontsize=7, color="white", ha="center", va="center",
+            text = captions[i] if captions is not None else n if n is not None else f"#{i}"
+            ax.text(*at, text, fontsize=7, color="white", ha="center", va="center",
                     bbox=dict(boxstyle="round,pad=0.1", fc="black", alpha=0.55, lw=0))
     counts = {n: sum(1 for x in names if x == n) for n in named}
     handles = [_patches().Patch(color=by_name[n], label=f"{n} ({counts[n]})") for n in named]

@@ -165,7 +165,8 @@ def test_bad_phrases_and_parameters_are_one_value_error(predictor):
     cases = [([], "the list is empty"), ([""], r"phrases\[0\] is empty"), (["a cat", "  "], r"phrases\[1\] is empty"),
              ([f"thing {i}" for i in range(10_000)], f"10000 phrases in one call; at most {MAX_PHRASES}"),
              ([1, 2], r"phrases\[0\] must be a string, got int"), (None, "got NoneType"),
-             (b"a cat", "got bytes"), (["a cat", "a cat"], r"phrases repeat: \['a cat'\]"), (["x" * 301], "at most 300")]
+             (b"a cat", "got bytes"), (["a cat", "a cat"], r"phrases repeat: \['a cat'\]"),
+             (["x" * 301], "at most 300")]
     for phrases, match in cases:
         with pytest.raises(ValueError, match=match):
             predictor.segment_text(image, phrases)
@@ -305,7 +306,8 @@ def test_readme_numpy_recipe_gives_segment_texts_peaks_and_phrase_scores(predict
                               None, None, True)
     low = low.flatten(0, 1)
     valid = (-(-ih // 4), -(-iw // 4))
-    want, _ = name_masks(mask_patch_weights(low, (8, 8), valid), predictor.clip_patches[0], emb, predictor.logit_scale())
+    weights = mask_patch_weights(low, (8, 8), valid)
+    want, _ = name_masks(weights, predictor.clip_patches[0], emb, predictor.logit_scale())
     for m in range(low.shape[0]):
         if (low[m, :valid[0], :valid[1]] > 0).any():
             for k in range(2):

@@ -292,7 +292,8 @@ def register(sub) -> None:
     e.add_argument("--min-mask-region-area", type=int, default=d.min_mask_region_area)
     e.add_argument("--label-threshold", type=float, default=0.0,
                    help="a mask whose best label probability is below this stays unnamed (label null)")
-    c, dc = s.add_argument_group("segment by text (every instance of each phrase; COCO RLE in the JSON)"), ConceptParams()
+    c, dc = s.add_argument_group("segment by text (every instance of each phrase; COCO RLE in the JSON)"), (
+        ConceptParams())
     c.add_argument("--text", action="append", default=None, metavar="PHRASE",
                    help='a phrase whose every instance to find, e.g. --text "a cat" --text "a dog"')
     c.add_argument("--text-threshold", type=float, default=dc.threshold,

@@ -276,6 +276,9 @@ def evaluate(model: EvalModel, iset: InstanceSet, d: Dist, detections: Optional[
     if not done:
         return {"metrics": None, "evaluated": 0, "skipped": skipped}
     metrics = coco_evaluate(iset, results, done)
-    metrics.update({"masks": len(results), "boxes": "detections" if detections else "ground truth"} if prompts == "boxes"
-                   else {"masks": len(results), "prompts": prompts})
+    metrics["masks"] = len(results)
+    if prompts == "boxes":
+        metrics["boxes"] = "detections" if detections else "ground truth"
+    else:
+        metrics["prompts"] = prompts
     return {"metrics": metrics, "evaluated": len(done), "skipped": skipped}

@@ -337,8 +337,8 @@ def build_model(args, device: torch.device) -> EvalModel:
         sam = SAMTeacherModel(args.sam_checkpoint, args.sam_type, device)
         if getattr(args, "prompts", "boxes") == "everything":  # named masks: SAM's generator, CLIP on the crops
             if not args.clip_model:
-                raise EvalInputError(None, "--teacher sam --prompts everything names SAM's masks with the CLIP teacher: "
-                                           "give --clip-model (an open_clip name or local-dir:FOLDER)")
+                raise EvalInputError(None, "--teacher sam --prompts everything names SAM's masks with the CLIP "
+                                           "teacher: give --clip-model (an open_clip name or local-dir:FOLDER)")
             return SAMThenCLIPModel(sam, CLIPTeacherModel(args.clip_model, args.clip_pretrained, device))
         return sam
     raise EvalInputError(None, "give --checkpoint MERGED.safetensors, or --teacher sam|clip with the teacher flags")

@@ -61,7 +61,14 @@ import torch.nn.functional as F
 from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh, mask_to_rle_pytorch
 from skimage.measure import label as connected_components
 
-from fastsamclip.predictor.everything import OUTPUT_MODES, UPSCALE_BYTES, coco_rle, mask_patch_weights, name_masks
+from fastsamclip.predictor.everything import (
+    OUTPUT_MODES,
+    UPSCALE_BYTES,
+    coco_rle,
+    mask_patch_weights,
+    name_masks,
+    unknown_fields,
+)
 from fastsamclip.transforms import MASK_THRESHOLD, postprocess_masks
 
 MAX_PHRASES = 256  # phrases per call: each costs its templates through the text tower once and its prompts
@@ -84,10 +91,10 @@ class ConceptParams:
 
     @classmethod
     def from_kwargs(cls, params: Dict[str, Any]) -> "ConceptParams":
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(known))
+        unknown = unknown_fields(cls, params)
         if unknown:
-            raise ValueError(f"segment_text() got unknown parameters {unknown}; known: {', '.join(known)}")
+            raise ValueError(f"segment_text() got unknown parameters {unknown}; known: "
+                             f"{', '.join(f.name for f in fields(cls))}")
         if isinstance(params.get("background"), str):
             params = dict(params, background=(params["background"],))
         if params.get("background") is not None:

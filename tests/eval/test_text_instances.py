@@ -39,7 +39,8 @@ class Named(EvalModel):
 
 def test_named_ground_truth_scores_ap_100_and_misnamed_0(data, one_process):
     iset = InstanceSet("coco", data["coco"]["root"])
-    assert len({(im["height"], im["width"]) for im in iset.coco.imgs.values()}) == len(iset.coco.imgs)  # the oracle's key
+    sizes = {(im["height"], im["width"]) for im in iset.coco.imgs.values()}
+    assert len(sizes) == len(iset.coco.imgs)  # the oracle's key
     right = Named(iset, junk=150)
     out = instances.evaluate(right, iset, one_process, prompts="text", background=("background", "sky"),
                              named={"templates": "simple"})
