@@ -28,7 +28,7 @@ time nothing. So, as ``bench_everything``: the generators' thresholds are off an
 decoder work it does per phrase. Each row reports the instances per image beside its speed.
 Timing: warm-up on the first image, then every image timed on its own (wall clock on the CPU,
 synchronised on CUDA); p50 per image and img/s over the timed passes. Rows go to
-``bench/results/text.csv``.
+``bench/results/text.csv`` as each phrase count is measured.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from fastsamclip.data import samples
 
 from .bench_everything import IMAGES, build, label_box_crops, run_pipeline
-from .harness import LABELS, Result, append_csv, format_extras, format_table, full_size_device, percentile
+from .harness import LABELS, Result, append_csv, environment, format_extras, format_table, full_size_device, percentile
 
 BACKGROUND = ("background",)
 PHRASE_COUNTS = (1, 5, 20)
@@ -96,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     amg = SamAutomaticMaskGenerator(sam, **amg_params)
     scale = predictor.logit_scale()
     clip_name = "tiny-clip" if q else os.path.basename(str(args.clip_model))
-    rows = []
+    rows, env, path = [], environment(), None
     for n in counts:
         phrases = LABELS[:n]
         names = list(phrases) + list(BACKGROUND)
@@ -133,7 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 extra["text_speedup"] = round(statistics.median(ms) / ours_p50, 3)
             rows.append(Result(bench="text", case=case, impl=impl, mode="instances-of-phrases",
                                ms=statistics.median(ms), peak_mem_mb=peak, extra=extra))
-    path = append_csv(rows, args.out or None)
+        path = append_csv(rows[-len(measured):], args.out or None, env)  # each phrase count as it is measured
+        print(f"{n} phrases: " + ", ".join(f"{r.impl} {r.ms:.0f} ms" for r in rows[-len(measured):]), flush=True)
     print(format_table(rows))
     print()
     print(format_extras(rows, [("phrases", "phrases"), ("img/s", "img_s"), ("p50 ms", "p50_ms"),

@@ -243,20 +243,20 @@ def mask_nms(masks: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, th
         for i in argsort(-scores): keep i unless any(|m_i & m_j| / min(|m_i|, |m_j|) > thresh
                                                      for kept j with groups[j] == groups[i])
     """
-    n = masks.shape[0]
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=masks.device)
-    flat = masks.flatten(1).float()
-    inter = flat @ flat.T
-    area = flat.sum(1)
-    overlap = inter / torch.minimum(area[:, None], area[None, :]).clamp_min(1)
-    over = ((overlap > thresh) & (groups[:, None] == groups[None, :])).cpu()
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
     kept: List[int] = []
-    for i in order:
-        if not any(bool(over[i, j]) for j in kept):
-            kept.append(i)
-    return torch.tensor(kept, dtype=torch.long, device=masks.device)
+    for g in torch.unique(groups).tolist():  # one group at a time: (n_g, n_g) overlaps, never (n, n)
+        idx = (groups == g).nonzero()[:, 0]
+        flat = masks[idx].flatten(1).float()
+        inter = flat @ flat.T
+        area = flat.sum(1)
+        over = (inter / torch.minimum(area[:, None], area[None, :]).clamp_min(1) > thresh).cpu()
+        mine: List[int] = []
+        for i in torch.argsort(scores[idx], descending=True, stable=True).tolist():
+            if not any(bool(over[i, j]) for j in mine):
+                mine.append(i)
+        kept += idx[mine].tolist()
+    keep = torch.tensor(kept, dtype=torch.long, device=masks.device)
+    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
 
 
 @torch.no_grad()
@@ -298,7 +298,9 @@ def segment_text(predictor, phrases: Tuple[str, ...], p: ConceptParams) -> List[
     phrase = torch.cat(cands.phrase) if cands.phrase else torch.zeros(0, dtype=torch.long, device=dev)
     iou, prob, sim = (torch.cat(x) if x else torch.zeros(0, device=dev) for x in (cands.iou, cands.prob, cands.cos))
     score = instance_score(iou, prob)
-    keep = mask_nms(low > MASK_THRESHOLD, score, phrase, p.nms_thresh)
+    lowres_px = predictor.img_size / g4
+    valid = tuple(int(math.ceil(s / lowres_px)) for s in predictor.input_size)
+    keep = mask_nms(low[:, :valid[0], :valid[1]] > MASK_THRESHOLD, score, phrase, p.nms_thresh)
     keep = keep[torch.argsort(score[keep], descending=True, stable=True)]
     keep = keep[torch.argsort(phrase[keep], stable=True)]  # by phrase as given, then by score
     return _records(predictor, low[keep], [phrases[i] for i in phrase[keep].tolist()], score[keep], iou[keep],
