@@ -78,6 +78,12 @@ def test_merge_refuses_a_head_width_of_zero_before_loading(micro, tmp_path, caps
 
 
 # ------------------------------------------------------------------------------- predict
+def no_loading(monkeypatch):
+    import fastsamclip.cli.predict as cli_predict
+
+    monkeypatch.setattr(cli_predict, "SAMCLIPPredictor", lambda *a, **k: pytest.fail("the checkpoint loaded first"))
+
+
 def test_predict_never_mixes_two_runs_in_one_folder(micro, tmp_path, capsys):
     out = tmp_path / "pred"
     assert main(["predict", micro["photo"], "--checkpoint", micro["merged"], "--points", "40,30", "--boxes",
@@ -112,9 +118,9 @@ def test_predict_never_mixes_two_runs_in_one_folder(micro, tmp_path, capsys):
     (["--labels", "cat", "--clip-token-pool", "0"], "--clip-token-pool 0"),
     (["--everything", "--label-threshold", "1.5"], "--label-threshold 1.5"),
 ])
-def test_predict_numbers_are_checked_before_the_checkpoint_loads(micro, tmp_path, capsys, flags, match):
-    rc = main(["predict", micro["photo"], "--checkpoint", str(tmp_path / "absent.safetensors"), *flags, "--out",
-               str(tmp_path / "o")])
+def test_predict_numbers_are_checked_before_the_checkpoint_loads(micro, tmp_path, capsys, monkeypatch, flags, match):
+    no_loading(monkeypatch)
+    rc = main(["predict", micro["photo"], "--checkpoint", micro["merged"], *flags, "--out", str(tmp_path / "o")])
     one_line(capsys, rc, "predict", match)
     assert not (tmp_path / "o").exists()
 
@@ -239,8 +245,9 @@ def test_a_read_only_disk_is_one_line_naming_the_folder(tmp_path, monkeypatch):
         atomic_write(str(tmp_path / "ro" / "a.json"), lambda tmp: None)
 
 
-def test_predict_on_a_read_only_disk_is_one_line(micro, tmp_path, capsys, monkeypatch):
+def test_predict_on_a_read_only_disk_is_one_line_before_the_checkpoint_loads(micro, tmp_path, capsys, monkeypatch):
     read_only_disk(monkeypatch, tmp_path / "ro")
+    no_loading(monkeypatch)
     rc = main(["predict", micro["photo"], "--checkpoint", micro["merged"], "--points", "40,30", "--out",
                str(tmp_path / "ro" / "pred")])
     one_line(capsys, rc, "predict", "the disk is read-only")

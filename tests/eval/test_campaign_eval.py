@@ -34,8 +34,12 @@ def test_an_annotation_of_an_unknown_category_is_refused_naming_the_file(models,
     ("retrieval", "flickr30k", ["--captions-per-image", "-1"], "--captions-per-image -1"),
     ("classify", "imagenet", ["--clip-token-pool", "0"], "--clip-token-pool 0"),
 ])
-def test_numbers_out_of_range_are_refused_before_the_model_loads(data, tmp_path, capsys, task, dataset, flags, match):
+def test_numbers_out_of_range_are_refused_before_the_model_loads(models, data, capsys, monkeypatch, task, dataset,
+                                                                 flags, match):
+    import fastsamclip.cli.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "build_model", lambda *a: pytest.fail("the model loaded before the check"))
     root = data[dataset]["root"] if isinstance(data[dataset], dict) else data[dataset]
-    rc = main(["eval", task, "--checkpoint", str(tmp_path / "absent.safetensors"), "--data-root", root,
-               "--dataset", dataset, *flags, "--no-progress"])
+    rc = main(["eval", task, "--checkpoint", models["merged"], "--data-root", root, "--dataset", dataset, *flags,
+               "--no-progress"])
     one_line(capsys, rc, match)
