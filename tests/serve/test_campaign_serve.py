@@ -2,7 +2,7 @@
 
 One server (with an API key and a 1 s timeout) answers the request cases in order, then is
 stopped with SIGTERM while its worker is busy; two more are stopped as Ctrl-C does (SIGINT to the
-process group) and with ``kill -9``. Each case failed before its fix: the server answered anyone,
+process group) and with ``kill -9``, and a third, whose model answers NaN, must refuse to start. Each case failed before its fix: the server answered anyone,
 refused a prompt outside the image only after it joined a batch, read ``true`` as 1, answered a
 busy worker's queue after 14 s instead of the timeout, logged a dropped upload as a traceback,
 kept a core busy while idle, and outlived its stop with 4 processes holding the port."""
@@ -15,7 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
+from fastsamclip.checkpoint import load_merged, save_merged
 from fastsamclip.cli import main
 from fastsamclip.serve import ServerProcess
 
@@ -226,23 +228,53 @@ def test_sigterm_stops_every_process_in_seconds_even_with_the_worker_busy(server
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
 
 
-def test_ctrl_c_and_kill_9_leave_no_process_and_a_free_port(micro, tmp_path_factory):
-    ctrl_c = new_server(micro, tmp_path_factory, "ctrl-c")
-    killed = new_server(micro, tmp_path_factory, "kill-9")
-    starts = [threading.Thread(target=s.start) for s in (ctrl_c, killed)]  # the two start side by side
-    for t in starts:
+@pytest.fixture(scope="module")
+def three(micro, tmp_path_factory):
+    """Three more servers started side by side: two to stop (Ctrl-C, kill -9), and one whose
+    checkpoint answers NaN (weights of 3e38, finite, that overflow), which must refuse to start."""
+    model = load_merged(micro["merged"])
+    with torch.no_grad():
+        model.image_encoder.patch_embed.proj.weight.fill_(3e38)
+    overflow = str(tmp_path_factory.mktemp("overflow") / "overflow.safetensors")
+    save_merged(model, overflow)
+    servers = {"ctrl_c": new_server(micro, tmp_path_factory, "ctrl-c"),
+               "killed": new_server(micro, tmp_path_factory, "kill-9"),
+               "overflow": new_server({**micro, "merged": overflow}, tmp_path_factory, "overflow")}
+    errors = {}
+
+    def start(name):
+        try:
+            servers[name].start()
+        except RuntimeError as e:
+            errors[name] = str(e)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in servers]
+    for t in threads:
         t.start()
-    for t in starts:
+    for t in threads:
         t.join()
-    try:
-        assert ctrl_c.alive() and killed.alive()
-        os.killpg(ctrl_c.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole group
-        os.kill(killed.proc.pid, signal.SIGKILL)  # the main process only: its children must notice
-        wait_gone(ctrl_c)
-        wait_gone(killed)
-        assert port_free(ctrl_c.port) and port_free(killed.port)
-        log = ctrl_c.log()
-        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
-    finally:
-        ctrl_c.stop()
-        killed.stop()
+    yield servers, errors
+    for proc in servers.values():
+        proc.stop()
+
+
+def test_ctrl_c_and_kill_9_leave_no_process_and_a_free_port(three):
+    servers, errors = three
+    ctrl_c, killed = servers["ctrl_c"], servers["killed"]
+    assert "ctrl_c" not in errors and "killed" not in errors, errors
+    os.killpg(ctrl_c.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole group
+    os.kill(killed.proc.pid, signal.SIGKILL)  # the main process only: its children must notice
+    wait_gone(ctrl_c)
+    wait_gone(killed)
+    assert port_free(ctrl_c.port) and port_free(killed.port)
+    log = ctrl_c.log()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+
+
+def test_a_model_answering_nan_is_refused_at_start_in_one_line(three):
+    servers, errors = three
+    log = servers["overflow"].log()
+    assert "overflow" in errors and servers["overflow"].proc.returncode == 2, log[-3000:]
+    assert log.strip().splitlines()[-1].startswith("serve: the model worker could not start: the model's image pass")
+    assert "NaN or Infinity" in log and "Traceback" not in log, log[-3000:]
+    assert not session_pids(servers["overflow"].proc.pid)
