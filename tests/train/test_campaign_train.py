@@ -125,7 +125,7 @@ def test_a_resume_past_a_damaged_checkpoint_replays_exactly_and_logs_each_step_o
 def test_the_held_out_report_does_not_depend_on_how_far_the_stream_has_gone(env, tmp_path):
     """The mask agreement of the same weights, before and after the SA-1B stream entered its next
     epoch (where an uninterrupted run is at the end, and a run resumed in stage 3 is not)."""
-    t = trainer(env, tmp_path, sam_batch=2, eval_images=1)
+    t = trainer(env, tmp_path, sam_batch=2, eval_images=1, eval_resolutions=(64,), eval_clip_images=1)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a student that differs from its SAM teacher (at initialisation every IoU is 1)
         for p in t.student.mask_decoder.parameters():
