@@ -4,7 +4,8 @@ Layers and, inside the application, the order of its packages (a module imports 
 package or from packages of a lower rank):
 
     0  fastsamclip.kernels                     ops: torch and triton only
-  0.5  fastsamclip.errors, fastsamclip.files  the errors a person can act on; safe file writes
+ 0.25  fastsamclip.errors                      the errors a person can act on
+  0.5  fastsamclip.files                       safe file writes (their errors are the person's)
     1  fastsamclip.transforms                  image geometry and pixel statistics
     2  fastsamclip.modeling                    the models, their configs and builders
     3  fastsamclip.checkpoint                  the merged checkpoint format
@@ -33,7 +34,7 @@ SOURCES = {"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels", "fast
 RANKS = {
     "fastsamclip": -1,  # the package itself: its version, nothing else
     "fastsamclip.kernels": 0,
-    "fastsamclip.errors": 0.5, "fastsamclip.files": 0.5,
+    "fastsamclip.errors": 0.25, "fastsamclip.files": 0.5,
     "fastsamclip.transforms": 1,
     "fastsamclip.modeling": 2,
     "fastsamclip.checkpoint": 3,

@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from fastsamclip.cli import bench, demo, evaluate, export, info, predict, serve, train
+from fastsamclip.cli.common import missing_extra
 
 COMMANDS = (info, demo, train, predict, evaluate, export, serve, bench)
 
@@ -23,7 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ImportError as e:  # an optional extra that is not installed: say which, in one line
+        line = missing_extra(e, args.command)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

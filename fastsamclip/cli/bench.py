@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from fastsamclip.cli.common import require
+
 BENCHMARKS = {
     "e2e": "the merged model against SAM + CLIP run separately, end to end (img/s, latency, memory, energy)",
     "train": "one training step of each distillation stage: plain torch vs fused vs fused + compiled",
@@ -28,6 +30,8 @@ MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relp
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
            "inference": ("bench_inference",), "everything": ("bench_everything",), "report": ("report",),
            "serve": ("bench_serve",), "gpu": ("gpu",)}
+# Optional packages a benchmark cannot start without (missing: one line naming the extra).
+REQUIRES = {"serve": ("litserve", "httpx")}
 # `bench all`: every benchmark that needs no input, in this order.
 BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e")
 
@@ -39,6 +43,8 @@ def cmd_bench(args) -> int:
         print("bench all: only --quick is shared by every benchmark; run them one by one for other options",
               file=sys.stderr)
         return 2
+    for name in names:
+        require(*REQUIRES.get(name, ()))
     worst = 0
     for name in names:
         for module in MODULES[name]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from fastsamclip.cli.common import one_line_errors
+from fastsamclip.cli.common import one_line_errors, require
 from fastsamclip.demo import run_demo, run_distill_demo
 
 
@@ -16,6 +16,7 @@ def cmd_demo(args) -> int:
         if not ok:
             print("demo: the merged model does not match its teachers (see above)", file=sys.stderr)
         return 0 if ok else 1
+    require("webdataset", "pycocotools")  # the train extra: shards and SA-1B masks, said before any work
     report = run_distill_demo(out_dir=args.out, sam_type=args.sam_type, overwrite=args.overwrite)
     if not report["distillation_worked"]:
         print("demo: distillation did not raise the student-teacher CLIP agreement (see the table)", file=sys.stderr)

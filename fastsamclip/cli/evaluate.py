@@ -32,6 +32,7 @@ from fastsamclip.eval.runner import (
     markdown_table,
     skipped_line,
 )
+from fastsamclip.errors import InputError, check_range
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
 from fastsamclip.predictor.engine import DTYPES
@@ -157,6 +158,15 @@ def _setup(task: str, args, device):
         raise EvalInputError(None, f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise EvalInputError(None, f"--batch-size must be at least 1, got {args.batch_size}")
+    numbers = [("--workers", args.workers, 0, None), ("--clip-token-pool", args.clip_token_pool, 1, None)]
+    numbers += [(f"--{k.replace('_', '-')}", getattr(args, k), lo, hi) for k, lo, hi in (
+        ("threshold", None, None), ("background_threshold", 0.0, 1.0), ("captions_per_image", 0, None),
+        ("resolution", 16, None)) if getattr(args, k, None) is not None]
+    for flag, value, lo, hi in numbers:
+        try:
+            check_range(flag, value, lo, hi, integer=isinstance(value, int))
+        except InputError as e:
+            raise EvalInputError(None, str(e)) from None
     split = args.split or DEFAULT_SPLIT[task]
     if task == "classify":
         ds = open_classify(args.dataset, args.data_root, split, args.class_names, args.csv)
