@@ -134,7 +134,7 @@ def _launches(op: str, shape: Sequence[int], dtype: str):
 
 def _config_label(launch, config: dict) -> str:
     if config:
-        return f"{config['BLOCK_M']}x{config['BH']}r/w{config['num_warps']}/s{config['num_stages']}"
+        return attn.config_label(config)
     keys = [k for k in ("BLOCK_R", "BLOCK_D", "BLOCK", "BLOCK_M", "BLOCK_B") if k in launch.meta or k in launch.options]
     vals = {**launch.meta, **launch.options}
     return "/".join(f"{k.split('_')[-1]}{vals[k]}" for k in keys) + f"/w{launch.options.get('num_warps', 4)}"
