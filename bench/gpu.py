@@ -147,15 +147,19 @@ def _env_steps(ctx: Context) -> List[Step]:
     return [Step("info", ["-m", "fastsamclip", "info"])]
 
 
+def _attention_args(ctx: Context, *impls: str) -> List[str]:
+    """The attention benchmark's arguments: ViT-B's 64 x 64 grid and 14 x 14 windows at batch 8 in bf16
+    (quick: its tiny shapes), these competitors, rows appended to attention.csv."""
+    shapes = ["--quick"] if ctx.quick else ["--batch", "8", "--cases", "global-4096", "windows-196", "--dtype", "bf16"]
+    return _m("bench_relpos_attention", *shapes, "--modes", "fwd", "fwd+bwd", "--impls", *impls,
+              "--out", os.path.join(ctx.out, "attention.csv"), "--no-plot", "--quiet")
+
+
 def _attention_steps(ctx: Context) -> List[Step]:
-    out = ["--out", os.path.join(ctx.out, "attention.csv"), "--no-plot", "--quiet"]
     if ctx.quick:
-        return [Step("fused vs sdpa", _m("bench_relpos_attention", "--quick", "--modes", "fwd", "fwd+bwd",
-                                          "--impls", "triton", "sdpa-bias", *out))]
-    return [Step("fused, sdpa, fold, flash", _m("bench_relpos_attention", "--batch", "8", "--modes", "fwd", "fwd+bwd",
-                                                 "--cases", "global-4096", "windows-196", "--dtype", "bf16",
-                                                 "--impls", "triton", "sdpa-bias", "fold-sdpa-flash", "flash-nobias",
-                                                 *out))]
+        return [Step("fused vs sdpa", _attention_args(ctx, "triton", "sdpa-bias"))]
+    return [Step("fused, sdpa, fold, flash", _attention_args(ctx, "triton", "sdpa-bias", "fold-sdpa-flash",
+                                                             "flash-nobias"))]
 
 
 def e2e_rows(clip: str) -> List[str]:
@@ -200,11 +204,7 @@ def _loss_steps(ctx: Context) -> List[Step]:
 
 
 def _flex_steps(ctx: Context) -> List[Step]:
-    out = ["--out", os.path.join(ctx.out, "attention.csv"), "--no-plot", "--quiet", "--impls", "flex"]
-    if ctx.quick:
-        return [Step("flex", _m("bench_relpos_attention", "--quick", "--modes", "fwd", *out))]
-    return [Step("flex", _m("bench_relpos_attention", "--batch", "8", "--modes", "fwd", "fwd+bwd", "--cases",
-                            "global-4096", "windows-196", "--dtype", "bf16", *out))]
+    return [Step("flex", _attention_args(ctx, "flex"))]
 
 
 def _test_steps(ctx: Context) -> List[Step]:
@@ -249,13 +249,13 @@ PARTS: List[Part] = [
          "imports 7 s; teachers, student and data built 12 s; 2 configurations x 4 steps of ~45 TFLOP (teachers "
          "and student fwd+bwd) 6 s; the fused step's new attention keys tuned (training batches, the 28 x 28 grid "
          "at 448 px) 8 s, +10 s of compiles without a carried cache"),
-    Part("inference", 25, 60, _inference_steps, ("inference.csv",),
+    Part("inference", 30, 60, _inference_steps, ("inference.csv",),
          "single-request p50 / p99 of the predictor in bf16, with its agreement with fp32",
-         "imports 7 s; the predictor built 6 s; 3 + 20 requests in bf16 and the fp32 agreement run 4 s; batch-1 "
-         "attention keys tuned 4 s"),
-    Part("losses", 30, 60, _loss_steps, ("losses.csv",),
+         "imports 7 s; a random merged checkpoint (SAM ViT-B + CLIP ViT-L-14 built on the CPU, 10 s) written and "
+         "loaded 4 s; 3 + 20 requests in bf16 and the fp32 agreement run 4 s; batch-1 attention keys tuned 4 s"),
+    Part("losses", 25, 60, _loss_steps, ("losses.csv",),
          "the fused distillation losses against eager and compiled torch, bf16",
-         "imports 5 s; 3 losses x (eager, Inductor-compiled fwd+bwd ~6 s to compile, fused) 25 s"),
+         "imports 5 s; 3 losses x (eager, Inductor-compiled fwd+bwd ~5 s to compile, fused) 20 s"),
     Part("flex", 20, 40, _flex_steps, ("attention.csv",),
          "FlexAttention on the attention benchmark's shapes (compiled; slow to compile: last)",
          "4 flex graphs compile for 1.5-4 minutes in all: it gets 20 s plus what the parts before left unused, "
@@ -371,18 +371,20 @@ def triton_cache_dir() -> str:
         os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
 
 
-def triton_cache_entries(path: str) -> Tuple[set, set]:
-    """(compiled kernels, autotune choices): the cache's entry folders holding a cubin, and those
+def triton_cache_entries(path: str) -> Tuple[set, set, set]:
+    """(the package's compiled kernels, Inductor's, autotune choices): the cache's entry folders
+    holding a cubin, split by kernel name (Inductor names its kernels ``triton_*``), and those
     holding an ``.autotune.json``."""
-    kernels, tuned = set(), set()
+    ours, inductor, tuned = set(), set(), set()
     if os.path.isdir(path):
         for name in os.listdir(path):
             files = os.listdir(os.path.join(path, name)) if os.path.isdir(os.path.join(path, name)) else []
-            if any(f.endswith(".cubin") for f in files):
-                kernels.add(name)
+            cubins = [f for f in files if f.endswith(".cubin")]
+            if cubins:
+                (inductor if cubins[0].startswith("triton_") else ours).add(name)
             if any(f.endswith(".autotune.json") for f in files):
                 tuned.add(name)
-    return kernels, tuned
+    return ours, inductor, tuned
 
 
 def pack(out: str) -> str:
@@ -471,7 +473,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   xdist=importlib.util.find_spec("xdist") is not None,
                   pytest_timeout=importlib.util.find_spec("pytest_timeout") is not None)
     cache = triton_cache_dir()
-    kernels_before, tuned_before = triton_cache_entries(cache)
+    before = triton_cache_entries(cache)
     outcomes: List[Outcome] = []
     unused = 0.0
     for name in names:
@@ -484,10 +486,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         unused = max(0.0, unused + o.budget_s - o.seconds)
         print(f"[bench gpu] {name}: {o.status} ({o.seconds:.0f} s)", flush=True)
         outcomes.append(o)
-    kernels_after, tuned_after = triton_cache_entries(cache)
+    after = triton_cache_entries(cache)
     _write_pairs(os.path.join(ctx.out, "triton_cache.csv"), {
-        "dir": cache, "kernels_before": len(kernels_before), "kernels_compiled": len(kernels_after - kernels_before),
-        "autotune_written": len(tuned_after - tuned_before)})
+        "dir": cache, "kernels_before": len(before[0]), "kernels_compiled": len(after[0] - before[0]),
+        "inductor_kernels_compiled": len(after[1] - before[1]), "autotune_written": len(after[2] - before[2])})
     with open(os.path.join(ctx.out, "parts.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["part", "status", "seconds", "budget_s", "logs"])

@@ -130,9 +130,10 @@ def summary(out: str, outcomes: Sequence, started: float) -> str:
                         for o in outcomes])
     cache = {r["key"]: r["value"] for r in _rows(os.path.join(out, "triton_cache.csv"))}
     if cache:
-        lines += ["", f"Triton cache {cache.get('dir', '?')}: {cache.get('kernels_before', '?')} compiled kernels "
-                      f"before the run, {cache.get('kernels_compiled', '?')} compiled during it (not in the cache it "
-                      f"started with), {cache.get('autotune_written', '?')} autotune choices written."]
+        lines += ["", f"Triton cache {cache.get('dir', '?')}: {cache.get('kernels_before', '?')} of the package's "
+                      f"kernels before the run, {cache.get('kernels_compiled', '?')} compiled during it (not in the "
+                      f"cache it started with), {cache.get('inductor_kernels_compiled', '?')} of Inductor's, "
+                      f"{cache.get('autotune_written', '?')} autotune choices written."]
     claims: List[Tuple[str, Optional[float], str, Optional[bool]]] = []
     att, att_claims = attention_section(_rows(os.path.join(out, "attention.csv")))
     claims += att_claims

@@ -394,19 +394,20 @@ def _kernel_entries(cache_dir: str) -> set:
 
 
 def warm(cache_dir: str, shapes: Sequence[Tuple[str, Sequence]], target: str = "sm_90a", jobs: int = 2,
-         timeout: Optional[float] = None) -> Warmed:
+         timeout: Optional[float] = None, kernels: Optional[Sequence[str]] = None) -> Warmed:
     """Compile, into the Triton cache ``cache_dir``, every attention kernel a ``target`` GPU compiles
     for these launches (``shapes``: (dtype, (label, batch, heads, H, W, d)) as ``SHAPES``): each
     autotuned launch through its own pruner (every config of the target's space it keeps), the
     fixed ones through ``warmup``, under a stand-in for the GPU's driver; nothing runs. The GPU
     machine hits these entries when its Triton, the kernels' source, the target and the launch's
     specialisation are the same (a cache key covers all four); run it again on a copy of the cache
-    to see that nothing new is compiled. Worker processes, ``TRITON_*`` variables but the cache's
-    unset (the GPU run sets none either)."""
+    to see that nothing new is compiled. ``kernels``: only these launches (e.g. ["attention dq"]).
+    Worker processes, ``TRITON_*`` variables but the cache's unset (the GPU run sets none either)."""
     t0 = time.perf_counter()
     os.makedirs(cache_dir, exist_ok=True)
     before = _kernel_entries(cache_dir)
-    items = [{"dtype": dtype, "shape": list(shape[1:]), "label": shape[0], "target": target} for dtype, shape in shapes]
+    items = [{"dtype": dtype, "shape": list(shape[1:]), "label": shape[0], "target": target,
+              "kernels": list(kernels) if kernels else None} for dtype, shape in shapes]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_") or k == "TRITON_HOME"}
     env.update(TRITON_CACHE_DIR=os.path.abspath(cache_dir), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     out = Warmed(os.path.abspath(cache_dir), target)
@@ -458,6 +459,8 @@ def warm_worker_main() -> int:
         n, error = 0, ""
         try:
             for launch in attn.aot_launches(*attn.sam_layout(*d["shape"], DTYPES[d["dtype"]])):
+                if d["kernels"] and launch.kernel not in d["kernels"]:
+                    continue
                 if launch.tuned:
                     named = dict(zip(launch.fn.arg_names, launch.args))
                     prune = attn._make_pruner(launch.tuned, launch.fn)

@@ -137,13 +137,14 @@ def test_dry_run_prints_the_plan_without_a_gpu(tmp_path, capsys):
 
 
 def test_the_triton_cache_counts_kernels_and_autotune_choices(tmp_path):
-    for name, files in {"a": ["k.cubin", "k.json"], "b": ["k.cubin"], "c": ["_fwd_kernel.autotune.json"],
-                        "d": ["launcher.so"]}.items():
+    for name, files in {"a": ["_fwd_kernel.cubin", "_fwd_kernel.json"], "b": ["_bwd_dq_kernel.cubin"],
+                        "c": ["_fwd_kernel.autotune.json"], "d": ["launcher.so"],
+                        "e": ["triton_poi_fused_add_0.cubin"]}.items():
         (tmp_path / name).mkdir()
         for f in files:
             (tmp_path / name / f).write_text("x")
-    assert gpu.triton_cache_entries(str(tmp_path)) == ({"a", "b"}, {"c"})
-    assert gpu.triton_cache_entries(str(tmp_path / "none")) == (set(), set())
+    assert gpu.triton_cache_entries(str(tmp_path)) == ({"a", "b"}, {"e"}, {"c"})
+    assert gpu.triton_cache_entries(str(tmp_path / "none")) == (set(), set(), set())
 
 
 def test_full_run_refuses_a_machine_without_a_gpu(tmp_path, capsys):
