@@ -44,10 +44,12 @@ wheels = {os.path.basename(w).split("-")[0].lower().replace("_", "-"): w for w i
 for pkg in ("open-clip-torch", "ftfy", "wcwidth", "segment-anything", "webdataset", "braceexpand", "pycocotools"):
     if pkg not in wheels and importlib.util.find_spec(pkg.replace("-torch", "").replace("-", "_")) is None:
         missing.append(f"carried wheel {pkg} in {carry}/wheels (bash bench/gpu_wheels.sh {carry}/wheels)")
-from packaging.requirements import Requirement
-from packaging.version import Version
-if "open-clip-torch" in wheels and importlib.util.find_spec("timm"):
+def version(text):  # "3.28.3" -> (3, 28, 3)
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+if "open-clip-torch" in wheels and importlib.util.find_spec("timm") and importlib.util.find_spec("packaging"):
     import timm
+    from packaging.requirements import Requirement
+    from packaging.version import Version
     meta = zipfile.ZipFile(wheels["open-clip-torch"]).read(
         next(n for n in zipfile.ZipFile(wheels["open-clip-torch"]).namelist() if n.endswith("METADATA"))).decode()
     for line in meta.splitlines():
@@ -71,7 +73,7 @@ if cmake is None:
     missing.append(f"cmake >= {want} (the CUDA library's build)")
 else:
     have = re.search(r"version ([\d.]+)", subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout)
-    if have is None or Version(have.group(1)) < Version(want):
+    if have is None or version(have.group(1)) < version(want):
         missing.append(f"cmake >= {want} (found {have.group(1) if have else 'no version'})")
 if shutil.which("nvcc") is None:
     notes.append("nvcc missing: no CUDA library (preprocessing runs in torch)")

@@ -14,8 +14,9 @@
 #   1. bench/gpu_device.sh --rehearse (preflight, the wheels, the editable install with the CUDA
 #      library, the Triton cache unpacked, `fastsamclip bench gpu --dry-run`);
 #   2. `fastsamclip info --kernels` (every Triton kernel built for sm_90a and sm_80);
-#   3. the autotuner tests (Triton's own autotune -> Autotuner.run -> pruner) and the kernel tests
-#      (Triton's interpreter; numpy is pinned below 2.4 here only, which that interpreter needs);
+#   3. the autotuner tests (Triton's own autotune -> Autotuner.run -> pruner), which must also fail
+#      with the pruner's old warmup call put back, and the kernel tests (Triton's interpreter; numpy
+#      is pinned below 2.4 here only, which that interpreter needs);
 #   4. the Triton cache checked: a copy warmed again compiles nothing (the GPU run would hit it).
 # Then a table of what passed and the minutes each step took. Exit 1 if a step failed.
 set -uo pipefail
@@ -99,6 +100,18 @@ check_cache() {  # a copy of the carried cache, warmed again from the tree: noth
     && grep -q ", 0 compiled into it now," "$WORK/cache-check.txt"
 }
 
+old_pruner_call() {  # the autotuner tests must fail with the pruner's old warmup call put back (a copy)
+  local f="$WORK/tree/kernels/relpos_attention_triton.py" rc
+  cp "$f" "$WORK/pruner.py.orig"
+  sed -i 's/return fn.warmup(\*named_args.values(), grid=(1,), \*\*meta, \*\*cfg.all_kwargs())/return fn.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs())/' "$f"
+  if cmp -s "$f" "$WORK/pruner.py.orig"; then echo "the pruner's warmup call was not found"; return 1; fi
+  in_tree python -m pytest -q -p no:cacheprovider tests/kernels/test_relpos_attention_triton.py \
+    -k "pruner or autotuner or no_config_left or number_of_heads" --tb=line | grep -E "got multiple values|passed|failed"
+  rc=${PIPESTATUS[0]}
+  cp "$WORK/pruner.py.orig" "$f"
+  [ "$rc" != 0 ] && echo "the old call fails them (as it must): exit $rc"
+}
+
 FAILED=0
 step venv make_venv || { printf '%s\n' "${STEPS[@]}"; exit 1; }
 step wheels fetch_wheels || FAILED=1
@@ -109,6 +122,7 @@ step device-script env PYTHON="$VENV/bin/python" bash "$WORK/tree/bench/gpu_devi
 step info-kernels in_tree nice -n 10 fastsamclip info --kernels || FAILED=1
 step pruner-tests in_tree python -m pytest -q -p no:cacheprovider tests/kernels/test_relpos_attention_triton.py \
   -k "pruner or autotuner or no_config_left or number_of_heads" || FAILED=1
+step old-pruner-call old_pruner_call || FAILED=1
 step kernel-tests in_tree nice -n 10 python -m pytest -q -p no:cacheprovider tests/kernels \
   --ignore=tests/kernels/test_aot.py || FAILED=1
 step triton-cache warm_cache || FAILED=1
