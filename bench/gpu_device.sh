@@ -124,6 +124,7 @@ if [ "$MODE" = "--rehearse" ]; then
   note "rehearsal: the plan only"
   "$PY" -m fastsamclip bench gpu --dry-run 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
+  note "rehearsed: preflight, wheels, editable install ($(ls kernels/lib 2>/dev/null | head -1 || true)), Triton cache, plan (exit $rc)"
   cp "$LOG" "$OUT/"
   exit "$rc"
 fi

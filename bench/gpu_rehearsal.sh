@@ -45,7 +45,7 @@ step() {  # step NAME COMMAND...: run it, log to WORK/logs/NAME.log, record stat
   rc=$?
   local mins=$(awk "BEGIN {printf \"%.1f\", ($(date +%s) - $t0) / 60}")
   STEPS+=("$(printf '%-22s %-8s %5s min  %s' "$name" "$([ $rc = 0 ] && echo passed || echo "FAILED")" "$mins" \
-                   "$(tail -n 1 "$WORK/logs/$name.log" | cut -c1-150)")")
+                   "$(tail -n 1 "$WORK/logs/$name.log" | cut -c1-200)")")
   [ $rc = 0 ] || tail -n 25 "$WORK/logs/$name.log"
   return $rc
 }
