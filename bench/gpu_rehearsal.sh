@@ -84,7 +84,7 @@ copy_tree() {  # what a device call sends: the working tree git sees, and the ca
     && echo "$(cd "$WORK/tree" && find . -type f | wc -l) files, $(du -sh "$WORK/tree" | cut -f1) (a device call takes 64 MiB)"
 }
 
-in_tree() { (cd "$WORK/tree" && PATH="$VENV/bin:$PATH" PYTHONPATH="/tmp/fastsamclip-site" HF_HUB_OFFLINE=1 "$@"); }
+in_tree() { (cd "$WORK/tree" && PATH="$VENV/bin:$PATH" PYTHONPATH="$WORK/site" HF_HUB_OFFLINE=1 "$@"); }
 
 warm_cache() {  # built in the tree (the carried source), with this triton: carried as a tarball
   rm -rf "$WORK/triton-cache" \
@@ -117,7 +117,8 @@ step venv make_venv || { printf '%s\n' "${STEPS[@]}"; exit 1; }
 step wheels fetch_wheels || FAILED=1
 step carry-stamp stamp_carry || FAILED=1
 step copy-tree copy_tree || FAILED=1
-step device-script env PYTHON="$VENV/bin/python" bash "$WORK/tree/bench/gpu_device.sh" "$WORK/device-out" --rehearse \
+step device-script env PYTHON="$VENV/bin/python" FASTSAMCLIP_SITE_DIR="$WORK/site" FASTSAMCLIP_RUN_DIR="$WORK/run" \
+  TRITON_CACHE_DIR="$WORK/device-triton-cache" bash "$WORK/tree/bench/gpu_device.sh" "$WORK/device-out" --rehearse \
   || FAILED=1
 step info-kernels in_tree nice -n 10 fastsamclip info --kernels || FAILED=1
 step pruner-tests in_tree python -m pytest -q -p no:cacheprovider tests/kernels/test_relpos_attention_triton.py \
