@@ -23,7 +23,8 @@ BENCHMARKS = {
     "everything": "segment everything + name every mask: SAM's generator + CLIP on box crops vs one merged pass",
     "report": "the latest e2e run as Markdown, with the product's claims checked",
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
-    "gpu": "everything above on a freshly lent GPU in at most 8 minutes: --out DIR (CSVs + summary.md)",
+    "gpu": "the measurements that matter on a freshly lent GPU in at most 6 minutes, compiles included: --out DIR "
+           "(CSVs, summary.md, one archive of every file); --dry-run prints the plan",
 }
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
