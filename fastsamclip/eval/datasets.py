@@ -375,10 +375,10 @@ def open_semantic(name: str, root: str, split: str = "val", class_names: Optiona
     line from value 0 = background, for a dataset in VOC's layout with classes of its own."""
     if name not in SEMANTIC_DATASETS:
         raise EvalInputError(None, f"unknown semantic dataset {name!r}; known: {', '.join(SEMANTIC_DATASETS)}")
+    if class_names is not None and name != "voc":
+        raise EvalInputError(class_names, f"--class-names names the classes of a VOC-layout dataset, not of {name}")
     ds = SEMANTIC_DATASETS[name](root, split)
     if class_names is not None:
-        if name != "voc":
-            raise EvalInputError(class_names, f"--class-names names the classes of a VOC-layout dataset, not of {name}")
         ds.classes = read_class_names(class_names)
         ds.lut = _lut(range(len(ds.classes)), range(len(ds.classes)), [255])
         ds.valid_text = f"{os.path.basename(class_names)} names values 0..{len(ds.classes) - 1}, and 255 = ignore"
