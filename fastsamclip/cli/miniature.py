@@ -38,6 +38,14 @@ def _world(args) -> str:
     return args.world
 
 
+def _limits(n):
+    """--limit N: the first N held-out canvases of each canvas layout. The crops are never cut
+    (their folder lists classes in name order: the first N would be a few classes only)."""
+    if n is not None:
+        _positive("limit", n)
+    return Limits(crops=None, canvases=n, semantic=n, everything=n)
+
+
 def _positive(name: str, value: int) -> int:
     if value < 1:
         raise ConfigError(f"--{name} must be at least 1, got {value}")
@@ -78,7 +86,7 @@ def cmd_teachers(args) -> int:
 @one_line_errors("miniature skills")
 def cmd_skills(args) -> int:
     world = _world(args)
-    limits = Limits(crops=args.limit, canvases=args.limit, semantic=args.limit, everything=args.limit)
+    limits = _limits(args.limit)
     if args.checkpoint:
         sk = student_skills(args.checkpoint, world, limits)
     else:
@@ -100,7 +108,7 @@ def cmd_ablations(args) -> int:
     base = Recipe()
     if args.quick:  # CI's size: every path once, the numbers mean nothing
         base = base.with_(stage_steps=(2, 2, 1), clip_batch=8, sam_batch=2)
-    limits = Limits(crops=args.limit, canvases=args.limit, semantic=args.limit, everything=args.limit)
+    limits = _limits(args.limit)
     run_ablations(world, args.out, seeds, base, limits, teachers=_teachers(args.teachers))
     return 0
 
@@ -134,7 +142,7 @@ def register(sub) -> None:
     s.add_argument("--world", required=True, help="a folder written by `fastsamclip miniature world`")
     s.add_argument("--teachers", default=None, help="a folder written by `fastsamclip miniature teachers`")
     s.add_argument("--checkpoint", default=None, help="a merged .safetensors: the student's skills instead")
-    s.add_argument("--limit", type=int, default=None, help="the first N held-out images of each layout")
+    s.add_argument("--limit", type=int, default=None, help="the first N held-out canvases (VOC, COCO); the crops are all used")
     s.set_defaults(fn=cmd_skills)
 
     s = m.add_parser("ablations", help="the paper's findings over seeds (resumes; writes ablations.md/.json)")
@@ -144,6 +152,6 @@ def register(sub) -> None:
     s.add_argument("--heldout", type=int, default=150, help="held-out canvases of the world written into OUT")
     s.add_argument("--seeds", default="0,1,2")
     s.add_argument("--teachers", default=None, help="teachers folder (default: the shipped ones)")
-    s.add_argument("--limit", type=int, default=None, help="the first N held-out images of each layout")
+    s.add_argument("--limit", type=int, default=None, help="the first N held-out canvases (VOC, COCO); the crops are all used")
     s.add_argument("--quick", action="store_true", help="two steps a stage: checks every path, measures nothing")
     s.set_defaults(fn=cmd_ablations)

@@ -4,7 +4,7 @@ import pytest
 
 from fastsamclip.miniature import write_world
 
-TRAIN, HELDOUT = 16, 8
+TRAIN, HELDOUT = 16, 16
 
 
 @pytest.fixture(scope="session")
