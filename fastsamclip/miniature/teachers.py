@@ -68,7 +68,7 @@ class TeacherConfig:
     clip_steps: int = 1000
     clip_batch: int = 96  # object crops per step (plus about an eighth as many whole canvases)
     clip_lr: float = 1e-3
-    sam_steps: int = 800
+    sam_steps: int = 1600
     sam_batch: int = 8  # canvases per step; every object of each is a prompt, all boxes or all points
     sam_lr: float = 1e-3
     weight_decay: float = 0.05
