@@ -94,6 +94,14 @@ def _optimizer(model: torch.nn.Module, lr: float, wd: float) -> torch.optim.Adam
     return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=lr)
 
 
+def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """One AdamW step on ``loss``, the gradient's global norm clipped at 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def _to_tensor(images: List[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
 
@@ -156,10 +164,7 @@ def train_clip(cfg: TeacherConfig, world: WorldConfig, log: Callable[[str], None
         img = model.encode_image(_clip_normalise(x), normalize=True)
         txt = model.encode_text(tok(texts), normalize=True)
         loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), keys)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _step(opt, model, loss)
         if step % 50 == 0 or step == cfg.clip_steps - 1:
             log(f"clip step {step + 1}/{cfg.clip_steps} loss {loss.item():.4f} scale "
                 f"{model.logit_scale.exp().item():.1f} ({time.perf_counter() - t0:.0f} s)")
@@ -234,11 +239,7 @@ def train_sam(cfg: TeacherConfig, world: WorldConfig, log: Callable[[str], None]
         lo, gt = torch.cat(logits)[None], torch.cat(gts)[None]
         mask_loss = focal_dice_loss(lo, gt, 20.0, 1.0, 0.25, 2.0)
         iou_loss = torch.cat([((p - t) ** 2).flatten() for p, t in iou_pred]).mean()
-        loss = mask_loss + iou_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
-        opt.step()
+        _step(opt, sam, mask_loss + iou_loss)
         if step % 50 == 0 or step == cfg.sam_steps - 1:
             log(f"sam step {step + 1}/{cfg.sam_steps} mask loss {mask_loss.item():.4f} iou loss {iou_loss.item():.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
