@@ -37,7 +37,7 @@ LOW_RES, HIGH_RES = 64, 128  # zero-shot top-1 at the CLIP teacher's size and at
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    stage_steps: Tuple[int, int, int] = (150, 150, 60)  # optimizer steps of stages 1, 2, 3
+    stage_steps: Tuple[int, int, int] = (400, 300, 100)  # optimizer steps of stages 1, 2, 3
     clip_batch: int = 64  # D_CLIP images per step at 64 px (the multi-resolution sampler keeps pixels ~constant)
     sam_batch: int = 4  # SA-1B canvases per stage-2 step
     masks_per_image: int = 3  # prompts per canvas (a canvas holds one to three objects)
