@@ -12,7 +12,9 @@ package or from packages of a lower rank):
     4  fastsamclip.data, fastsamclip.draw      readers, prompts, streams, sample data; pictures
        fastsamclip.open_clip_compat            open_clip's interface on a merged checkpoint
     5  fastsamclip.train, fastsamclip.predictor
-    6  fastsamclip.demo, fastsamclip.eval, fastsamclip.export, fastsamclip.serve
+    6  fastsamclip.eval, fastsamclip.export, fastsamclip.serve
+  6.5  fastsamclip.miniature                   the miniature world, its teachers, the recipe on them
+ 6.75  fastsamclip.demo                        the README's main job, on the miniature world
     7  fastsamclip.cli, fastsamclip.bench      the commands and the benchmarks, on the public API
 
 Also: no import of the package's own modules inside a function, and the benchmarks use only the
@@ -40,7 +42,8 @@ RANKS = {
     "fastsamclip.checkpoint": 3,
     "fastsamclip.data": 4, "fastsamclip.draw": 4, "fastsamclip.open_clip_compat": 4,
     "fastsamclip.train": 5, "fastsamclip.predictor": 5,
-    "fastsamclip.demo": 6, "fastsamclip.eval": 6, "fastsamclip.export": 6, "fastsamclip.serve": 6,
+    "fastsamclip.eval": 6, "fastsamclip.export": 6, "fastsamclip.serve": 6,
+    "fastsamclip.miniature": 6.5, "fastsamclip.demo": 6.75,
     "fastsamclip.cli": 7, "fastsamclip.bench": 7,
     "fastsamclip.__main__": 8,
 }

@@ -1,6 +1,6 @@
 """The ``fastsamclip`` command. Each command group lives in its own module and registers its
 parser here: ``info``, ``demo``, ``merge`` / ``distill`` / ``cache-teachers``, ``predict``, ``eval``,
-``export``, ``serve``, ``bench``."""
+``export``, ``serve``, ``bench``, ``miniature``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import argparse
 import sys
 from typing import List, Optional
 
-from fastsamclip.cli import bench, demo, evaluate, export, info, predict, serve, train
+from fastsamclip.cli import bench, demo, evaluate, export, info, miniature, predict, serve, train
 from fastsamclip.cli.common import missing_extra
 
-COMMANDS = (info, demo, train, predict, evaluate, export, serve, bench)
+COMMANDS = (info, demo, train, predict, evaluate, export, serve, bench, miniature)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,6 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.5, help="composed: class score that prompts the SAM head")
     s.add_argument("--background-threshold", type=float, default=None,
                    help="voc, clip mode: prompt the 20 objects only; background where the best probability is below this")
+    s.add_argument("--class-names", default=None,
+                   help="voc layout with classes of its own: a file naming label values 0 (background), 1, 2, ...")
     s.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="one label PNG per image, named after it, in the dataset's own label encoding")
     s.set_defaults(fn=cmd_eval)
@@ -171,7 +173,7 @@ def _setup(task: str, args, device):
     if task == "classify":
         ds = open_classify(args.dataset, args.data_root, split, args.class_names, args.csv)
     elif task == "semantic":
-        ds = open_semantic(args.dataset, args.data_root, split)
+        ds = open_semantic(args.dataset, args.data_root, split, args.class_names)
     elif task == "instances":
         ds = instances.InstanceSet(args.dataset, args.data_root, split, args.annotations)
         if args.detections:
