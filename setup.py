@@ -73,10 +73,12 @@ setup(
     python_requires=">=3.10",
     packages=["fastsamclip", "fastsamclip.modeling", "fastsamclip.data", "fastsamclip.train", "fastsamclip.predictor",
               "fastsamclip.eval", "fastsamclip.export", "fastsamclip.serve", "fastsamclip.cli", "fastsamclip.kernels",
-              "fastsamclip.bench"],
+              "fastsamclip.bench", "fastsamclip.miniature"],
     package_dir={"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels",
                  "fastsamclip.bench": "bench"},
-    package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"]},
+    # The miniature world's teachers (fastsamclip miniature teachers), used by fastsamclip demo.
+    package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"],
+                  "fastsamclip.miniature": ["teachers/*.pth", "teachers/*.json", "teachers/clip/*"]},
     install_requires=[
         "torch>=2.5",
         "torchvision",
@@ -87,6 +89,9 @@ setup(
         "open_clip_torch>=2.24",
         "segment-anything>=1.0",
         "scikit-image",
+        # The miniature world (fastsamclip demo): scikit-learn's digits, scipy's distance transform.
+        "scikit-learn",
+        "scipy",
         "tqdm",
     ],
     extras_require={

@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from fastsamclip.cli.common import require
+
 BENCHMARKS = {
     "e2e": "the merged model against SAM + CLIP run separately, end to end (img/s, latency, memory, energy)",
     "train": "one training step of each distillation stage: plain torch vs fused vs fused + compiled",
@@ -22,7 +24,8 @@ BENCHMARKS = {
     "text": "every instance of 1, 5, 20 phrases: segment_text vs generate+filter vs SAM's generator + CLIP crops",
     "report": "the latest e2e run as Markdown, with the product's claims checked",
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
-    "gpu": "everything above on a freshly lent GPU in at most 8 minutes: --out DIR (CSVs + summary.md)",
+    "gpu": "the measurements that matter on a freshly lent GPU in at most 6 minutes, compiles included: --out DIR "
+           "(CSVs, summary.md, one archive of every file); --dry-run prints the plan",
 }
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
@@ -30,6 +33,8 @@ MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relp
            "inference": ("bench_inference",), "everything": ("bench_everything",), "text": ("bench_text",),
            "report": ("report",),
            "serve": ("bench_serve",), "gpu": ("gpu",)}
+# Optional packages a benchmark cannot start without (missing: one line naming the extra).
+REQUIRES = {"serve": ("litserve", "httpx")}
 # `bench all`: every benchmark that needs no input, in this order.
 BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "text", "serve", "e2e")
 
@@ -41,6 +46,8 @@ def cmd_bench(args) -> int:
         print("bench all: only --quick is shared by every benchmark; run them one by one for other options",
               file=sys.stderr)
         return 2
+    for name in names:
+        require(*REQUIRES.get(name, ()))
     worst = 0
     for name in names:
         for module in MODULES[name]:

@@ -51,6 +51,7 @@ by phrase as given, then by score. A phrase absent from the image has no record.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Sequence, Tuple
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh, mask_to_rle_pytorch
 from skimage.measure import label as connected_components
 
+from fastsamclip.errors import InputError, check_range
 from fastsamclip.predictor.everything import (
     OUTPUT_MODES,
     UPSCALE_BYTES,
@@ -93,30 +95,27 @@ class ConceptParams:
     def from_kwargs(cls, params: Dict[str, Any]) -> "ConceptParams":
         unknown = unknown_fields(cls, params)
         if unknown:
-            raise ValueError(f"segment_text() got unknown parameters {unknown}; known: "
+            raise InputError(f"segment_text() got unknown parameters {unknown}; known: "
                              f"{', '.join(f.name for f in fields(cls))}")
         if isinstance(params.get("background"), str):
             params = dict(params, background=(params["background"],))
         if params.get("background") is not None:
             params = dict(params, background=tuple(params["background"]))
-        return cls(**params).checked()
+        cfg = cls(**params).checked()
+        return dataclasses.replace(cfg, max_peaks=int(cfg.max_peaks), points_per_batch=int(cfg.points_per_batch))
 
     def checked(self) -> "ConceptParams":
-        """Itself, after checking every parameter (ValueError naming the first bad one)."""
+        """Itself, after checking every parameter (an InputError naming the first bad one)."""
         for name in ("threshold", "score_threshold", "nms_thresh"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+            check_range(name, getattr(self, name), 0.0, 1.0)
         for name in ("max_peaks", "points_per_batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_range(name, getattr(self, name), 1, integer=True)
         if not isinstance(self.box_prompts, bool):
-            raise ValueError(f"box_prompts must be true or false, got {self.box_prompts!r}")
+            raise InputError(f"box_prompts must be true or false, got {self.box_prompts!r}")
         if self.output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
+            raise InputError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
         if not self.background:
-            raise ValueError("background must name at least one text (default ('background',)): without one, "
+            raise InputError("background must name at least one text (default ('background',)): without one, "
                              "a phrase alone would match every patch")
         check_texts(self.background, "background")
         return self
@@ -124,26 +123,26 @@ class ConceptParams:
 
 def check_texts(texts, what: str = "phrases") -> Tuple[str, ...]:
     """A non-empty tuple of at most MAX_PHRASES distinct non-empty strings (a single string is one
-    phrase), or a ValueError saying what is wrong and what to give."""
+    phrase), or an InputError (a ValueError) saying what is wrong and what to give."""
     if isinstance(texts, str):
         texts = (texts,)
     if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
-        raise ValueError(f"{what} must be a phrase or a list of phrases (strings), got {type(texts).__name__}")
+        raise InputError(f"{what} must be a phrase or a list of phrases (strings), got {type(texts).__name__}")
     texts = tuple(texts)
     if not texts:
-        raise ValueError(f"{what}: the list is empty; give at least one phrase, e.g. [\"a cat\"]")
+        raise InputError(f"{what}: the list is empty; give at least one phrase, e.g. [\"a cat\"]")
     if len(texts) > MAX_PHRASES:
-        raise ValueError(f"{what}: {len(texts)} phrases in one call; at most {MAX_PHRASES} (split the list)")
+        raise InputError(f"{what}: {len(texts)} phrases in one call; at most {MAX_PHRASES} (split the list)")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(f"{what}[{i}] must be a string, got {type(t).__name__} {t!r:.60}")
+            raise InputError(f"{what}[{i}] must be a string, got {type(t).__name__} {t!r:.60}")
         if not t.strip():
-            raise ValueError(f"{what}[{i}] is empty; every phrase needs text")
+            raise InputError(f"{what}[{i}] is empty; every phrase needs text")
         if len(t) > MAX_PHRASE_CHARS:
-            raise ValueError(f"{what}[{i}] has {len(t)} characters; at most {MAX_PHRASE_CHARS} (CLIP reads 77 tokens)")
+            raise InputError(f"{what}[{i}] has {len(t)} characters; at most {MAX_PHRASE_CHARS} (CLIP reads 77 tokens)")
     dup = sorted({t for t in texts if texts.count(t) > 1})
     if dup:
-        raise ValueError(f"{what} repeat: {dup}; give each once")
+        raise InputError(f"{what} repeat: {dup}; give each once")
     return texts
 
 

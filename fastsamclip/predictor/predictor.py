@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from fastsamclip.checkpoint import load_merged
-from fastsamclip.errors import InputError
+from fastsamclip.errors import InputError, check_range
 from fastsamclip.kernels import preprocess as gpu_preprocess_op
 from fastsamclip.modeling import SAMCLIP
 from fastsamclip.predictor.concepts import ConceptParams, check_texts
 from fastsamclip.predictor.concepts import segment_text as segment_concepts
-from fastsamclip.predictor.engine import Forward
+from fastsamclip.predictor.engine import Forward, check_device, check_finite_outputs
+from fastsamclip.predictor.prompts import check_boxes, check_inside, check_point_labels
 from fastsamclip.predictor.everything import EverythingParams
 from fastsamclip.predictor.everything import generate as generate_everything
 from fastsamclip.predictor.sam_api import SamPredictorInterface, check_image_format
@@ -64,6 +65,11 @@ from fastsamclip.transforms import (
     sam_pixels,
     to_rgb_uint8,
 )
+
+
+class ImageNotSetError(InputError, RuntimeError):
+    """A call that needs the current image before ``set_image``: a RuntimeError as
+    ``SamPredictor``'s, and an input error (one line from the commands)."""
 
 
 class SAMCLIPPredictor(SamPredictorInterface):
@@ -90,7 +96,7 @@ class SAMCLIPPredictor(SamPredictorInterface):
                  compile: bool = False, compile_backend: str = "inductor", compile_mode: Optional[str] = None,
                  cache_dir: Optional[str] = None, gpu_preprocess: bool = False, dtype="auto",
                  clip_token_pool: int = 1) -> None:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(device)
         if gpu_preprocess and device.type != "cuda":
             raise ValueError("gpu_preprocess=True needs a CUDA device; the CPU path is used otherwise")
         if isinstance(model_or_checkpoint_path, SAMCLIP):
@@ -188,21 +194,16 @@ class SAMCLIPPredictor(SamPredictorInterface):
 
     def _require_image(self) -> None:
         if not self.is_image_set:
-            raise RuntimeError("no image is set: call set_image(image) first")
+            raise ImageNotSetError("no image is set: call set_image(image) first, or pass the image")
+
+    def _check_side(self, name: str, value) -> int:
+        """An input side: a positive multiple of the patch size (what the backbone can take)."""
+        check_range(name, value, self.patch_size, integer=True)
+        if int(value) % self.patch_size:
+            raise InputError(f"{name} {value}: must be a multiple of the patch size {self.patch_size}")
+        return int(value)
 
     # ---------------------------------------------------------------- promptable masks
-    def _check_inside(self, what: str, xy: np.ndarray, valid: Optional[np.ndarray] = None) -> None:
-        """Points may lie anywhere on the image, edges included: 0 <= x <= W, 0 <= y <= H."""
-        h, w = self.original_size
-        bad = ~np.isfinite(xy).all(-1) | (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
-        if valid is not None:
-            bad &= valid
-        if bad.any():
-            p, i = (int(v) for v in np.argwhere(bad)[0])
-            x, y = xy[p, i]
-            raise InputError(f"{what} {i} of prompt {p} at (x={x:g}, y={y:g}) is outside the image of "
-                             f"{w}x{h} (WxH) pixels; prompts are in original image pixels")
-
     @torch.no_grad()
     def segment(self, points=None, point_labels=None, boxes=None, mask_input=None,
                 multimask_output: bool = True, return_logits: bool = False):
@@ -231,10 +232,8 @@ class SAMCLIPPredictor(SamPredictorInterface):
                 lab = lab.reshape(pts.shape[:2]) if lab.size == pts.shape[0] * pts.shape[1] else lab
                 if lab.shape != pts.shape[:2]:
                     raise InputError(f"point_labels shape {lab.shape} does not match points {pts.shape[:2]}")
-                if not np.isin(lab, (-1, 0, 1)).all():
-                    raise InputError(f"point labels must be 1 (foreground), 0 (background) or -1 (padding), "
-                                     f"got {sorted(set(np.unique(lab).tolist()))}")
-            self._check_inside("point", pts, lab != -1)
+                check_point_labels(lab)
+            check_inside("point", pts, self.original_size, lab != -1)
             # Float64 mapping then float32, exactly as SamPredictor.predict does.
             coords = torch.as_tensor(apply_coords(pts, self.original_size, self.img_size), dtype=torch.float)
             labels = torch.as_tensor(lab, dtype=torch.int)
@@ -244,11 +243,7 @@ class SAMCLIPPredictor(SamPredictorInterface):
             bx = bx[None] if bx.ndim == 1 else bx
             if bx.ndim != 2 or bx.shape[-1] != 4:
                 raise InputError(f"boxes must be (P, 4) or (4,) XYXY, got shape {bx.shape}")
-            self._check_inside("box corner", bx.reshape(-1, 2, 2))
-            flipped = (bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])
-            if flipped.any():
-                p = int(np.argwhere(flipped)[0][0])
-                raise InputError(f"box of prompt {p} {bx[p].tolist()} has x1 < x0 or y1 < y0; boxes are XYXY")
+            check_boxes(bx, self.original_size)
             box_t = torch.as_tensor(apply_boxes(bx, self.original_size, self.img_size), dtype=torch.float)
             sizes["boxes"] = bx.shape[0]
         if mask_input is not None:
@@ -258,6 +253,8 @@ class SAMCLIPPredictor(SamPredictorInterface):
             low = tuple(4 * s for s in self.features.shape[-2:])
             if mask_t.dim() != 4 or mask_t.shape[1] != 1 or tuple(mask_t.shape[-2:]) != low:
                 raise InputError(f"mask_input must be (P, 1, {low[0]}, {low[1]}) low-res logits, got {tuple(mask_t.shape)}")
+            if not bool(torch.isfinite(mask_t).all()):
+                raise InputError("mask_input holds NaN or Infinity: give finite low-res logits (as segment returns)")
             sizes["mask_input"] = mask_t.shape[0]
         if len(set(sizes.values())) > 1:
             raise InputError(f"prompt batch sizes differ: {sizes}; give the same number P of each kind")
@@ -271,10 +268,12 @@ class SAMCLIPPredictor(SamPredictorInterface):
         dev = self.device
         pts = (coords.to(dev), labels.to(dev)) if coords is not None else None
         with torch.no_grad():
-            return self.model.predict_masks(
+            low_res, scores = self.model.predict_masks(
                 self.features, (self.img_size, self.img_size), points=pts,
                 boxes=boxes.to(dev) if boxes is not None else None,
                 masks=masks.to(dev) if masks is not None else None, multimask_output=multimask_output)
+        check_finite_outputs("mask decoder", {"masks": low_res, "scores": scores})
+        return low_res, scores
 
     # ---------------------------------------------------------------- segment everything
     @torch.no_grad()
@@ -351,7 +350,8 @@ class SAMCLIPPredictor(SamPredictorInterface):
         Returns ``sam`` (B, C, g, g), ``clip`` (B, E) and ``clip_patches`` (B, g, g, E) (not
         normalised), and ``input_sizes`` (B, 2) the resized (h, w) of each image before padding.
         """
-        res = int(resolution or self.img_size)
+        res = self._check_side("resolution", self.img_size if resolution is None else resolution)
+        check_range("batch_size", batch_size, 1, integer=True)
         prepped = [sam_pixels(im, res) for im in self._as_list(images)]
         outs = []
         for i in range(0, len(prepped), batch_size):
@@ -371,6 +371,8 @@ class SAMCLIPPredictor(SamPredictorInterface):
         ``resolution`` (CLIP's eval geometry, SAM-normalised, what the CLIP stream was trained on)
         and run in batches of ``batch_size``.
         """
+        resolution = self._check_side("resolution", resolution)
+        check_range("batch_size", batch_size, 1, integer=True)
         text = self.text_embeddings(labels, templates)
         rgbs = self._as_list(images)
         pooled = []
@@ -395,12 +397,14 @@ class SAMCLIPPredictor(SamPredictorInterface):
         labels = check_labels(labels)
         if mode not in ("clip", "composed"):
             raise ValueError(f"mode must be 'clip' or 'composed', got {mode!r}")
-        if points_per_class < 1:
-            raise ValueError(f"points_per_class must be >= 1, got {points_per_class}")
+        check_range("points_per_class", points_per_class, 1, integer=True)
+        check_range("threshold", threshold)  # finite: a class passes when its score is >= it
+        if image is None:
+            self._require_image()
         text = self.text_embeddings(labels, templates)
         if mode == "clip":
-            rgb = self.image if image is None and self.is_image_set else to_rgb_uint8(image)
-            return segment_clip(self, rgb, labels, text, resolution)
+            rgb = self.image if image is None else to_rgb_uint8(image)
+            return segment_clip(self, rgb, labels, text, self._check_side("resolution", resolution))
         if image is not None:
             self.set_image(image)
         self._require_image()

@@ -18,6 +18,8 @@ import open_clip.zero_shot_metadata as zsm
 import torch
 import torch.nn.functional as F
 
+from fastsamclip.predictor.engine import check_finite_outputs
+
 # CLIP's learned temperature is clamped at 100 in training; used when a text tower has none.
 DEFAULT_LOGIT_SCALE = 100.0
 TEXT_BATCH = 256  # prompts per text-tower forward
@@ -87,7 +89,9 @@ class TextEmbeddings:
             tokens = self.model.tokenizer(prompts)
             emb = torch.cat([self.model.encode_text(tokens[i:i + TEXT_BATCH].to(self.device), normalize=True)
                              for i in range(0, len(prompts), TEXT_BATCH)])
-            emb = F.normalize(emb.float().view(len(missing), len(tmpl), -1).mean(1), dim=-1)
+            emb = emb.float().view(len(missing), len(tmpl), -1).mean(1)
+            check_finite_outputs("text tower", {"text embeddings": emb})
+            emb = F.normalize(emb, dim=-1)
             for lab, e in zip(missing, emb):
                 self._cache[(lab, tkey)] = e
         for lab in labels:
