@@ -170,8 +170,9 @@ def test_bad_phrases_and_parameters_are_one_value_error(predictor):
     for phrases, match in cases:
         with pytest.raises(ValueError, match=match):
             predictor.segment_text(image, phrases)
-    for params, match in [(dict(threshold=1.5), "threshold must be a number in"),
-                          (dict(max_peaks=0), "max_peaks must be an integer >= 1"),
+    for params, match in [(dict(threshold=1.5), r"threshold 1.5: must be a number in \[0, 1\]"),
+                          (dict(nms_thresh=float("nan")), "nms_thresh nan: must be a number"),
+                          (dict(max_peaks=0), "max_peaks 0: must be an integer in"),
                           (dict(output_mode="png"), "output_mode must be one of"),
                           (dict(background=()), "background must name"),
                           (dict(thresh=0.5), r"unknown parameters \['thresh'\]")]:
@@ -270,7 +271,7 @@ def test_predict_text_writes_every_instance_as_coco_rle_and_an_outlined_overlay(
     (["--text", ""], r"--text\[0\] is empty"),
     ([a for i in range(300) for a in ("--text", f"thing {i}")], "300 phrases in one call"),
     (["--text", "a cat", "--text", "a cat"], "repeat"),
-    (["--text", "a cat", "--text-threshold", "2"], "threshold must be a number in"),
+    (["--text", "a cat", "--text-threshold", "2"], r"--text-threshold 2.0: must be a number in \[0, 1\]"),
     (["--text", "a cat", "--background", " , "], "background must name")])
 def test_predict_bad_text_is_one_line_and_exit_2_before_loading(tmp_path, capsys, argv, match):
     rc = main(["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "missing.safetensors"), *argv,

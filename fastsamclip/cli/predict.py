@@ -112,6 +112,8 @@ def _everything_params(args) -> EverythingParams:
 
 
 def _concept_params(args) -> ConceptParams:
+    check_range("--text-threshold", args.text_threshold, 0.0, 1.0)
+    check_range("--text-score-threshold", args.text_score_threshold, 0.0, 1.0)
     background = tuple(b.strip() for b in args.background.split(",") if b.strip())
     return ConceptParams(threshold=args.text_threshold, score_threshold=args.text_score_threshold,
                          background=background, output_mode="uncompressed_rle").checked()

@@ -291,6 +291,10 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
                                     f"{limits.max_labels}")
         for name, bounds in CONCEPT_INTS.items():
             p[name] = _int(name, p[name], *bounds)
+        for name in ("threshold", "score_threshold", "nms_thresh"):
+            p[name] = _float(name, p[name])
+            if not 0.0 <= p[name] <= 1.0:
+                raise RequestError(422, f"field '{name}' must be in [0, 1], got {p[name]:g}")
         p["templates"] = _templates(p["templates"])
         try:
             ConceptParams.from_kwargs({k: v for k, v in p.items() if k != "phrases"})
