@@ -13,6 +13,7 @@ Bad input exits 2 with one line naming the file and what is wrong.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import List, Optional
 
@@ -35,6 +36,7 @@ from fastsamclip.eval.runner import (
 from fastsamclip.errors import InputError, check_range
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
+from fastsamclip.predictor.concepts import ConceptParams
 from fastsamclip.predictor.engine import DTYPES
 
 TASKS = {
@@ -129,6 +131,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="--prompts text|everything: the category names' prompt templates")
     s.add_argument("--points-per-side", type=int, default=32,
                    help="--prompts everything: the generator's grid (SamAutomaticMaskGenerator's default 32)")
+    s.add_argument("--text-params", default=None, metavar="JSON",
+                   help="--prompts text: more of segment_text's parameters as a JSON object, e.g. "
+                        "'{\"threshold\": 0.3, \"box_prompts\": false}'")
     s.add_argument("--save-predictions", default=None, metavar="DIR", help="write the masks as a COCO results json")
     s.set_defaults(fn=cmd_eval)
 
@@ -163,6 +168,27 @@ def cmd_eval(args, argv: Optional[List[str]] = None) -> int:
         d.close()
 
 
+def _text_params(args) -> Optional[dict]:
+    """--text-params: a JSON object of segment_text's parameters, checked before any model loads."""
+    if args.text_params is None:
+        return None
+    if args.prompts != "text":
+        raise EvalInputError(None, f"--text-params are segment_text's: they go with --prompts text, not {args.prompts}")
+    try:
+        params = json.loads(args.text_params)
+    except ValueError as e:
+        raise EvalInputError(None, f"--text-params is not JSON: {e}") from None
+    taken = {"background", "templates", "output_mode"}
+    if not isinstance(params, dict) or taken & set(params):
+        raise EvalInputError(None, "--text-params must be a JSON object of segment_text's parameters (background and "
+                                   "templates have their own flags)")
+    try:
+        ConceptParams.from_kwargs(dict(params))
+    except InputError as e:
+        raise EvalInputError(None, f"--text-params: {e}") from None
+    return params
+
+
 def _setup(task: str, args, device):
     """Everything that can fail on bad input before the first image: dataset, model, flags."""
     check_out_path(args.out, args.overwrite)
@@ -190,6 +216,7 @@ def _setup(task: str, args, device):
             raise EvalInputError(args.detections, f"--detections are box prompts: drop them with --prompts {args.prompts}")
         if args.prompts == "text" and args.teacher:
             raise EvalInputError(None, "--prompts text is the merged model's segment_text: give --checkpoint")
+        args.text_params = _text_params(args)
         if args.points_per_side < 1:
             raise EvalInputError(None, f"--points-per-side must be at least 1, got {args.points_per_side}")
         if args.prompts != "boxes" and not [b for b in args.background.split(",") if b.strip()]:
@@ -261,9 +288,12 @@ def _run(task: str, args, d, device, argv) -> int:
             "resolution": resolution}
         if args.prompts == "everything":
             setting["points_per_side"] = args.points_per_side
+        if args.text_params:
+            setting["text_params"] = args.text_params
         out = instances.evaluate(model, ds, d, args.detections, save_dir=args.save_predictions, prompts=args.prompts,
                                  background=background, named={"templates": args.templates,
-                                                               "points_per_side": args.points_per_side}, **common)
+                                                               "points_per_side": args.points_per_side,
+                                                               "text_params": args.text_params}, **common)
         rows = [(k, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         if args.dataset == "lvis":
             rows += [(k, k) for k in ("APr", "APc", "APf")]

@@ -88,9 +88,10 @@ class EvalModel:
         raise self._lacks("text side")
 
     def named_instances(self, rgb: np.ndarray, names: Sequence[str], prompts: str, background: Sequence[str],
-                        templates: str = "openai", points_per_side: int = 32):
+                        templates: str = "openai", points_per_side: int = 32, text_params: Optional[dict] = None):
         """Every instance of each class name in the image (see the module docstring): (masks (n, H, W)
-        bool, class indices (n,), scores (n,)). points_per_side: the generator's grid ("everything")."""
+        bool, class indices (n,), scores (n,)). points_per_side: the generator's grid ("everything");
+        text_params: more of ``segment_text``'s parameters ("text")."""
         raise self._lacks(f"{prompts} prompts")
 
     # SAM side -------------------------------------------------------------------------------
@@ -192,10 +193,12 @@ class MergedModel(EvalModel):
                                                templates=templates).label_map
 
     @torch.no_grad()
-    def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32):
+    def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32,
+                        text_params=None):
         names, extra = list(names), [b for b in background if b not in names]
         if prompts == "text":
-            recs = self.predictor.segment_text(rgb, names, background=tuple(background), templates=templates)
+            recs = self.predictor.segment_text(rgb, names, background=tuple(background), templates=templates,
+                                               **(text_params or {}))
             return _instances(rgb, [r["segmentation"] for r in recs], [names.index(r["phrase"]) for r in recs],
                               [r["score"] for r in recs])
         recs = self.predictor.generate(rgb, labels=names + extra, templates=templates, points_per_side=points_per_side)
@@ -297,7 +300,8 @@ class SAMThenCLIPModel(EvalModel):
         return self.native_size
 
     @torch.no_grad()
-    def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32):
+    def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32,
+                        text_params=None):
         texts = tuple(names) + tuple(b for b in background if b not in names)
         if (texts, templates) not in self._text:
             self._text = {(texts, templates): self.clip.class_embeddings(list(texts), templates)}

@@ -58,12 +58,15 @@ def test_merged_model_through_the_command(models, data, tmp_path, capsys, prompt
     out = tmp_path / "r.json"
     rc = main(["eval", "instances", "--checkpoint", models["merged"], "--data-root", data["coco"]["root"], "--dataset",
                "coco", "--prompts", prompts, "--limit", "1", "--workers", "0", "--no-progress", "--dtype", "fp32",
-               "--templates", "simple", "--points-per-side", "4", "--out", str(out)])
+               "--templates", "simple", "--points-per-side", "4", "--out", str(out),
+               *(["--text-params", '{"box_prompts": false, "max_peaks": 3}'] if prompts == "text" else [])])
     text = capsys.readouterr().out
     assert rc == 0 and "| AP |" in text and "41.2" not in text  # the box-prompted paper rows do not apply
     rep = json.loads(out.read_text())
     assert rep["setting"]["prompts"] == prompts and rep["setting"]["background"] == ["background"]
     assert 0.0 <= rep["metrics"]["AP"] <= 100.0 and rep["images"]["evaluated"] == 1
+    if prompts == "text":
+        assert rep["setting"]["text_params"] == {"box_prompts": False, "max_peaks": 3}
 
 
 def test_merged_named_instances_are_segment_texts(models, data):
@@ -88,7 +91,12 @@ def test_teachers_pipeline_and_bad_combinations(models, data, tmp_path, capsys):
                       ([*sam, "--prompts", "text"], "--prompts text is the merged model's segment_text"),
                       (["--checkpoint", models["merged"], "--prompts", "text", "--detections", "x.json"],
                        "drop them with --prompts text"),
-                      (["--checkpoint", models["merged"], "--prompts", "text", "--background", " ,"], "names no text")]:
+                      (["--checkpoint", models["merged"], "--prompts", "text", "--background", " ,"], "names no text"),
+                      (["--checkpoint", models["merged"], "--prompts", "text", "--text-params", '{"threshold": 2}'],
+                       "--text-params: threshold 2: must be a number in [0, 1]"),
+                      (["--checkpoint", models["merged"], "--prompts", "text", "--text-params", "{"], "is not JSON"),
+                      (["--checkpoint", models["merged"], "--prompts", "everything", "--text-params", "{}"],
+                       "go with --prompts text")]:
         assert main([*base, *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
