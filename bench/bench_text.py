@@ -26,8 +26,10 @@ time nothing. So, as ``bench_everything``: the generators' thresholds are off an
 ``segment_text`` runs at ``threshold=0``, ``score_threshold=0``: every phrase at its cap of
 ``max_peaks`` (32) points plus one region box, all scored and rendered after suppression: the most
 decoder work it does per phrase. Each row reports the instances per image beside its speed.
-Timing: warm-up on the first image, then every image timed on its own (wall clock on the CPU,
-synchronised on CUDA); p50 per image and img/s over the timed passes. Rows go to
+Timing: warm-up on the first image, then per image each pipeline in turn (interleaved, so a shared
+machine's drifting load weighs on all three alike; each row records the mean 1-minute load average
+over its calls), every call timed on its own (wall clock on the CPU, synchronised on CUDA); p50 per
+image, and img/s as images over the sum of the pipeline's own call times. Rows go to
 ``bench/results/text.csv`` as each phrase count is measured.
 """
 
@@ -38,6 +40,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from typing import List, Optional
 
 import numpy as np
@@ -46,11 +49,40 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from fastsamclip.data import samples
 
-from .bench_everything import IMAGES, build, label_box_crops, run_pipeline
+from .bench_everything import IMAGES, PeakMemory, build, label_box_crops
 from .harness import LABELS, Result, append_csv, environment, format_extras, format_table, full_size_device, percentile
+from .harness import sync
 
 BACKGROUND = ("background",)
 PHRASE_COUNTS = (1, 5, 20)
+
+
+def time_interleaved(fns, images, device: torch.device, warmup: int, iters: int):
+    """Warm-up on the first image, then per image each pipeline in turn (so a machine whose load
+    drifts slows every pipeline alike), each call timed on its own and synchronised. Returns per
+    pipeline (outputs of the last pass, per-image ms, peak MB of its first timed call, mean
+    1-minute load average over its calls)."""
+    for _ in range(warmup):
+        for _, fn in fns:
+            fn(images[0])
+    sync(device)
+    outs = {impl: [] for impl, _ in fns}
+    ms = {impl: [] for impl, _ in fns}
+    load = {impl: [] for impl, _ in fns}
+    peak = {}
+    for it in range(iters):
+        for image in images:
+            for impl, fn in fns:
+                load[impl].append(os.getloadavg()[0])
+                with PeakMemory(device) as mem:
+                    t0 = time.perf_counter()
+                    out = fn(image)
+                    sync(device)
+                    ms[impl].append((time.perf_counter() - t0) * 1e3)
+                peak.setdefault(impl, mem.peak_mb)
+                if it == iters - 1:
+                    outs[impl].append(out)
+    return {impl: (outs[impl], ms[impl], peak[impl], float(np.mean(load[impl]))) for impl, _ in fns}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -115,20 +147,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
         case = f"{n_images} images ({', '.join(sizes)}) {args.sam_type}@{predictor.img_size} {n} phrases"
-        measured = []
-        for impl, fn in (("samclip-segment_text", ours), ("samclip-generate+filter", generate_filter),
-                         (f"sam-amg+clip-crops+filter/{clip_name}", amg_clip_filter)):
-            outs, ms, total, peak = run_pipeline(fn, images, device, args.warmup, args.iters)
-            measured.append((impl, outs, ms, total, peak))
-        ours_p50 = statistics.median(measured[0][2])
-        for impl, outs, ms, total, peak in measured:
+        fns = (("samclip-segment_text", ours), ("samclip-generate+filter", generate_filter),
+               (f"sam-amg+clip-crops+filter/{clip_name}", amg_clip_filter))
+        measured = time_interleaved(fns, images, device, args.warmup, args.iters)
+        ours_p50 = statistics.median(measured["samclip-segment_text"][1])
+        for impl, (outs, ms, peak, load) in measured.items():
             s = sorted(ms)
-            extra = {"device": str(device), "dtype": "fp32", "phrases": n, "img_s": round(len(ms) / total, 4),
+            extra = {"device": str(device), "dtype": "fp32", "phrases": n, "img_s": round(1e3 * len(ms) / sum(ms), 4),
                      "p50_ms": round(statistics.median(ms), 2), "p90_ms": round(percentile(s, 0.9), 2),
                      "instances_per_image": round(float(np.mean([len(o) for o in outs])), 1),
                      "points_per_side": args.points_per_side, "max_peaks": args.max_peaks,
                      "weights": "random" if random else "checkpoint",
-                     "threads": torch.get_num_threads(), "images": n_images}
+                     "threads": torch.get_num_threads(), "images": n_images, "load_avg": round(load, 1)}
             if impl != "samclip-segment_text":
                 extra["text_speedup"] = round(statistics.median(ms) / ours_p50, 3)
             rows.append(Result(bench="text", case=case, impl=impl, mode="instances-of-phrases",

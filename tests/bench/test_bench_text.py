@@ -19,7 +19,7 @@ def test_quick_run_writes_a_row_per_pipeline(tmp_path, capsys):
     for r, e in zip(rows, extras):
         assert r["status"] == "ok" and float(r["ms"]) > 0 and float(e["img_s"]) > 0
         assert abs(float(e["p50_ms"]) - float(r["ms"])) <= 1e-3 * float(r["ms"]) and r["peak_mem_mb"] != ""
-        assert e["weights"] == "random" and e["images"] == "1" and e["phrases"] == "3"
+        assert e["weights"] == "random" and e["images"] == "1" and e["phrases"] == "3" and float(e["load_avg"]) >= 0
     ours, gen, amg = extras
     # With every filter off, the generators keep 3 masks per point of the 2 x 2 grid, those named as a
     # phrase remain; segment_text finds at least one instance of each phrase, at most 3 x 2 + 1 per phrase.
