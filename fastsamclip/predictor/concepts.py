@@ -165,7 +165,9 @@ def phrase_maps(patches: torch.Tensor, text: torch.Tensor, logit_scale: float) -
 def find_prompts(probs: torch.Tensor, threshold: float, max_peaks: int, box_prompts: bool
                  ) -> Tuple[List[List[Tuple[int, int]]], List[List[Tuple[int, int, int, int]]]]:
     """(L, vh, vw) phrase probabilities over the image's patches -> per phrase its peak patches
-    (row, col) and its regions' patch boxes (r0, c0, r1, c1) inclusive (steps 2-3 of the module)."""
+    (row, col) and its regions' patch boxes (r0, c0, r1, c1) inclusive (steps 2-3 of the module).
+    On the CPU: a few thousand values, read one by one (on a GPU each read would be a sync)."""
+    probs = probs.float().cpu()
     hit = probs >= threshold
     local_max = F.max_pool2d(probs[:, None], 3, stride=1, padding=1)[:, 0] == probs
     peaks_all, boxes_all = [], []
@@ -182,8 +184,8 @@ def find_prompts(probs: torch.Tensor, threshold: float, max_peaks: int, box_prom
         peaks_all.append(peaks)
         boxes: List[Tuple[int, int, int, int]] = []
         if box_prompts and hit[k].any():
-            regions = connected_components(hit[k].cpu().numpy(), connectivity=2)
-            flat = p.cpu().numpy()
+            regions = connected_components(hit[k].numpy(), connectivity=2)
+            flat = p.numpy()
             best = []
             for lab in range(1, int(regions.max()) + 1):
                 rows, cols = np.nonzero(regions == lab)
