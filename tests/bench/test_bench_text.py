@@ -3,7 +3,8 @@ with speed, instances and the speed-up, and it is part of `fastsamclip bench all
 
 from fastsamclip.bench import bench_text
 from fastsamclip.bench.harness import parse_extra, read_csv
-from fastsamclip.cli.bench import BENCH_ALL, BENCHMARKS, MODULES
+from fastsamclip.cli.bench import MODULES
+from fastsamclip.cli.parsers import BENCH_ALL, BENCHMARKS
 
 IMPLS = ["samclip-segment_text", "samclip-generate+filter", "sam-amg+clip-crops+filter/tiny-clip"]
 

@@ -5,7 +5,6 @@ running server.)"""
 
 import io
 
-import numpy as np
 import pytest
 from PIL import Image
 
