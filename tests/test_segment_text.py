@@ -14,10 +14,12 @@ from PIL import Image
 
 from fastsamclip.checkpoint import save_merged
 from fastsamclip.cli import main
+from fastsamclip.cli.parsers import build_parser
+from fastsamclip.cli.predict import _concept_params
 from fastsamclip.data.samples import sample_image, write_clip_local_dir, write_sam_checkpoint
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
-from fastsamclip.predictor.concepts import MAX_PHRASES, find_prompts, mask_nms, phrase_maps
+from fastsamclip.predictor.concepts import MAX_PHRASES, ConceptParams, find_prompts, mask_nms, phrase_maps
 from fastsamclip.predictor.everything import mask_patch_weights, name_masks
 from fastsamclip.predictor.text import TextEmbeddings
 
@@ -279,6 +281,16 @@ def test_predict_bad_text_is_one_line_and_exit_2_before_loading(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("predict: ") and err.count("\n") == 1 and re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_text_options_default_to_segment_texts_own():
+    """The parser leaves the text options unset (it imports no model code); predict fills them from
+    ConceptParams, so the command's defaults are the API's."""
+    base = ["predict", "x.png", "--checkpoint", "c.safetensors", "--out", "o", "--text", "a cat"]
+    assert _concept_params(build_parser().parse_args(base)) == ConceptParams(output_mode="uncompressed_rle")
+    given = _concept_params(build_parser().parse_args([*base, "--text-threshold", "0.25", "--text-score-threshold",
+                                                       "0", "--background", "sky, grass,"]))
+    assert (given.threshold, given.score_threshold, given.background) == (0.25, 0.0, ("sky", "grass"))
 
 
 # ------------------------------------------------------------------------------------ the ONNX recipe

@@ -32,6 +32,7 @@ from fastsamclip.errors import InputError, check_range
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
 from fastsamclip.predictor.concepts import ConceptParams
+from fastsamclip.predictor.everything import EverythingParams
 
 
 def _one_line(e: BaseException) -> str:
@@ -55,25 +56,38 @@ def cmd_eval(args, argv: Optional[List[str]] = None) -> int:
         d.close()
 
 
-def _text_params(args) -> Optional[dict]:
-    """--text-params: a JSON object of segment_text's parameters, checked before any model loads."""
-    if args.text_params is None:
+def _json_params(args, flag: str, prompts: str, whose: str, taken: set, check) -> Optional[dict]:
+    """``--text-params`` / ``--everything-params``: a JSON object of ``whose`` parameters, checked by
+    ``check`` before any model loads; ``taken``: the parameters with flags of their own."""
+    value = getattr(args, flag[2:].replace("-", "_"))
+    if value is None:
         return None
-    if args.prompts != "text":
-        raise EvalInputError(None, f"--text-params are segment_text's: they go with --prompts text, not {args.prompts}")
+    if args.prompts != prompts:
+        raise EvalInputError(None, f"{flag} are {whose}: they go with --prompts {prompts}, not {args.prompts}")
     try:
-        params = json.loads(args.text_params)
+        params = json.loads(value)
     except ValueError as e:
-        raise EvalInputError(None, f"--text-params is not JSON: {e}") from None
-    taken = {"background", "templates", "output_mode"}
+        raise EvalInputError(None, f"{flag} is not JSON: {e}") from None
     if not isinstance(params, dict) or taken & set(params):
-        raise EvalInputError(None, "--text-params must be a JSON object of segment_text's parameters (background and "
-                                   "templates have their own flags)")
+        raise EvalInputError(None, f"{flag} must be a JSON object of {whose} parameters ({', '.join(sorted(taken))} "
+                                   "have flags of their own or are fixed)")
     try:
-        ConceptParams.from_kwargs(dict(params))
-    except InputError as e:
-        raise EvalInputError(None, f"--text-params: {e}") from None
+        check(dict(params))
+    except (InputError, TypeError, ValueError) as e:
+        raise EvalInputError(None, f"{flag}: {e}") from None
     return params
+
+
+def _text_params(args) -> Optional[dict]:
+    return _json_params(args, "--text-params", "text", "segment_text's", {"background", "templates", "output_mode"},
+                        ConceptParams.from_kwargs)
+
+
+def _everything_params(args) -> Optional[dict]:
+    """--everything-params: SamAutomaticMaskGenerator's parameters (the merged model's generate takes the same)."""
+    return _json_params(args, "--everything-params", "everything", "the mask generator's",
+                        {"points_per_side", "point_grids", "output_mode"},
+                        lambda params: EverythingParams.from_kwargs(params).grids())
 
 
 def _setup(task: str, args, device):
@@ -104,6 +118,7 @@ def _setup(task: str, args, device):
         if args.prompts == "text" and args.teacher:
             raise EvalInputError(None, "--prompts text is the merged model's segment_text: give --checkpoint")
         args.text_params = _text_params(args)
+        args.everything_params = _everything_params(args)
         if args.points_per_side < 1:
             raise EvalInputError(None, f"--points-per-side must be at least 1, got {args.points_per_side}")
         if args.prompts != "boxes" and not [b for b in args.background.split(",") if b.strip()]:
@@ -177,10 +192,13 @@ def _run(task: str, args, d, device, argv) -> int:
             setting["points_per_side"] = args.points_per_side
         if args.text_params:
             setting["text_params"] = args.text_params
+        if args.everything_params:
+            setting["everything_params"] = args.everything_params
         out = instances.evaluate(model, ds, d, args.detections, save_dir=args.save_predictions, prompts=args.prompts,
                                  background=background, named={"templates": args.templates,
                                                                "points_per_side": args.points_per_side,
-                                                               "text_params": args.text_params}, **common)
+                                                               "text_params": args.text_params,
+                                                               "everything_params": args.everything_params}, **common)
         rows = [(k, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         if args.dataset == "lvis":
             rows += [(k, k) for k in ("APr", "APc", "APf")]

@@ -282,6 +282,10 @@ def evaluate(sub) -> None:
     s.add_argument("--text-params", default=None, metavar="JSON",
                    help="--prompts text: more of segment_text's parameters as a JSON object, e.g. "
                         "'{\"threshold\": 0.3, \"box_prompts\": false}'")
+    s.add_argument("--everything-params", default=None, metavar="JSON",
+                   help="--prompts everything: the mask generator's parameters (SamAutomaticMaskGenerator's, its "
+                        "defaults otherwise) as a JSON object, e.g. '{\"pred_iou_thresh\": 0.5, "
+                        "\"stability_score_thresh\": 0.5}'")
     s.add_argument("--save-predictions", default=None, metavar="DIR", help="write the masks as a COCO results json")
 
     s = add_command(tasks, "retrieval", "evaluate:cmd_eval", help=EVAL_TASKS["retrieval"])

@@ -261,7 +261,8 @@ def coco_evaluate(iset: InstanceSet, results: List[dict], image_ids: List[int]) 
 def evaluate(model: EvalModel, iset: InstanceSet, d: Dist, detections: Optional[str] = None, workers: int = 0,
              limit: Optional[int] = None, progress: bool = False, save_dir: Optional[str] = None, predict=None,
              prompts: str = "boxes", background: Tuple[str, ...] = ("background",), named: Optional[dict] = None):
-    """named: ``named_instances``' options (``templates``, ``points_per_side``) for prompts other than boxes."""
+    """named: ``named_instances``' options (``templates``, ``points_per_side``, ``text_params``,
+    ``everything_params``) for prompts other than boxes."""
     boxes = {} if prompts != "boxes" else iset.detections(detections) if detections else iset.gt_boxes()
     ids = iset.image_ids[:limit] if limit else iset.image_ids
     items = [(i, ids[i]) for i in d.shard(len(ids))]

@@ -26,6 +26,7 @@ clip_patches=...)``), with the predictor's own rules and functions:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -88,10 +89,12 @@ class EvalModel:
         raise self._lacks("text side")
 
     def named_instances(self, rgb: np.ndarray, names: Sequence[str], prompts: str, background: Sequence[str],
-                        templates: str = "openai", points_per_side: int = 32, text_params: Optional[dict] = None):
+                        templates: str = "openai", points_per_side: int = 32, text_params: Optional[dict] = None,
+                        everything_params: Optional[dict] = None):
         """Every instance of each class name in the image (see the module docstring): (masks (n, H, W)
         bool, class indices (n,), scores (n,)). points_per_side: the generator's grid ("everything");
-        text_params: more of ``segment_text``'s parameters ("text")."""
+        text_params: more of ``segment_text``'s parameters ("text"); everything_params: more of the
+        generator's (SamAutomaticMaskGenerator's, "everything")."""
         raise self._lacks(f"{prompts} prompts")
 
     # SAM side -------------------------------------------------------------------------------
@@ -194,14 +197,15 @@ class MergedModel(EvalModel):
 
     @torch.no_grad()
     def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32,
-                        text_params=None):
+                        text_params=None, everything_params=None):
         names, extra = list(names), [b for b in background if b not in names]
         if prompts == "text":
             recs = self.predictor.segment_text(rgb, names, background=tuple(background), templates=templates,
                                                **(text_params or {}))
             return _instances(rgb, [r["segmentation"] for r in recs], [names.index(r["phrase"]) for r in recs],
                               [r["score"] for r in recs])
-        recs = self.predictor.generate(rgb, labels=names + extra, templates=templates, points_per_side=points_per_side)
+        recs = self.predictor.generate(rgb, labels=names + extra, templates=templates, points_per_side=points_per_side,
+                                       **(everything_params or {}))
         probs = np.array([[r["label_probs"][n] for n in names + extra] for r in recs], np.float64).reshape(
             len(recs), len(names + extra))
         return _instances(rgb, *_named_masks(recs, probs, len(names)))
@@ -291,7 +295,7 @@ class SAMThenCLIPModel(EvalModel):
     def __init__(self, sam: SAMTeacherModel, clip: CLIPTeacherModel) -> None:
         super().__init__(sam.device)
         self.sam, self.clip = sam, clip
-        self._generators: Dict[int, SamAutomaticMaskGenerator] = {}
+        self._generators: Dict[tuple, SamAutomaticMaskGenerator] = {}
         self.native_size = sam.native_size
         self.info.update({"sam": sam.info, "clip": clip.info})
         self._text: Dict[tuple, torch.Tensor] = {}
@@ -301,13 +305,15 @@ class SAMThenCLIPModel(EvalModel):
 
     @torch.no_grad()
     def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32,
-                        text_params=None):
+                        text_params=None, everything_params=None):
         texts = tuple(names) + tuple(b for b in background if b not in names)
         if (texts, templates) not in self._text:
             self._text = {(texts, templates): self.clip.class_embeddings(list(texts), templates)}
-        if points_per_side not in self._generators:
-            self._generators[points_per_side] = SamAutomaticMaskGenerator(self.sam.sam, points_per_side=points_per_side)
-        recs = self._generators[points_per_side].generate(rgb)
+        key = (points_per_side, json.dumps(everything_params or {}, sort_keys=True))
+        if key not in self._generators:
+            self._generators[key] = SamAutomaticMaskGenerator(self.sam.sam, points_per_side=points_per_side,
+                                                              **(everything_params or {}))
+        recs = self._generators[key].generate(rgb)
         if not recs:
             return _instances(rgb, [], [], [])
         h, w = rgb.shape[:2]

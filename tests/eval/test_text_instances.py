@@ -53,13 +53,17 @@ def test_named_ground_truth_scores_ap_100_and_misnamed_0(data, one_process):
     assert wrong["metrics"]["AP"] == 0.0
 
 
+OFF = '{"pred_iou_thresh": 0, "stability_score_thresh": 0}'  # the generator's filters off
+
+
 @pytest.mark.parametrize("prompts", ["text", "everything"])
 def test_merged_model_through_the_command(models, data, tmp_path, capsys, prompts):
     out = tmp_path / "r.json"
     rc = main(["eval", "instances", "--checkpoint", models["merged"], "--data-root", data["coco"]["root"], "--dataset",
                "coco", "--prompts", prompts, "--limit", "1", "--workers", "0", "--no-progress", "--dtype", "fp32",
                "--templates", "simple", "--points-per-side", "4", "--out", str(out),
-               *(["--text-params", '{"box_prompts": false, "max_peaks": 3}'] if prompts == "text" else [])])
+               *(["--text-params", '{"box_prompts": false, "max_peaks": 3}'] if prompts == "text" else
+                 ["--everything-params", OFF])])
     text = capsys.readouterr().out
     assert rc == 0 and "| AP |" in text and "41.2" not in text  # the box-prompted paper rows do not apply
     rep = json.loads(out.read_text())
@@ -67,6 +71,8 @@ def test_merged_model_through_the_command(models, data, tmp_path, capsys, prompt
     assert 0.0 <= rep["metrics"]["AP"] <= 100.0 and rep["images"]["evaluated"] == 1
     if prompts == "text":
         assert rep["setting"]["text_params"] == {"box_prompts": False, "max_peaks": 3}
+    else:  # random weights predict IoUs near 0: SAM's default filters would keep no mask
+        assert rep["setting"]["everything_params"] == json.loads(OFF) and rep["metrics"]["masks"] > 0
 
 
 def test_merged_named_instances_are_segment_texts(models, data):
@@ -85,8 +91,11 @@ def test_teachers_pipeline_and_bad_combinations(models, data, tmp_path, capsys):
     base = ["eval", "instances", "--data-root", root, "--dataset", "coco", "--limit", "1", "--workers", "0",
             "--no-progress", "--templates", "simple", "--points-per-side", "4"]
     sam = ["--teacher", "sam", "--sam-checkpoint", models["sam_path"], "--sam-type", "vit_tiny"]
-    rc = main([*base, *sam, "--clip-model", models["clip_name"], "--prompts", "everything"])
+    out = tmp_path / "r.json"
+    rc = main([*base, *sam, "--clip-model", models["clip_name"], "--prompts", "everything", "--everything-params", OFF,
+               "--out", str(out)])
     assert rc == 0 and "SAM and CLIP teachers" in capsys.readouterr().out
+    assert json.loads(out.read_text())["metrics"]["masks"] > 0
     for argv, msg in [([*sam, "--prompts", "everything"], "give --clip-model"),
                       ([*sam, "--prompts", "text"], "--prompts text is the merged model's segment_text"),
                       (["--checkpoint", models["merged"], "--prompts", "text", "--detections", "x.json"],
@@ -96,7 +105,15 @@ def test_teachers_pipeline_and_bad_combinations(models, data, tmp_path, capsys):
                        "--text-params: threshold 2: must be a number in [0, 1]"),
                       (["--checkpoint", models["merged"], "--prompts", "text", "--text-params", "{"], "is not JSON"),
                       (["--checkpoint", models["merged"], "--prompts", "everything", "--text-params", "{}"],
-                       "go with --prompts text")]:
+                       "go with --prompts text"),
+                      (["--checkpoint", models["merged"], "--prompts", "text", "--everything-params", "{}"],
+                       "go with --prompts everything"),
+                      (["--checkpoint", models["merged"], "--prompts", "everything", "--everything-params",
+                        '{"points_per_side": 4}'], "have flags of their own"),
+                      (["--checkpoint", models["merged"], "--prompts", "everything", "--everything-params",
+                        '{"pred_iou": 0}'], "unknown parameters ['pred_iou']"),
+                      (["--checkpoint", models["merged"], "--prompts", "everything", "--everything-params",
+                        '{"points_per_batch": 0}'], "points_per_batch")]:
         assert main([*base, *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
