@@ -119,10 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       stability_score_thresh=0.0 if random else 0.95, box_nms_thresh=1.0 if random else 0.7)
     text_params = dict(max_peaks=args.max_peaks, **(dict(threshold=0.0, score_threshold=0.0) if random else {}))
 
-    tmp = tempfile.mkdtemp(prefix="fastsamclip-text-")
-    sam, clip, predictor = build(argparse.Namespace(quick=q, sam_checkpoint=args.sam_checkpoint, sam_type=args.sam_type,
-                                                    clip_model=args.clip_model, clip_pretrained=args.clip_pretrained),
-                                 device, tmp)
+    with tempfile.TemporaryDirectory(prefix="fastsamclip-text-") as tmp:  # --quick's tiny teachers, loaded from it
+        sam, clip, predictor = build(argparse.Namespace(quick=q, sam_checkpoint=args.sam_checkpoint,
+                                                        sam_type=args.sam_type, clip_model=args.clip_model,
+                                                        clip_pretrained=args.clip_pretrained), device, tmp)
     max_side = args.max_side or (160 if q else None)
     images = list(samples.load_sample_images(IMAGES[:n_images], max_side=max_side).values())
     amg = SamAutomaticMaskGenerator(sam, **amg_params)
