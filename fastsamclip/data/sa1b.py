@@ -152,6 +152,29 @@ class SA1BDataset(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
+    def load_image(self, index: int, skipped: SkipCounter | None = None) -> np.ndarray | None:
+        """Image ``index`` alone, uint8 (H, W, 3) as :meth:`load_raw` reads it (its json's
+        ``file_name``), without decoding a mask; None when the json or the image is unreadable
+        (counted). What the teacher cache runs the SAM teacher on."""
+        skipped = self.skipped if skipped is None else skipped
+        stem = self.stems[index]
+        jpath = os.path.join(self.root, stem + ".json")
+        try:
+            with open(jpath, "rb") as f:
+                meta = json.load(f)
+            info = meta.get("image") if isinstance(meta, dict) and isinstance(meta.get("image"), dict) else {}
+        except (OSError, ValueError) as e:
+            skipped.record("bad_json", jpath, repr(e)[:200])
+            return None
+        ipath = os.path.join(self.root, info.get("file_name") or stem + ".jpg")
+        try:
+            return np.asarray(decode_rgb(ipath))
+        except FileNotFoundError:
+            skipped.record("missing_image", ipath, "no image file next to the json")
+        except DECODE_ERRORS as e:
+            skipped.record("decode_error", ipath, repr(e))
+        return None
+
     def load_raw(self, index: int, skipped: SkipCounter | None = None) -> SamRawSample | None:
         skipped = self.skipped if skipped is None else skipped
         stem = self.stems[index]

@@ -17,7 +17,7 @@ from fastsamclip.train.config import (
     load_config_file,
 )
 from fastsamclip.train.distiller import Distiller, TrainingStopped, train
-from fastsamclip.train.distributed import Dist, setup_distributed
+from fastsamclip.train.distributed import Dist, dist_from_env, setup_distributed
 from fastsamclip.train.optim import (
     lr_lambda,
     param_groups,
@@ -32,6 +32,6 @@ from fastsamclip.train.teacher_cache import (
 
 __all__ = [
     "STAGES", "Dist", "Distiller", "TeacherCache", "TeacherCacheWriter", "TrainConfig", "TrainingStopped",
-    "cache_teachers", "config_from_dict", "evaluate_agreement", "load_config_file", "lr_lambda", "param_groups",
+    "cache_teachers", "config_from_dict", "dist_from_env", "evaluate_agreement", "load_config_file", "lr_lambda", "param_groups",
     "set_trainable", "setup_distributed", "stage_trainable", "train",
 ]
