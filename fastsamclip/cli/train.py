@@ -24,6 +24,7 @@ from fastsamclip.train import (
     TrainingStopped,
     cache_teachers,
     config_from_dict,
+    dist_from_env,
     load_config_file,
     train,
 )
@@ -90,7 +91,8 @@ def cmd_cache_teachers(args) -> int:
     log_to_stderr()
     cfg = train_config_from_args(args)
     path = cache_teachers(cfg, out=args.cache_out, batch_size=args.batch_size)
-    print(f"teacher cache written to {path}; train with --teacher-cache {path}")
+    if dist_from_env().main:
+        print(f"teacher cache written to {path}; train with --teacher-cache {path}")
     return 0
 
 
@@ -122,8 +124,13 @@ def register(sub) -> None:
     s.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("cache-teachers", help="run the teachers once over the data and store their outputs "
-                                              "(train with --teacher-cache FOLDER)")
+                                              "(train with --teacher-cache FOLDER); torchrun splits the work "
+                                              "over GPUs and nodes, a rerun continues an interrupted build",
+                       description="Run the teachers once over the data and store their outputs. Under torchrun "
+                                   "the pieces (one per shard) are split over the ranks; each is written when "
+                                   "complete, so a rerun with the same settings continues where a killed build "
+                                   "stopped. --overwrite replaces a cache built with other settings.")
     add_train_options(s)
     s.add_argument("--cache-out", default=None, help="cache folder (default: --teacher-cache, else OUT/teacher-cache)")
-    s.add_argument("--batch-size", type=int, default=32, help="images per teacher forward pass")
+    s.add_argument("--batch-size", type=int, default=32, help="images per teacher forward pass (>= 1)")
     s.set_defaults(fn=cmd_cache_teachers)

@@ -5,7 +5,8 @@
 - :mod:`~fastsamclip.train.targets`: the teachers' outputs, live or cached, and the shared prompts.
 - :mod:`~fastsamclip.train.optim`: trainable groups, learning rates, schedule.
 - :mod:`~fastsamclip.train.checkpoints`: exact-resume checkpoints.
-- :mod:`~fastsamclip.train.teacher_cache`: the teachers run once over the data and stored.
+- :mod:`~fastsamclip.train.teacher_cache`: the teachers' outputs stored, read back by pieces.
+- :mod:`~fastsamclip.train.cache_build`: the cache built over GPUs and nodes, resumable.
 - :mod:`~fastsamclip.train.agreement`: held-out agreement with the teachers (the report).
 """
 
@@ -24,11 +25,8 @@ from fastsamclip.train.optim import (
     set_trainable,
     stage_trainable,
 )
-from fastsamclip.train.teacher_cache import (
-    TeacherCache,
-    TeacherCacheWriter,
-    cache_teachers,
-)
+from fastsamclip.train.cache_build import cache_teachers
+from fastsamclip.train.teacher_cache import TeacherCache, TeacherCacheWriter
 
 __all__ = [
     "STAGES", "Dist", "Distiller", "TeacherCache", "TeacherCacheWriter", "TrainConfig", "TrainingStopped",
