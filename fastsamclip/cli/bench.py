@@ -22,14 +22,17 @@ BENCHMARKS = {
     "report": "the latest e2e run as Markdown, with the product's claims checked",
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
     "gpu": "everything above on a freshly lent GPU in at most 8 minutes: --out DIR (CSVs + summary.md)",
+    "data": "the input pipeline: D_CLIP and SA-1B img/s per worker count, and the share of a step spent waiting",
+    "cache": "the teacher cache at scale: build, resume and a rank's memory at 10k / 100k / 1M entries",
 }
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
            "inference": ("bench_inference",), "everything": ("bench_everything",), "report": ("report",),
-           "serve": ("bench_serve",), "gpu": ("gpu",)}
+           "serve": ("bench_serve",), "gpu": ("gpu",), "data": ("bench_data",),
+           "cache": ("bench_cache",)}
 # `bench all`: every benchmark that needs no input, in this order.
-BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e")
+BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e", "data")
 
 
 def cmd_bench(args) -> int:

