@@ -58,12 +58,13 @@ def test_shards_through_workers_resume_exactly_across_an_epoch(shards):
         D.ClipStream(shards, MR, num_workers=3).load_state_dict(state)
 
 
-def test_more_workers_than_a_rank_has_shards_is_refused_and_auto_fits(shards):
+def test_more_workers_than_a_rank_has_shards_is_refused_and_auto_fits(shards, monkeypatch):
     with pytest.raises(ConfigError, match="--num-workers 4: each DataLoader worker reads its own shards and rank 1 "
                                           "of 2 reads 3"):
         D.ClipStream(shards, MR, rank=1, world_size=2, num_workers=4)
     assert D.ClipStream(shards, MR, num_workers=-1).num_workers == 0  # on the CPU: in-process
-    assert D.ClipStream(shards, MR, num_workers=-1, device="cuda", world_size=2, local_ranks=1).num_workers <= 3
+    monkeypatch.setattr(D.streams, "auto_workers", lambda device, ranks: 16)  # a big machine
+    assert D.ClipStream(shards, MR, num_workers=-1, device="cuda", rank=1, world_size=2).num_workers == 3
 
 
 def test_device_decode_path_gives_the_cpu_paths_batches_within_tolerance(shards):
@@ -75,3 +76,21 @@ def test_device_decode_path_gives_the_cpu_paths_batches_within_tolerance(shards)
         assert mean_abs(a[3], b[3]) < 1.0
     with pytest.raises(ConfigError, match="CUDA decode path reads WebDataset shards"):
         D.ClipStream(shards, MR, decoder="cuda")
+
+
+def test_an_input_error_in_a_worker_keeps_its_own_message(tmp_path, images):
+    import io
+    import tarfile
+
+    pics = list(S.load_sample_images(max_side=40).values())
+    path = S.write_clip_shards(tmp_path, pics, shard_size=100)[0]
+    with tarfile.open(path) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(path, "w") as t:  # the first sample again at the end: past the start-up probe
+        for m, data in members + members[:3]:
+            t.addfile(m, io.BytesIO(data))
+    stream = D.ClipStream(path, MR, num_workers=1)
+    with pytest.raises(D.DataError) as e:
+        for _ in range(10):
+            stream.next()
+    assert str(e.value).startswith(f"shard {path} holds two samples with the key '0000000';"), str(e.value)

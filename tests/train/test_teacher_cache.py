@@ -88,9 +88,10 @@ def test_cached_rows_are_the_live_teachers_on_the_same_views(env, one):
     cache = TeacherCache(one)
     names = list(cache.names("clip"))
     source = open_clip_source(env["spec"], shuffle=False)
-    views = {k: decode_views(d, (64, 96)) for k, d in source.shard_records(source.shards[1])}
+    views = {k: decode_views(d, (64, 96)) for s in source.shards[1:] for k, d in source.shard_records(s)}
     live = TeacherTargets(env["sam"], env["clip"], None, lambda: torch.autocast("cpu", enabled=False))
-    keys = sorted(views)[::-1]  # any order: rows come back in the order asked
+    ordered = sorted(views)
+    keys = [k for pair in zip(ordered[4:][::-1], ordered[:4]) for k in pair]  # two pieces, interleaved
     for r in (64, 96):
         torch.testing.assert_close(cache.clip_batch(keys, r), live.live_clip(torch.stack([views[k][r] for k in keys])),
                                    atol=1e-5, rtol=1e-5)
@@ -180,6 +181,7 @@ def test_reader_memory_does_not_grow_with_the_entries(tmp_path):
     assert large - small < 150_000, (small, large)
     assert cache.clip("cc/00003.tar/000000999", 64).tolist() == [3.0, 999.0, 2997.0, 1.0]
     assert cache.clip("cc/00003.tar/000001000", 64) is None  # past the piece's last name
+    assert cache.clip("cc/00003.tar/000000500x", 64) is None  # inside its range, not in it
     assert cache.clip("cc/00003.tar/", 64) is None and cache.clip("a", 64) is None and cache.clip("zz", 64) is None
 
 
