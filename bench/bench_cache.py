@@ -36,6 +36,7 @@ from typing import List, Optional, Sequence
 from fastsamclip.cli import main as cli
 from fastsamclip.data import samples
 from fastsamclip.train import TeacherCache
+from fastsamclip.train.teacher_cache import FORMAT, FORMAT_VERSION
 
 from .bench_data import photo_like
 from .harness import RESULTS_DIR, Result, append_csv, format_extras
@@ -87,12 +88,16 @@ def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 root, kind, shards = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from fastsamclip.train import TeacherCache
+from fastsamclip.train.teacher_cache import FORMAT, FORMAT_VERSION
 base = rss()
 t0 = time.perf_counter()
 if kind == "format 3":
     with open(os.path.join(root, "index-v3.json")) as f:
         index = json.load(f)
     out = {"open_s": time.perf_counter() - t0, "rss_open": rss() - base, "entries": len(index["entries"]["clip"])}
+elif kind == "paper index":
+    cache = TeacherCache(root)
+    out = {"open_s": time.perf_counter() - t0, "rss_open": rss() - base, "entries": len(cache)}
 else:
     cache = TeacherCache(root)
     out = {"open_s": time.perf_counter() - t0, "rss_open": rss() - base, "entries": len(cache)}
@@ -124,12 +129,54 @@ def write_format3_index(root: str) -> None:
         json.dump({"format": "fastsamclip.teacher_cache", "version": 3, "entries": {"clip": entries, "sam": {}}}, f)
 
 
+def write_paper_index(root: str, images: int = 40_600_000, sides: int = 3, shard: int = 10_000,
+                      sam_images: int = 630_000) -> None:
+    """The index a cache of the paper's data would have: a piece per img2dataset shard of 10,000
+    images (at 3 sides), and per 64 SA-1B images (its pieces themselves are not written)."""
+    clip = [[f"cc/{s:05d}.tar/{s:05d}0000", f"cc/{s:05d}.tar/{s:05d}9999", shard,
+             f"clip-{s:016x}.safetensors"] for s in range(images // shard)]
+    sam = [[f"sa_{i:07d}", f"sa_{min(i + 64, sam_images) - 1:07d}", min(64, sam_images - i), f"sam-{i:016x}.safetensors"]
+           for i in range(0, sam_images, 64)]
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump({"format": FORMAT, "version": FORMAT_VERSION, "resolutions": list(range(sides)),
+                   "pieces": {"clip": clip, "sam": sam}}, f)
+
+
+def reader_row(out: str, kind: str, shards: int, case: str) -> Result:
+    got = reader(out, kind, shards)
+    extra = {"seconds": round(got["open_s"], 3), "rss_open_mb": round(got["rss_open"] / 2**20, 1),
+             "entries": got["entries"]}
+    if "rss_read" in got:
+        extra.update(rss_read_mb=round(got["rss_read"] / 2**20, 1), batch_ms=round(got["batch_ms"], 2))
+    return Result("cache", case, f"reader {kind}", "open", ms=got["open_s"] * 1e3, extra=extra)
+
+
+def build(rows: List[Result], paths: dict, shards: int, out: str, case: str, n: int) -> None:
+    """Build, resume after a tenth of the pieces is lost, and rerun on the finished cache."""
+    took = cache_teachers(paths, shards, out)
+    rows.append(Result("cache", case, "build", "cache-teachers", ms=took * 1e3, extra={
+        "seconds": round(took, 2), "img_s": round(shards * SHARD / took, 1), "entries_s": round(n / took, 1),
+        "pieces": shards + 1}))
+    pieces = sorted(f for f in os.listdir(os.path.join(out, "pieces")) if f.startswith("clip-"))
+    lost = max(1, len(pieces) // 10)
+    for f in random.Random(0).sample(pieces, lost):
+        os.remove(os.path.join(out, "pieces", f))
+    os.remove(os.path.join(out, "index.json"))
+    took = cache_teachers(paths, shards, out)
+    rows.append(Result("cache", case, "resume", "cache-teachers", ms=took * 1e3,
+                       extra={"seconds": round(took, 2), "rebuilt": lost}))
+    took = cache_teachers(paths, shards, out)
+    rows.append(Result("cache", case, "done", "cache-teachers", ms=took * 1e3, extra={"seconds": round(took, 2)}))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2k images, caches of 10k and 20k entries")
     p.add_argument("--images", type=int, default=None, help="D_CLIP images written (default 100000; quick 2000)")
     p.add_argument("--entries", default=None, help="cache sizes in entries (default 10000,100000,1000000)")
     p.add_argument("--data", default=None, help="folder to write to, or reuse (default: a temporary one)")
+    p.add_argument("--readers-only", action="store_true", help="measure the readers of caches built before in --data")
     p.add_argument("--out", default=None, help="CSV to append to (default bench/results/cache.csv)")
     args = p.parse_args(argv)
     images = args.images or (2000 if args.quick else 100_000)
@@ -138,6 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                for n in sizes):
         p.error(f"--images: a multiple of {SHARD}; --entries: multiples of {SHARD * len(RESOLUTIONS)} "
                 f"(whole shards at {len(RESOLUTIONS)} resolutions), at most images x {len(RESOLUTIONS)}")
+    if args.readers_only and not args.data:
+        p.error("--readers-only measures the caches of an earlier run: give its --data folder")
     root = args.data or tempfile.mkdtemp(prefix="fastsamclip-bench-cache-")
     paths = write_data(root, images)
     rows: List[Result] = []
@@ -145,29 +194,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shards = n // (SHARD * len(RESOLUTIONS))
         out = os.path.join(root, f"cache-{n}")
         case = f"{n} entries"
-        took = cache_teachers(paths, shards, out)
-        rows.append(Result("cache", case, "build", "cache-teachers", ms=took * 1e3, extra={
-            "seconds": round(took, 2), "img_s": round(shards * SHARD / took, 1), "entries_s": round(n / took, 1),
-            "pieces": shards + 1}))
-        pieces = sorted(f for f in os.listdir(os.path.join(out, "pieces")) if f.startswith("clip-"))
-        for f in random.Random(0).sample(pieces, max(1, len(pieces) // 10)):
-            os.remove(os.path.join(out, "pieces", f))
-        os.remove(os.path.join(out, "index.json"))
-        took = cache_teachers(paths, shards, out)
-        rows.append(Result("cache", case, "resume", "cache-teachers", ms=took * 1e3,
-                           extra={"seconds": round(took, 2), "rebuilt": max(1, len(pieces) // 10)}))
-        took = cache_teachers(paths, shards, out)
-        rows.append(Result("cache", case, "done", "cache-teachers", ms=took * 1e3, extra={"seconds": round(took, 2)}))
+        if not args.readers_only:
+            build(rows, paths, shards, out, case, n)
         write_format3_index(out)
         for kind in ("format 4", "format 3"):
-            got = reader(out, kind, shards)
-            extra = {"seconds": round(got["open_s"], 3), "rss_open_mb": round(got["rss_open"] / 2**20, 1),
-                     "entries": got["entries"]}
-            if "rss_read" in got:
-                extra.update(rss_read_mb=round(got["rss_read"] / 2**20, 1), batch_ms=round(got["batch_ms"], 2))
-            rows.append(Result("cache", case, f"reader {kind}", "open", ms=got["open_s"] * 1e3, extra=extra))
+            rows.append(reader_row(out, kind, shards, case))
         for r in rows[-5:]:
-            print(f"{r.case:16s} {r.impl:16s} {r.ms:10.1f} ms  {r.extra}", flush=True)
+            print(f"{r.case:16s} {r.impl:16s} {r.extra}", flush=True)
+    paper = os.path.join(root, "paper-index")
+    write_paper_index(paper)
+    rows.append(reader_row(paper, "paper index", 0, "40.6M images x 3 + 0.63M SA-1B"))
+    print(f"{rows[-1].case} {rows[-1].impl} {rows[-1].extra}", flush=True)
     path = append_csv(rows, args.out or os.path.join(RESULTS_DIR, "cache.csv"))
     print()
     print(format_extras(rows, [("s", "seconds"), ("img/s", "img_s"), ("entries/s", "entries_s"),

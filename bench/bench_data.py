@@ -102,7 +102,8 @@ def sa1b_like(n: int, size: Tuple[int, int] = (2250, 1500), masks: int = 100, se
 def write_data(root: str, n_clip: int, n_sam: int, shard_size: int, quick: bool) -> Tuple[str, str]:
     clip_dir, sam_dir = os.path.join(root, "clip"), os.path.join(root, "sa1b")
     if not os.path.isdir(clip_dir):
-        shards = samples.write_clip_shards(clip_dir, photo_like(n_clip), shard_size=shard_size)
+        size = (228, 171) if quick else (683, 512)  # quick: the mechanics, small pictures
+        shards = samples.write_clip_shards(clip_dir, photo_like(n_clip, size), shard_size=shard_size)
         print(f"wrote {n_clip} D_CLIP images in {len(shards)} shards to {clip_dir}", flush=True)
     if not os.path.isdir(sam_dir):
         size = (450, 300) if quick else (2250, 1500)

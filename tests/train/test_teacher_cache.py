@@ -194,3 +194,14 @@ def test_pieces_whose_names_overlap_are_refused(tmp_path):
         writer.finish(units)
     with pytest.raises(DataError, match="the entry 'a/1' came twice in u0"):
         writer.write_piece(units[0], ["a/1", "a/1"], {"clip@64": torch.ones(2, 2)})
+
+
+def test_bfloat16_pieces_read_back_as_written(tmp_path):
+    writer = TeacherCacheWriter(str(tmp_path), {"dtype": "bfloat16"})
+    unit = TC.Unit("clip", "u", "")
+    rows = torch.randn(50, 3)
+    writer.write_piece(unit, [f"a/{i:02d}" for i in range(50)], {"clip@64": rows})
+    writer.finish([unit])
+    keys = ["a/07", "a/41", "a/07", "a/08"]  # any order, one twice
+    got = TeacherCache(str(tmp_path)).clip_batch(keys, 64)
+    assert got.dtype == torch.float32 and torch.equal(got, rows[[7, 41, 7, 8]].bfloat16().float())
