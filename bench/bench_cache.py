@@ -10,7 +10,8 @@ shards of 1000, a few SA-1B images, and tiny teachers in the official formats (a
 counts, not its bytes). Then, for each entry count of ``--entries`` (images x resolutions, 10
 resolutions 16..88 px: the first ``entries / 10`` images):
 
-- ``build``: ``fastsamclip cache-teachers`` in this process: seconds, images/s and entries/s;
+- ``build``: ``cache_teachers`` (what ``fastsamclip cache-teachers`` runs) in this process:
+  seconds, images/s and entries/s;
 - ``resume``: a tenth of the pieces deleted (what a build killed at 90% leaves), the command run
   again: seconds to the finished cache; ``done``: run once more on the finished cache;
 - ``reader``: in a fresh process, what a training rank pays: seconds to open the cache, RSS
@@ -33,9 +34,9 @@ import tempfile
 import time
 from typing import List, Optional, Sequence
 
-from fastsamclip.cli import main as cli
 from fastsamclip.data import samples
-from fastsamclip.train import TeacherCache
+from fastsamclip.train import TeacherCache, TrainConfig
+from fastsamclip.train import cache_teachers as build_cache
 from fastsamclip.train.teacher_cache import FORMAT, FORMAT_VERSION
 
 from .bench_data import photo_like
@@ -72,13 +73,12 @@ def spec(paths: dict, shards: int) -> str:
 
 
 def cache_teachers(paths: dict, shards: int, out: str) -> float:
+    """``fastsamclip cache-teachers`` over the first ``shards`` shards, in this process: seconds."""
+    cfg = TrainConfig(sam_checkpoint=paths["sam"], sam_type="vit_micro", clip_model=f"local-dir:{paths['clip_model']}",
+                      clip_data=spec(paths, shards), sam_data=paths["sa1b"], clip_resolutions=RESOLUTIONS,
+                      stage3_resolutions=(16,), progress=False)
     t0 = time.perf_counter()
-    rc = cli(["cache-teachers", "--sam-checkpoint", paths["sam"], "--sam-type", "vit_micro", "--clip-model",
-              f"local-dir:{paths['clip_model']}", "--clip-data", spec(paths, shards), "--sam-data", paths["sa1b"],
-              "--clip-resolutions", ",".join(map(str, RESOLUTIONS)), "--stage3-resolutions", "16",
-              "--cache-out", out, "--progress", "false", "--batch-size", "256"])
-    if rc != 0:
-        raise RuntimeError(f"cache-teachers exited {rc}")
+    build_cache(cfg, out=out, batch_size=256)
     return time.perf_counter() - t0
 
 
