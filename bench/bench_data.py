@@ -28,7 +28,8 @@ masks each (the package's own writers). Rows (``bench/results/data.csv``):
   ``--count-flops``), at ``--tflops`` achieved (400: about half the bf16 peak measured on an H200).
 
 Timing: wall clock around ``--batches`` batches after one untimed batch (worker start-up and the
-first decode), median img/s over ``--repeats`` runs.
+first decode), median img/s over ``--repeats`` runs; the runs of a case's rows take turns, so a
+shared machine's changing load falls alike on all of them.
 """
 
 from __future__ import annotations
@@ -158,15 +159,6 @@ def reference(spec: str, mr: MultiResolutionConfig, how: str):
     return step
 
 
-def median_rate(make, batches: int, repeats: int) -> Tuple[float, float]:
-    runs = []
-    for _ in range(repeats):
-        made = make()
-        runs.append(rate(made[1] if isinstance(made, tuple) else made, batches))
-        made = None  # the stream's workers stop here, before the next run starts its own
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-
 # ------------------------------------------------------------------------------------ step model
 def step_model(args) -> Tuple[Dict[str, Dict[int, float]], str]:
     """Per-batch step ms at 224 and 448, live and cached teachers, and where the numbers come from."""
@@ -276,47 +268,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_csv = args.out or os.path.join(RESULTS_DIR, "data.csv")
     rows: List[Result] = []
 
-    def row(case: str, impl: str, measure, **extra) -> None:
-        try:
-            img_s, ms = measure()
-            rows.append(Result("data", case, impl, "stream", ms=ms, extra={"img_s": round(img_s, 1), **extra}))
-        except Exception as e:  # a path that breaks is a row with its error, not a crash
-            rows.append(Result("data", case, impl, "stream", status=f"failed: {type(e).__name__}: {e}"[:200]))
-        print(f"{case:14s} {impl:18s} {rows[-1].extra.get('img_s', rows[-1].status)}", flush=True)
+    def case_rows(case: str, batches: int, impls: List[Tuple[str, object, dict]]) -> None:
+        """Every impl of a case, each timed ``--repeats`` times in turn (round-robin, so that a
+        shared machine's load falls alike on all of them), median img/s per impl."""
+        runs: Dict[str, list] = {name: [] for name, _, _ in impls}
+        failed: Dict[str, str] = {}
+        for _ in range(args.repeats):
+            for name, make, _ in impls:
+                if name in failed:
+                    continue
+                try:
+                    made = make()
+                    runs[name].append(rate(made[1] if isinstance(made, tuple) else made, batches))
+                except Exception as e:  # a path that breaks is a row with its error, not a crash
+                    failed[name] = f"failed: {type(e).__name__}: {e}"[:200]
+                made = None  # a stream's workers stop here, before the next one starts its own
+        for name, _, extra in impls:
+            if name in failed:
+                rows.append(Result("data", case, name, "stream", status=failed[name]))
+            else:
+                img_s, ms = statistics.median(r[0] for r in runs[name]), statistics.median(r[1] for r in runs[name])
+                rows.append(Result("data", case, name, "stream", ms=ms, extra={"img_s": round(img_s, 1), **extra}))
+            print(f"{case:14s} {name:18s} {rows[-1].extra.get('img_s', rows[-1].status)}", flush=True)
 
     schedules = {f"clip {'224/448' if k == 'mixed' else k}": {"224": (224,), "448": (448,), "mixed": (224, 448)}[k]
                  for k in args.schedules.split(",")}
     if "clip" in parts:
         for case, res in schedules.items():
             mr = MultiResolutionConfig(resolutions=res, base_batch=args.batch, base_res=224, seed=1)
-            for w in workers:
-                row(case, f"stream w={w}", lambda: median_rate(lambda: clip_stream(spec, mr, w), args.batches,
-                                                                args.repeats), workers=w, batch=args.batch)
-                if device.type == "cuda":
-                    row(case, f"stream cuda w={w}", lambda: median_rate(
-                        lambda: clip_stream(spec, mr, w, "cuda", device), args.batches, args.repeats), workers=w)
-            for how in ("pil full", "torchvision cpu"):
-                row(case, how, lambda: median_rate(lambda: reference(spec, mr, how), args.batches, args.repeats),
-                    workers=0)
+            impls = [(f"stream w={w}", lambda w=w: clip_stream(spec, mr, w), {"workers": w, "batch": args.batch})
+                     for w in workers]
+            if device.type == "cuda":
+                impls += [(f"stream cuda w={w}", lambda w=w: clip_stream(spec, mr, w, "cuda", device), {"workers": w})
+                          for w in workers]
+            impls += [(how, lambda how=how: reference(spec, mr, how), {"workers": 0})
+                      for how in ("pil full", "torchvision cpu")]
+            case_rows(case, args.batches, impls)
     if "sa1b" in parts:
         ds = SA1BDataset(sam_dir, PromptConfig(masks_per_image=32))
-        for w in workers:
-            def sam(w=w):
-                s = SamStream(ds, range(len(ds)), min(args.sam_batch, len(ds)), 0, num_workers=w)
-                return s, lambda: len(s.next())
-            row("sa1b 1024", f"stream w={w}", lambda: median_rate(sam, min(args.batches, 4), args.repeats), workers=w)
+
+        def sam(w):
+            s = SamStream(ds, range(len(ds)), min(args.sam_batch, len(ds)), 0, num_workers=w)
+            return s, lambda: len(s.next())
+
+        case_rows("sa1b 1024", min(args.batches, 4),
+                  [(f"stream w={w}", lambda w=w: sam(w), {"workers": w}) for w in workers])
     if "wait" in parts:
         model, source = step_model(args)
         mr = MultiResolutionConfig(resolutions=(224, 448), base_batch=args.batch, base_res=224, seed=1)
-        for kind, ms in model.items():
-            for w in workers:
-                extra = {"workers": w, "step_ms_224": round(ms[224], 1), "step_ms_448": round(ms[448], 1),
-                         "source": source}
+        waits: Dict[Tuple[str, int], list] = {(kind, w): [] for kind in model for w in workers}
+        for _ in range(args.repeats):  # in turns, as the rate rows
+            for kind, w in waits:
                 s, step = clip_stream(spec, mr, w)
-                extra["wait_pct"] = round(100 * wait_fraction(step, s, ms, args.batches), 1)
+                waits[(kind, w)].append(100 * wait_fraction(step, s, model[kind], args.batches))
                 s = step = None
-                rows.append(Result("data", f"wait {kind}", f"stream w={w}", "consumer", extra=extra))
-                print(f"wait {kind:9s} stream w={w:<9d} {extra['wait_pct']}% waiting", flush=True)
+        for (kind, w), got in waits.items():
+            ms = model[kind]
+            rows.append(Result("data", f"wait {kind}", f"stream w={w}", "consumer", extra={
+                "workers": w, "step_ms_224": round(ms[224], 1), "step_ms_448": round(ms[448], 1), "source": source,
+                "wait_pct": round(statistics.median(got), 1)}))
+            print(f"wait {kind:9s} stream w={w:<9d} {rows[-1].extra['wait_pct']}% waiting", flush=True)
     path = append_csv(rows, out_csv)
     print()
     print(format_extras(rows, [("img/s", "img_s"), ("workers", "workers"), ("wait %", "wait_pct"),
