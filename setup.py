@@ -73,10 +73,12 @@ setup(
     python_requires=">=3.10",
     packages=["fastsamclip", "fastsamclip.modeling", "fastsamclip.data", "fastsamclip.train", "fastsamclip.predictor",
               "fastsamclip.eval", "fastsamclip.export", "fastsamclip.serve", "fastsamclip.cli", "fastsamclip.kernels",
-              "fastsamclip.bench"],
+              "fastsamclip.bench", "fastsamclip.miniature"],
     package_dir={"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels",
                  "fastsamclip.bench": "bench"},
-    package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"]},
+    # The miniature world's teachers (fastsamclip miniature teachers), used by fastsamclip demo.
+    package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"],
+                  "fastsamclip.miniature": ["teachers/*.pth", "teachers/*.json", "teachers/clip/*"]},
     install_requires=[
         "torch>=2.5",
         "torchvision",
@@ -87,6 +89,9 @@ setup(
         "open_clip_torch>=2.24",
         "segment-anything>=1.0",
         "scikit-image",
+        # The miniature world (fastsamclip demo): scikit-learn's digits, scipy's distance transform.
+        "scikit-learn",
+        "scipy",
         "tqdm",
     ],
     extras_require={
@@ -95,7 +100,9 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark", "webdataset>=0.2", "pycocotools", "matplotlib", "torchmetrics",
                  # the export and serve tests (the two extras below, and the tests' HTTP client)
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3", "litserve>=0.2.10", "python-multipart",
-                 "httpx"],
+                 "httpx",
+                 # clip_benchmark's zero-shot metrics (clip-benchmark itself: pip install --no-deps)
+                 "scikit-learn"],
         # `fastsamclip export --format onnx`: torch's dynamo exporter needs onnxscript; onnxruntime
         # checks the files against the torch model.
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],

@@ -40,7 +40,7 @@ from fastsamclip.data import samples
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
 
-from .harness import LABELS, Result, append_csv, format_table, percentile, sync, time_calls
+from .harness import LABELS, Result, append_csv, environment, format_table, percentile, sync, time_calls
 
 
 def make_random_checkpoint(folder: str, sam_type: str = "vit_b", clip_model: str = "ViT-L-14") -> str:
@@ -168,13 +168,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     case = f"{os.path.basename(args.checkpoint)} {image.shape[1]}x{image.shape[0]} box+{args.labels} labels composed"
     rows = [Result(bench="inference", case=case, impl=mode, mode="request p50", ms=p50, extra=extra),
             Result(bench="inference", case=case, impl=mode, mode="request p99", ms=p99, extra={"dtype": dtype})]
+    env = environment()  # one stamp for the run: rows are appended as they are measured
+    path = append_csv(rows, args.out, env)
     if not args.no_ttfr:
         cache = args.cache_dir or os.path.join(tmp, "inductor-cache")
-        cold = time_to_first_result(args, cache)
-        warm = time_to_first_result(args, cache)
-        rows += [Result(bench="inference", case=case, impl=mode, mode="first result cold", ms=cold * 1e3),
-                 Result(bench="inference", case=case, impl=mode, mode="first result warm", ms=warm * 1e3)]
-    path = append_csv(rows, args.out)
+        for label in ("first result cold", "first result warm"):
+            seconds = time_to_first_result(args, cache)
+            rows.append(Result(bench="inference", case=case, impl=mode, mode=label, ms=seconds * 1e3))
+            append_csv(rows[-1:], args.out, env)
     print(format_table(rows))
     print(f"appended {len(rows)} rows to {path}")
     return 0

@@ -23,7 +23,8 @@ Competitors (one row each; a missing one is a row with the reason):
 TFLOP/s count the attention matmuls only, 4 * B * heads * N^2 * d for the forward, 2.5x that
 for the backward (flash-attention's convention), so every competitor is measured on one scale.
 Each row also records ``max_err``: the forward's max abs error against the fp32 reference on
-the first batch element.
+the first batch element; the fused kernel's rows record ``tiles``, the config its autotuner chose
+for each kernel that ran (queries x key-grid rows / warps / stages).
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ def _backend_impl(name: str):
 def _check_backend(name: str, inputs, needs_grad: bool) -> Optional[str]:
     why = ATTENTION[name].check(*inputs, needs_grad=needs_grad)
     return "; ".join(why) if why else None
+
+
+def _tiles(name: str, inputs, needs_grad: bool) -> Optional[str]:
+    """The tiles the backend's autotuner ran for these inputs (the fused kernel's notes say them
+    once it has run them), e.g. ``fwd 64x4r/w4/s2, dkdv 32x4r/w4/s2, dq 64x2r/w4/s2``."""
+    for note in ATTENTION[name].notes(*inputs, needs_grad=needs_grad):
+        if note.startswith("autotuned tiles"):
+            return note.split(": ", 1)[1]
+    return None
 
 
 def fold_inputs(q, k, v, rel_h, rel_w, scale: float):
@@ -184,8 +194,9 @@ def cases(batches: List[int], quick: bool) -> List[Tuple[str, int, int, int, int
 
 def make_inputs(B, nh, H, W, d, dtype, device, requires_grad):
     N = H * W
-    g = torch.Generator(device="cpu").manual_seed(0)
-    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(device, dtype).requires_grad_(requires_grad)  # noqa: E731
+    # Drawn on the device: the CPU takes seconds per call for the 8 x 25 windows' 30 M values a tensor.
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device=device) * sc).to(dtype).requires_grad_(requires_grad)  # noqa: E731
     return [mk(B, nh, N, d), mk(B, nh, N, d), mk(B, nh, N, d), mk(B, nh, N, H, sc=2.0), mk(B, nh, N, W, sc=2.0)]
 
 
@@ -234,7 +245,12 @@ def run(args, sink=None) -> list:
                         extra["max_err"] = f"{_max_err(fn, inputs):.2e}"
                     except Exception as e:  # an accuracy probe that fails is reported, not fatal
                         extra["max_err"] = f"failed {type(e).__name__}"
-                results.append(run_case(BENCH, case, impl, mode, timed, flops=flops, **extra))
+                row = run_case(BENCH, case, impl, mode, timed, flops=flops, **extra)
+                if be_name is not None and row.status == "ok":
+                    tiles = _tiles(be_name, inputs, grad)
+                    if tiles:
+                        row.extra["tiles"] = tiles
+                results.append(row)
                 del inputs, timed
                 gc.collect()
                 if device == "cuda":

@@ -27,7 +27,7 @@ CUDA events around each step after warm-up (compile happens in the warm-up), med
 during the timed steps, everything included (teachers, student, optimizer state, activations),
 i.e. what a GPU must hold. ``loss_vs_plain``: relative difference of the first step's loss from
 the plain row of the same case (same weights and batch), so speed never hides a wrong loss.
-Rows are appended to ``bench/results/train.csv``, with a plot of img/s and of peak memory.
+Rows are appended to ``bench/results/train.csv`` as they are measured, with a plot of img/s and of peak memory.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.train import Distiller, TrainConfig
 from fastsamclip.transforms import clip_pixels
 
-from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, format_extras, format_table,
-                      full_size_device, percentile, plot_csv, time_calls)
+from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras,
+                      format_table, full_size_device, percentile, plot_csv, time_calls)
 
 CONFIGS = ("plain", "fused", "fused-compile")
 
@@ -146,7 +146,8 @@ def backends_used(trainer, config: str) -> Dict[str, str]:
 
 # ------------------------------------------------------------------------------------ measuring
 def run_config(args, config: str, case_list: List[Case], teachers, clip_spec: str, sam_dir: str, tmp: str,
-               plain_loss: Dict[str, float]) -> List[Result]:
+               plain_loss: Dict[str, float], sink=None) -> List[Result]:
+    """The rows of one configuration; ``sink(row)`` gets each row the moment it is measured."""
     sam_t, clip_t = teachers
     rows: List[Result] = []
     trainer = Distiller(make_config(args, config, clip_spec, sam_dir, os.path.join(tmp, config)),
@@ -185,9 +186,13 @@ def run_config(args, config: str, case_list: List[Case], teachers, clip_spec: st
         except torch.cuda.OutOfMemoryError:
             r.status = "failed: out of memory" + ("" if args.activation_checkpointing else
                                                   " (try --activation-checkpointing or a smaller batch)")
+            if sink is not None:
+                sink(r)
             continue
         except Exception as e:  # a configuration that breaks is a row with its error, not a crash
             r.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if sink is not None:
+                sink(r)
             continue
         finally:
             opt = sched = step = None
@@ -203,6 +208,8 @@ def run_config(args, config: str, case_list: List[Case], teachers, clip_spec: st
             plain_loss[name] = loss
         extra["loss_vs_plain"] = (f"{abs(loss - plain_loss[name]) / max(abs(plain_loss[name]), 1e-12):.3g}"
                                   if name in plain_loss else "n/a: no plain row")
+        if sink is not None:
+            sink(r)
     trainer = None  # free the models before the next configuration
     gc.collect()
     if device.type == "cuda":
@@ -272,10 +279,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: List[Result] = []
     plain_loss: Dict[str, float] = {}
     # plain first: the other configurations' first-step losses are checked against it.
+    env = environment()  # one stamp for the run: each row is appended the moment it is measured
     for config in sorted(configs, key=CONFIGS.index):
         print(f"[{config}] {len(case_list)} cases ...", flush=True)
-        results += run_config(args, config, case_list, teachers, clip_spec, sam_dir, tmp, plain_loss)
-    path = append_csv(results, out_csv)
+        results += run_config(args, config, case_list, teachers, clip_spec, sam_dir, tmp, plain_loss,
+                              sink=lambda r: append_csv([r], out_csv, env))
+    path = out_csv
     plots = [plot_csv(path, metric=m) for m in ("img_s", "peak_mem_mb")]
     print(format_table(results, baseline="plain" if "plain" in configs else None))
     print()

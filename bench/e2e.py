@@ -26,7 +26,8 @@ Configurations (the ``impl`` column), each at one precision (the ``dtype`` in ``
   not its max-autotune, to keep compile time bounded), then CLIP as in ``separate-strong``.
   Skipped, with the reason, when the package is not importable or has no such SAM config.
 
-``--impls`` picks and orders rows (``impl`` or ``impl@dtype``); ``--dtype`` is the precision of
+``--impls`` picks and orders rows (``impl`` or ``impl@dtype``), ``--rows`` rows of several workloads
+in one order (``workload:impl[@dtype]``); ``--dtype`` is the precision of
 the fused rows (auto: bf16 on CUDA and on a CPU with native bf16, ``kernels.native_bf16``, else
 fp32). Rows are written to the CSV as they are measured.
 
@@ -446,6 +447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="comma-separated rows to run, in this order: impl or impl@dtype (e.g. "
                         "merged-reference@fp32,merged-fused-compile,separate-samfast/ViT-B-16); default: every "
                         "configuration but segment-anything-fast")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated workload:impl[@dtype] items, run in exactly this order at each batch size "
+                        "(e.g. both:merged-fused,sam:merged-fused-compile); instead of --workloads and --impls")
     p.add_argument("--compile-backend", default=None, help="default inductor; quick: eager (fast to trace)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -482,6 +486,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for w in workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+    ordered = [item.partition(":") for item in (args.rows or "").split(",") if item]
+    for w, colon, impl in ordered:
+        if not colon or w not in WORKLOADS or not impl:
+            p.error(f"--rows: {w + colon + impl!r} is not workload:impl[@dtype] with a workload among "
+                    f"{', '.join(WORKLOADS)}")
 
     out_csv = args.out or os.path.join(RESULTS_DIR, "e2e.csv")
     before = earlier_rows(args.compare, out_csv) if args.compare else None  # read before this run appends
@@ -502,19 +511,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         profile(models, args.profile, dtype, images[args.batch[0]], args, device)
         return 0
 
-    try:
-        rows = select_rows(models, fast_dtype, args.impls)
+    try:  # (workload, batch, impl, dtype) in the order they run
+        if ordered:
+            plan = [(w, b, i, d) for b in args.batch for w, _, spec in ordered
+                    for i, d in select_rows(models, fast_dtype, spec)]
+        else:
+            rows = select_rows(models, fast_dtype, args.impls)
+            plan = [(w, b, i, d) for w in workloads for b in args.batch for i, d in rows]
     except ValueError as e:
         p.error(str(e))
     results: List[Result] = []
     refs: Dict[Tuple[str, str, int], Dict[str, torch.Tensor]] = {}
     env = environment()  # one stamp for the run: its rows are appended as they are measured
-    for workload in workloads:
-        for b in args.batch:
-            for impl, dtype in rows:
-                results.append(run_row(models, impl, dtype, workload, images[b], refs, args, device))
-                append_csv(results[-1:], out_csv, env)
-                torch._dynamo.reset()  # compiled graphs of one row must not serve (or evict) another's
+    for workload, b, impl, dtype in plan:
+        results.append(run_row(models, impl, dtype, workload, images[b], refs, args, device))
+        append_csv(results[-1:], out_csv, env)
+        torch._dynamo.reset()  # compiled graphs of one row must not serve (or evict) another's
     if not args.no_semantic:
         sem = semantic_rows(models, args, device)
         append_csv(sem, out_csv, env)

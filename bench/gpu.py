@@ -1,45 +1,30 @@
 """``fastsamclip bench gpu --out DIR``: the product's measurements on a freshly lent GPU, one command.
 
-    fastsamclip bench gpu --out results-h200             # at most 8 minutes, compiles included
+    fastsamclip bench gpu --dry-run                      # the plan: parts, order, deadlines, their sum
+    fastsamclip bench gpu --out results-h200             # at most 6 minutes on an H100 / H200
     fastsamclip bench gpu --quick --out /tmp/gpu-quick   # tiny shapes on the CPU (CI): same files
+    fastsamclip bench gpu --warm-triton-cache DIR        # the sm_90a Triton builds of the run, made here
 
-For an H100 / H200 with no internet, after installing from carried wheels (README: "Measuring on
-a GPU machine without internet"). The parts run in this order, each as a child process (its
-steps one after another) under its own deadline, its budget below, never past the command's end:
-a part that overruns is stopped (its process group killed), recorded as overrun, keeps every row
-it wrote (the benchmarks write rows as they measure them), and the next part starts.
+A lent GPU comes for minutes, once: the measurements come first, the most valuable first, and the
+correctness tests after them, each part a child process under its own deadline. A part that
+overruns is stopped (its process group killed), recorded as overrun, keeps every row it wrote
+(each benchmark writes a row the moment it is measured, so a cut loses only the row in flight),
+and the next part starts; time a part leaves unused passes to the next one, so the whole run
+stays within the sum of the deadlines. ``PARTS`` below is the plan (``--dry-run`` prints it with
+how each deadline was estimated).
 
-=============  =========================================================  ======  ==================
-part           what                                                       budget  writes
-=============  =========================================================  ======  ==================
-environment    GPU, driver, torch, triton, commit, every op's backends    15 s    environment.csv,
-               (``fastsamclip info``: CUDA library, Triton, fp32 mode)            info.txt
-tests          the GPU-only tests: bf16/fp16 kernels against fp32/float64  70 s    tests.csv
-               references, CUDA preprocessing against torch, fullgraph
-               compile, autotune kept across processes (pytest, -n 8 with
-               pytest-xdist)
-attention      fwd and fwd+bwd, 64 x 64 grid (batch 8, 12 heads, d 64)    95 s    attention.csv
-               and 14 x 14 windows (batch 8 x 25), TFLOP/s: the fused
-               kernel, SDPA with the materialised bias, the bias folded
-               into flash attention (head dim 192), unbiased flash (the
-               speed of light), then FlexAttention (slow to compile)
-losses         the fused distillation losses against eager and compiled   35 s    losses.csv
-e2e            batch 8, SAM + CLIP ViT-B/16 and ViT-L/14 separately       140 s   e2e.csv
-               (segment_anything eager fp32, strong SAM: bf16 + compile +
-               SDPA, SAM on the fused kernels), the merged model fused +
-               compiled and with the CLIP head on 2 x 2-pooled tokens; then
-               the image encoder alone, with segment-anything-fast when
-               importable
-train          one stage-2 training step, plain against fused (img/s,     60 s    train.csv
-               peak memory)
-inference      single-request p50/p99 of the predictor (bf16), with its   35 s    inference.csv
-               agreement with fp32
-=============  =========================================================  ======  ==================
+DIR gets one CSV per part, ``parts.csv`` (each part's status and time), ``summary.md`` (the
+environment, the parts, the test outcome, every table, and the product's claims checked:
+``bench.report`` for the end-to-end ones, the attention and training ones here), ``logs/``, and
+last ``fastsamclip-gpu.tar.gz``: every file of DIR in one archive, which is what a machine that
+returns few files should send back. Timing is the benchmarks' own: CUDA events after warm-up,
+medians, compiles in the warm-up, never timed.
 
-Then ``parts.csv`` (each part's status and time) and ``summary.md``: the environment, the parts,
-the test outcome, every table, and the product's claims checked (``bench.report`` for the end to
-end ones; the attention and training ones here). Timing is the benchmarks' own: CUDA events
-after warm-up, medians, compiles in the warm-up, never timed. Logs of each step in ``logs/``.
+Compiles are most of a cold run. ``--warm-triton-cache DIR`` compiles, on any machine and with
+the Triton the GPU machine has, every attention kernel the run will launch on an H100 / H200
+(sm_90a): the autotuner's pruner under a stand-in for the GPU's driver, the same code path and
+cache key as there. ``bench/gpu_device.sh`` unpacks such a cache into ``TRITON_CACHE_DIR`` and
+reports how many kernels the run still compiled.
 """
 
 from __future__ import annotations
@@ -48,48 +33,74 @@ import argparse
 import csv
 import importlib.util
 import os
-import re
 import signal
 import subprocess
 import sys
+import tarfile
+import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .harness import environment, fmt_num, parse_extra, read_csv, row_value
-from .report import markdown as e2e_markdown
+from fastsamclip.kernels import aot
+
+from .gpu_summary import summary, write_test_rows
+from .harness import environment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-BUDGET_S = 480  # the command's whole wall time: 8 minutes
-QUICK_BUDGET_S = 170
-RESERVE_S = 10  # kept for the summary
+QUICK_BUDGET_S = 500  # tiny shapes on CI's 2 cores: generous, it only bounds a hang
+RESERVE_S = 10  # kept for the summary and the archive
+ARCHIVE = "fastsamclip-gpu.tar.gz"
+CLIP = "ViT-L-14"  # the separate pipeline's CLIP, and the teacher the merged model's head predicts (the paper's)
 
-# The GPU-only tests (skipped without a GPU), by node id, and the tests of the compiled paths that
-# run on both; tests/bench/test_gpu.py checks that every GPU-only kernel test is listed here.
+# The GPU correctness tests the run makes, cut to the shapes and precisions the benchmarks ran
+# (bf16 and fp16 against fp32 / float64 references), most valuable first; the compiled-graph
+# tests last. Node ids (a test's parameters in brackets).
+_ATT = "tests/kernels/test_relpos_attention_triton.py"
 GPU_TESTS = [
-    "tests/kernels/test_relpos_attention_triton.py::test_triton_bf16",
-    "tests/kernels/test_relpos_attention_triton.py::test_triton_full_size",
-    "tests/kernels/test_relpos_attention_triton.py::test_a_second_process_tunes_nothing",
-    "tests/kernels/test_relpos_attention_flex.py::test_flex_cuda_fwd_bwd",
+    f"{_ATT}::test_triton_full_size[global4096-b8-bf16]",
+    f"{_ATT}::test_triton_full_size[windows196-b8x25-bf16]",
+    f"{_ATT}::test_triton_full_size[global4096-b8-fp16]",
+    f"{_ATT}::test_triton_full_size[windows196-b8x25-fp16]",
+    f"{_ATT}::test_triton_full_size[global1024-b1-bf16]",
     "tests/kernels/test_cosine_distill.py::test_bf16_on_gpu",
     "tests/kernels/test_linear_cosine_distill.py::test_bf16_on_gpu",
     "tests/kernels/test_focal_dice.py::test_bf16_on_gpu",
     "tests/kernels/test_preprocess.py::test_cuda_preprocess_equals_torch",
     "tests/kernels/test_preprocess.py::test_cuda_raw_call_writes_every_element",
-    "tests/kernels/test_preprocess.py::test_cuda_op_compiles_fullgraph",
     "tests/kernels/test_preprocess.py::test_a_launch_that_fails_falls_back_to_torch_logged_once",
     "tests/kernels/test_postprocess_masks.py::test_cuda_postprocess_equals_torch",
-    "tests/kernels/test_postprocess_masks.py::test_cuda_op_compiles_fullgraph",
     "tests/test_predictor.py::test_gpu_preprocess_and_cuda_graphs_agree_with_eager",
+    f"{_ATT}::test_a_second_process_tunes_nothing",
 ]
 COMPILED_TESTS = [
-    "tests/kernels/test_relpos_attention_triton.py::test_triton_in_torch_compile_fullgraph",
+    f"{_ATT}::test_triton_in_torch_compile_fullgraph",
+    "tests/kernels/test_preprocess.py::test_cuda_op_compiles_fullgraph",
+    "tests/kernels/test_postprocess_masks.py::test_cuda_op_compiles_fullgraph",
     "tests/kernels/test_cosine_distill.py::test_compile_fullgraph_fwd_bwd",
     "tests/kernels/test_focal_dice.py::test_compile_fullgraph_fwd_bwd",
 ]
+# GPU-only kernel tests the run leaves out, and why (tests/bench/test_gpu.py: each is run or here).
+LEFT_OUT = {
+    f"{_ATT}::test_triton_bf16": "awkward shapes no benchmark runs (pytest tests/kernels -k bf16 on a GPU)",
+    f"{_ATT}::test_triton_full_size[global784-d80": "ViT-H's head dim 80, which no benchmark of the run uses",
+    "tests/kernels/test_relpos_attention_flex.py::test_flex_cuda_fwd_bwd":
+        "FlexAttention compiles for minutes; its benchmark rows carry max_err against the fp32 reference",
+}
+
+# The attention launches of the run on an H100 / H200, by what the Triton compiler sees: the grid,
+# the head dim and the dtype (the batch and the number of heads change the grid, not the compiled
+# kernel; SAM's strided q/k/v specialise as contiguous ones do). (label, batch, heads, H, W, d).
+WARM_SHAPES = {
+    "bf16": [("14 x 14: windows, CLIP at 224 px", 200, 12, 14, 14, 64),
+             ("64 x 64: 1024 px global blocks, the CLIP head", 8, 12, 64, 64, 64),
+             ("32 x 32: the CLIP head on 2 x 2-pooled tokens", 8, 12, 32, 32, 64),
+             ("28 x 28: CLIP at 448 px in training", 16, 12, 28, 28, 64)],
+    "fp16": [("14 x 14: the fp16 tests", 200, 12, 14, 14, 64), ("64 x 64: the fp16 tests", 8, 12, 64, 64, 64)],
+}
 
 
 @dataclass
@@ -101,10 +112,12 @@ class Step:
 @dataclass
 class Part:
     name: str
-    budget_s: float
+    budget_s: float  # its deadline on an H100 / H200, compiles included
     quick_budget_s: float
     steps: Callable[["Context"], List[Step]]
     files: Tuple[str, ...] = ()
+    what: str = ""  # what it measures, for the plan
+    estimate: str = ""  # how the deadline was estimated
 
 
 @dataclass
@@ -112,7 +125,7 @@ class Context:
     out: str
     quick: bool
     python: str = sys.executable
-    xdist: bool = False  # pytest-xdist importable: the tests run in 8 processes
+    xdist: bool = False  # pytest-xdist importable: the tests run in 4 processes
     pytest_timeout: bool = False  # pytest-timeout importable: each test has its own limit too
 
 
@@ -134,25 +147,51 @@ def _env_steps(ctx: Context) -> List[Step]:
     return [Step("info", ["-m", "fastsamclip", "info"])]
 
 
-def _test_steps(ctx: Context) -> List[Step]:
-    if not os.path.isdir(os.path.join(REPO, "tests")):
-        return []
-    ids = GPU_TESTS if ctx.quick else GPU_TESTS + COMPILED_TESTS
-    par = ["-n", "8"] if ctx.xdist and not ctx.quick else []
-    limit = ["--timeout", "120"] if ctx.pytest_timeout else []
-    return [Step("pytest", ["-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", *par, *limit, *ids])]
+def _attention_args(ctx: Context, *impls: str) -> List[str]:
+    """The attention benchmark's arguments: ViT-B's 64 x 64 grid and 14 x 14 windows at batch 8 in bf16
+    (quick: its tiny shapes), these competitors, rows appended to attention.csv."""
+    shapes = ["--quick"] if ctx.quick else ["--batch", "8", "--cases", "global-4096", "windows-196", "--dtype", "bf16"]
+    return _m("bench_relpos_attention", *shapes, "--modes", "fwd", "fwd+bwd", "--impls", *impls,
+              "--out", os.path.join(ctx.out, "attention.csv"), "--no-plot", "--quiet")
 
 
 def _attention_steps(ctx: Context) -> List[Step]:
-    out = ["--out", os.path.join(ctx.out, "attention.csv"), "--no-plot", "--quiet"]
     if ctx.quick:
-        return [Step("fused vs sdpa", _m("bench_relpos_attention", "--quick", "--modes", "fwd", "fwd+bwd",
-                                          "--impls", "triton", "sdpa-bias", *out))]
-    common = ["--batch", "8", "--modes", "fwd", "fwd+bwd", "--cases", "global-4096", "windows-196",
-              "--dtype", "bf16", *out]
-    return [Step("fused, sdpa, fold, flash", _m("bench_relpos_attention", *common, "--impls", "triton", "sdpa-bias",
-                                                 "flash-nobias", "fold-sdpa-flash")),
-            Step("flex", _m("bench_relpos_attention", *common, "--impls", "flex"))]
+        return [Step("fused vs sdpa", _attention_args(ctx, "triton", "sdpa-bias"))]
+    return [Step("fused, sdpa, fold, flash", _attention_args(ctx, "triton", "sdpa-bias", "fold-sdpa-flash",
+                                                             "flash-nobias"))]
+
+
+def e2e_rows(clip: str) -> List[str]:
+    """The end-to-end rows in order (``workload:impl[@dtype]``): each model's eager fp32 reference
+    first (the rows after it report their agreement with it, and the weight bytes come from them),
+    then the eager rows of both outputs, then one compiled pair on the image encoder."""
+    return ["both:merged-reference@fp32", f"both:separate-eager/{clip}@fp32",
+            "both:merged-fused", "both:merged-fused-pool2", f"both:separate-fused/{clip}",
+            f"both:separate-eager/{clip}@bf16",
+            "sam:merged-reference@fp32", f"sam:separate-eager/{clip}@fp32",
+            "sam:merged-fused-compile", f"sam:separate-strong/{clip}", f"sam:separate-samfast/{clip}"]
+
+
+def _e2e_steps(ctx: Context) -> List[Step]:
+    out = ["--out", os.path.join(ctx.out, "e2e.csv"), "--plot-dir", ctx.out, "--no-semantic", "--clip-token-pools", "2"]
+    if ctx.quick:
+        sizes, clip = ["--quick", "--batch", "1", "--iters", "1", "--warmup", "1"], "tiny-clip"
+    else:
+        sizes, clip = ["--batch", "8", "--iters", "10", "--warmup", "2", "--clip-model", CLIP], CLIP
+    return [Step("eager rows, then a compiled pair", _m("e2e", *sizes, *out, "--rows", ",".join(e2e_rows(clip))))]
+
+
+def _train_steps(ctx: Context) -> List[Step]:
+    size = (["--quick", "--iters", "1", "--warmup", "1", "--clip-res", "32"] if ctx.quick
+            else ["--iters", "3", "--warmup", "1", "--clip-model", CLIP])
+    return [Step("stage 2", _m("bench_train", *size, "--stages", "2", "--configs", "plain,fused",
+                               "--out", os.path.join(ctx.out, "train.csv")))]
+
+
+def _inference_steps(ctx: Context) -> List[Step]:
+    size = ["--quick", "--iters", "2", "--warmup", "1"] if ctx.quick else ["--iters", "20", "--warmup", "3"]
+    return [Step("request", _m("bench_inference", *size, "--no-ttfr", "--out", os.path.join(ctx.out, "inference.csv")))]
 
 
 def _loss_steps(ctx: Context) -> List[Step]:
@@ -164,46 +203,71 @@ def _loss_steps(ctx: Context) -> List[Step]:
                             "--out", os.path.join(ctx.out, "losses.csv"), "--no-plot"])]
 
 
-def _e2e_steps(ctx: Context) -> List[Step]:
-    out = ["--out", os.path.join(ctx.out, "e2e.csv"), "--plot-dir", ctx.out, "--no-semantic"]
-    if ctx.quick:
-        clips, sizes = ["tiny-clip"], ["--quick", "--batch", "1", "--iters", "1", "--warmup", "1"]
-    else:
-        clips, sizes = ["ViT-B-16", "ViT-L-14"], ["--batch", "8", "--iters", "10", "--warmup", "2"]
-    # Each model's eager fp32 row first: the rows after it report their agreement with it.
-    both = ([f"separate-eager/{c}@fp32" for c in clips] + ["merged-reference@fp32", "merged-fused-compile"]
-            + [f"separate-strong/{c}" for c in clips] + [f"separate-fused/{clips[-1]}", "merged-fused",
-                                                          "merged-fused-pool2"])
-    sam = [f"separate-eager/{clips[0]}@fp32", "merged-fused-compile", f"separate-strong/{clips[0]}",
-           f"separate-samfast/{clips[0]}"]
-    if ctx.quick:  # one process: the same rows and files, less start-up
-        return [Step("SAM + CLIP", _m("e2e", *sizes, *out, "--workloads", "both,sam",
-                                      "--impls", ",".join(both + sam[-1:])))]
-    return [Step("SAM + CLIP", _m("e2e", *sizes, *out, "--workloads", "both", "--impls", ",".join(both))),
-            Step("image encoder", _m("e2e", *sizes, *out, "--workloads", "sam", "--clip-model", clips[0],
-                                     "--impls", ",".join(sam)))]
+def _flex_steps(ctx: Context) -> List[Step]:
+    return [Step("flex", _attention_args(ctx, "flex"))]
 
 
-def _train_steps(ctx: Context) -> List[Step]:
-    size = ["--quick", "--iters", "1", "--warmup", "1"] if ctx.quick else ["--iters", "3", "--warmup", "1"]
-    return [Step("stage 2", _m("bench_train", *size, "--stages", "2", "--configs", "plain,fused",
-                               "--out", os.path.join(ctx.out, "train.csv")))]
+def _test_steps(ctx: Context) -> List[Step]:
+    if not os.path.isdir(os.path.join(REPO, "tests")):
+        return []
+    par = ["-n", "4"] if ctx.xdist and not ctx.quick else []
+    limit = ["--timeout", "120"] if ctx.pytest_timeout else []
+    # quick: the GPU-only tests (each skips, saying why); the compiled ones run in the CPU suite already
+    ids = GPU_TESTS if ctx.quick else GPU_TESTS + COMPILED_TESTS
+    return [Step("pytest", ["-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", *par, *limit, *ids])]
 
 
-def _inference_steps(ctx: Context) -> List[Step]:
-    size = ["--quick", "--iters", "2", "--warmup", "1"] if ctx.quick else ["--iters", "20", "--warmup", "3"]
-    return [Step("request", _m("bench_inference", *size, "--no-ttfr", "--out", os.path.join(ctx.out, "inference.csv")))]
-
-
+# The plan. Deadlines are estimates for one H100 / H200 with a cold Inductor cache (the Triton cache
+# carried or not), from: CPU seconds measured on a 2-core Xeon (imports, model builds: they run on
+# the GPU machine's CPU the same way), Triton compiles counted by the AOT builds of
+# ``fastsamclip.kernels.aot`` for sm_90a (about 1 CPU second each here), and GPU work as counted
+# FLOPs at the 790 TFLOP/s bf16 measured on an H200 (a fraction of it for small kernels).
 PARTS: List[Part] = [
-    Part("environment", 15, 20, _env_steps, ("environment.csv", "info.txt")),
-    Part("tests", 70, 25, _test_steps, ("tests.csv",)),
-    Part("attention", 95, 25, _attention_steps, ("attention.csv",)),
-    Part("losses", 35, 20, _loss_steps, ("losses.csv",)),
-    Part("e2e", 140, 40, _e2e_steps, ("e2e.csv",)),
-    Part("train", 60, 25, _train_steps, ("train.csv",)),
-    Part("inference", 35, 20, _inference_steps, ("inference.csv",)),
+    Part("environment", 10, 40, _env_steps, ("environment.csv", "info.txt"),
+         "GPU, driver, torch, triton, commit; every op's backends (fastsamclip info)",
+         "imports and the backends' probes: 8 CPU s here"),
+    Part("attention", 55, 60, _attention_steps, ("attention.csv",),
+         "fwd and fwd+bwd, 64 x 64 grid (batch 8, 12 heads, d 64) and 14 x 14 windows (batch 8 x 25), bf16, "
+         "TFLOP/s: the fused kernel, SDPA with the materialised bias, the bias folded into flash attention, "
+         "unbiased flash attention (the speed of light)",
+         "imports 5 s; 21 Triton compiles (7 fwd, 6 dk/dv, 6 dq configs and 2 delta kernels over the two grids, "
+         "~1 CPU s each) 21 s cold, under 1 s from a carried cache; their launchers (gcc) 5 s; the autotuner "
+         "times 19 configs (0.15 s each) 3 s; 16 rows at 25 + 100 ms of do_bench plus a memory run and an "
+         "accuracy probe 8 s; 5 s margin"),
+    Part("e2e", 130, 90, _e2e_steps, ("e2e.csv",),
+         f"batch 8, bf16: the merged model (fused kernels; CLIP head on all tokens and on 2 x 2-pooled ones), "
+         f"SAM on fastsamclip's kernels + CLIP, segment_anything + open_clip {CLIP} (eager), each with its fp32 "
+         f"reference; then one compiled pair on the image encoder: merged fused + compiled against SAM bf16 + "
+         f"compile + SDPA",
+         f"imports 8 s; SAM ViT-B, CLIP {CLIP} and the merged model built on the CPU 10 s; 9 eager rows of 12 "
+         f"batches (8 images x ~1.2 TFLOP bf16, fp32 ~8x slower) with their meta-device FLOP counts 30 s; the "
+         f"32 x 32 grid's attention tuned 3 s; two cold Inductor graphs of a ViT-B at 1024 px (trace, lowering, "
+         f"~50 Triton kernels on 16 compile workers) 35 s each"),
+    Part("train", 45, 80, _train_steps, ("train.csv",),
+         "one stage-2 training step (CLIP batches at 224 and 448 px, 4 SA-1B images x 32 prompts at 1024 px), "
+         "plain torch against fused: img/s, peak memory, the loss against plain",
+         "imports 7 s; teachers, student and data built 12 s; 2 configurations x 4 steps of ~45 TFLOP (teachers "
+         "and student fwd+bwd) 6 s; the fused step's new attention keys tuned (training batches, the 28 x 28 grid "
+         "at 448 px) 8 s, +10 s of compiles without a carried cache"),
+    Part("inference", 30, 60, _inference_steps, ("inference.csv",),
+         "single-request p50 / p99 of the predictor in bf16, with its agreement with fp32",
+         "imports 7 s; a random merged checkpoint (SAM ViT-B + CLIP ViT-L-14 built on the CPU, 10 s) written and "
+         "loaded 4 s; 3 + 20 requests in bf16 and the fp32 agreement run 4 s; batch-1 attention keys tuned 4 s"),
+    Part("losses", 25, 60, _loss_steps, ("losses.csv",),
+         "the fused distillation losses against eager and compiled torch, bf16",
+         "imports 5 s; 3 losses x (eager, Inductor-compiled fwd+bwd ~5 s to compile, fused) 20 s"),
+    Part("flex", 20, 40, _flex_steps, ("attention.csv",),
+         "FlexAttention on the attention benchmark's shapes (compiled; slow to compile: last)",
+         "4 flex graphs compile for 1.5-4 minutes in all: it gets 20 s plus what the parts before left unused, "
+         "and is cut when that ends"),
+    Part("tests", 45, 60, _test_steps, ("tests.csv",),
+         "the GPU correctness tests, cut to the shapes the benchmarks ran: the fused attention on the 64 x 64 "
+         "and 14 x 14 grids in bf16 and fp16 against float64, the losses in bf16, the CUDA preprocessing and "
+         "postprocessing against torch, autotune kept across processes; then the compiled-graph tests",
+         "4 pytest-xdist workers start in 10 s; float64 references of the full-size cases 10 s; the second-"
+         "process test 2 x 8 s; 5 compiled-graph tests (small Inductor graphs) 15 s on 4 workers"),
 ]
+BUDGET_S = sum(p.budget_s for p in PARTS)  # 360: at most 6 minutes, compiles included
 
 
 # ------------------------------------------------------------------------------------ running
@@ -239,10 +303,12 @@ def run_step(ctx: Context, step: Step, log_path: str, deadline: float) -> Option
             return None
 
 
-def run_part(ctx: Context, part: Part, end: float) -> Outcome:
+def run_part(ctx: Context, part: Part, end: float, extra_s: float = 0.0) -> Outcome:
+    """Run a part's steps under its deadline (its budget plus ``extra_s`` the parts before left
+    unused, never past ``end``)."""
     budget = part.quick_budget_s if ctx.quick else part.budget_s
     start = time.time()
-    deadline = min(start + budget, end - RESERVE_S)
+    deadline = min(start + budget + extra_s, end - RESERVE_S)
     steps = part.steps(ctx)
     out = Outcome(part.name, "ok", 0.0, budget)
     if not steps:
@@ -253,11 +319,11 @@ def run_part(ctx: Context, part: Part, end: float) -> Outcome:
         log = os.path.join(ctx.out, "logs", f"{part.name}-{i + 1}.log")
         out.logs.append(os.path.relpath(log, ctx.out))
         if time.time() >= deadline:
-            out.status = f"overran its {budget:.0f} s deadline before {step.label}"
+            out.status = f"overran its {deadline - start:.0f} s deadline before {step.label}"
             break
         rc = run_step(ctx, step, log, deadline)
         if rc is None:
-            out.status = f"overran its {budget:.0f} s deadline in {step.label}"
+            out.status = f"overran its {deadline - start:.0f} s deadline in {step.label}"
             break
         if rc != 0 and out.status == "ok":
             out.status = f"failed (exit {rc} in {step.label}; see {out.logs[-1]})"
@@ -288,186 +354,142 @@ def write_environment(ctx: Context) -> Dict[str, str]:
     env = environment()
     env.update(_nvidia_smi())
     env["mode"] = "quick (tiny shapes, CPU)" if ctx.quick else "full"
-    with open(os.path.join(ctx.out, "environment.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "value"])
-        w.writerows(sorted(env.items()))
+    _write_pairs(os.path.join(ctx.out, "environment.csv"), env)
     return env
 
 
-_TEST_LINE = re.compile(r"(?:\[gw\d+\] )?(?:(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)|"
-                        r"(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (\S+::\S+))")
-
-
-def write_test_rows(log_path: str, csv_path: str) -> List[Tuple[str, str]]:
-    """(test, outcome) for every test the (verbose) pytest log reports, to tests.csv; also what a
-    stopped run reported before it was stopped."""
-    seen: Dict[str, str] = {}
-    if os.path.exists(log_path):
-        for line in open(log_path, errors="replace"):
-            m = _TEST_LINE.search(line)
-            if m:
-                test, outcome = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
-                seen.setdefault(test, outcome.lower())
-    with open(csv_path, "w", newline="") as f:
+def _write_pairs(path: str, pairs: Dict[str, object]) -> None:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["test", "outcome"])
-        w.writerows(sorted(seen.items()))
-    return sorted(seen.items())
+        w.writerow(["key", "value"])
+        w.writerows(sorted(pairs.items()))
 
 
-# ------------------------------------------------------------------------------------ summary
-def _rows(path: str) -> List[Dict[str, str]]:
-    return read_csv(path) if os.path.exists(path) else []
+def triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels and autotune choices in this environment."""
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+def triton_cache_entries(path: str) -> Tuple[set, set, set]:
+    """(the package's compiled kernels, Inductor's, autotune choices): the cache's entry folders
+    holding a cubin, split by kernel name (Inductor names its kernels ``triton_*``), and those
+    holding an ``.autotune.json``."""
+    ours, inductor, tuned = set(), set(), set()
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            files = os.listdir(os.path.join(path, name)) if os.path.isdir(os.path.join(path, name)) else []
+            cubins = [f for f in files if f.endswith(".cubin")]
+            if cubins:
+                (inductor if cubins[0].startswith("triton_") else ours).add(name)
+            if any(f.endswith(".autotune.json") for f in files):
+                tuned.add(name)
+    return ours, inductor, tuned
 
 
-def attention_section(rows: List[Dict[str, str]]) -> Tuple[List[str], List[Tuple[str, Optional[float], str, Optional[bool]]]]:
-    lines: List[str] = []
-    claims: List[Tuple[str, Optional[float], str, Optional[bool]]] = []
-    if not rows:
-        return ["no attention rows"], claims
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    keys = list(dict.fromkeys((r["case"], r["mode"]) for r in rows))
-    table = []
-    for case, mode in keys:
-        cells = []
-        for impl in impls:
-            r = next((x for x in rows if (x["case"], x["mode"], x["impl"]) == (case, mode, impl)), None)
-            if r is None:
-                cells.append("")
-            elif r["status"] != "ok":
-                cells.append("n/a" if r["status"].startswith("skipped") else "failed")
-            else:
-                cells.append(f"{fmt_num(row_value(r, 'tflops'))} ({fmt_num(row_value(r, 'ms'))} ms)")
-        table.append([case, mode] + cells)
-    lines += _md_table(["case", "mode"] + impls, table)
-    lines.append("")
-    lines.append("TFLOP/s of the attention products (4 B h N^2 d forward, 2.5x that backward), median ms in "
-                 "brackets; n/a: skipped (the CSV says why).")
-
-    def ms(case, mode, impl):
-        r = next((x for x in rows if (x["case"], x["mode"], x["impl"]) == (case, mode, impl) and x["status"] == "ok"),
-                 None)
-        return row_value(r, "ms") if r else None
-
-    for case, mode in keys:
-        fused = ms(case, mode, "triton")
-        for other, goal, test, what in (("sdpa-bias", ">= 1x", lambda v: v >= 1.0, "SDPA with the materialised bias"),
-                                        ("fold-sdpa-flash", ">= 1x", lambda v: v >= 1.0,
-                                         "the bias folded into flash attention")):
-            base = ms(case, mode, other)
-            v = base / fused if fused and base else None
-            claims.append((f"fused attention vs {what}, {case} {mode}", v, goal, None if v is None else test(v)))
-        light = ms(case, mode, "flash-nobias")
-        v = light / fused if fused and light else None
-        claims.append((f"fused attention, share of unbiased flash's speed, {case} {mode}", v, "report",
-                       None))
-    return lines, claims
+def pack(out: str) -> str:
+    """Every file under ``out`` in one archive, ``out/ARCHIVE`` (paths relative to ``out``)."""
+    path = os.path.join(out, ARCHIVE)
+    tmp = path + ".part"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for folder, _, files in os.walk(out):
+            for f in sorted(files):
+                full = os.path.join(folder, f)
+                if full not in (path, tmp):
+                    tar.add(full, arcname=os.path.relpath(full, out))
+    os.replace(tmp, path)
+    return path
 
 
-def _simple_table(rows: List[Dict[str, str]], extras: Sequence[str]) -> List[str]:
-    if not rows:
-        return ["no rows"]
-    body = []
-    for r in rows:
-        e = parse_extra(r.get("extra", ""))
-        body.append([r["case"], r["impl"], r["mode"], fmt_num(row_value(r, "ms"), 4), r["status"]]
-                    + [e.get(k, "-") for k in extras])
-    return _md_table(["case", "impl", "mode", "ms", "status"] + list(extras), body)
+# ------------------------------------------------------------------------------------ plan, cache
+def plan_text(quick: bool = False) -> str:
+    """The plan, without running anything: each part in order, its deadline, what it runs, how
+    the deadline was estimated, and their sum."""
+    ctx = Context(out="DIR", quick=quick, xdist=True, pytest_timeout=True)
+    total = sum(p.quick_budget_s if quick else p.budget_s for p in PARTS)
+    lines = [f"fastsamclip bench gpu{' --quick' if quick else ''}: the plan (nothing runs; "
+             f"{'tiny shapes on the CPU' if quick else 'one H100 / H200, compiles included'})", ""]
+    head = f"{'#':>2}  {'part':12s} {'deadline':>8s}  what"
+    lines += [head, "-" * len(head)]
+    for i, p in enumerate(PARTS, 1):
+        what = textwrap.wrap(p.what, 90) or [""]
+        lines.append(f"{i:>2}  {p.name:12s} {p.quick_budget_s if quick else p.budget_s:>6.0f} s  {what[0]}")
+        lines += [f"{'':26s}{w}" for w in what[1:]]
+        for s in p.steps(ctx):
+            lines.append(f"{'':26s}step {s.label!r}: python {' '.join(s.argv[:4])} ...")
+    lines += ["", f"sum of the deadlines: {total:.0f} s ({total / 60:.1f} min), plus {RESERVE_S} s for the summary "
+                  "and the archive; a part's unused time passes to the next one.", ""]
+    if not quick:
+        lines.append("How each deadline was estimated:")
+        for p in PARTS:
+            lines += textwrap.wrap(f"{p.name}: {p.estimate}", 110, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
-def train_claims(rows: List[Dict[str, str]]):
-    out = []
-    for case in dict.fromkeys(r["case"] for r in rows):
-        plain = next((r for r in rows if r["case"] == case and r["impl"] == "plain" and r["status"] == "ok"), None)
-        fused = next((r for r in rows if r["case"] == case and r["impl"] == "fused" and r["status"] == "ok"), None)
-        a = row_value(fused, "img_s") if fused else None
-        b = row_value(plain, "img_s") if plain else None
-        v = a / b if a and b else None
-        out.append((f"training step img/s, fused vs plain torch ({case})", v, ">= 1x", None if v is None else v >= 1))
-        a = row_value(fused, "peak_mem_mb") if fused else None
-        b = row_value(plain, "peak_mem_mb") if plain else None
-        v = a / b if a and b else None
-        out.append((f"training step peak memory, fused vs plain torch ({case})", v, "<= 1x",
-                    None if v is None else v <= 1))
-    return out
-
-
-def summary(out: str, outcomes: Sequence[Outcome], started: float) -> str:
-    env = {r["key"]: r["value"] for r in _rows(os.path.join(out, "environment.csv"))}
-    lines = [f"# fastsamclip on {env.get('device', '?')}", ""]
-    lines += _md_table(["", ""], [[k, env.get(k, "-")] for k in ("device", "nvidia_smi", "driver", "cuda", "torch",
-                                                                 "triton", "python", "commit", "date", "mode")])
-    lines += ["", f"Whole command: {time.time() - started:.0f} s.", "", "## Parts", ""]
-    lines += _md_table(["part", "status", "seconds", "budget s", "logs"],
-                       [[o.part, o.status, f"{o.seconds:.0f}", f"{o.budget_s:.0f}", ", ".join(o.logs)]
-                        for o in outcomes])
-    tests = _rows(os.path.join(out, "tests.csv"))
-    counts: Dict[str, int] = {}
-    for t in tests:
-        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
-    lines += ["", "## GPU-only tests", "", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test ran"]
-    bad = [t["test"] for t in tests if t["outcome"] in ("failed", "error")]
-    lines += [f"- {t}: {o}" for t, o in ((b, "failed") for b in bad)]
-    claims: List[Tuple[str, Optional[float], str, Optional[bool]]] = []
-    att, att_claims = attention_section(_rows(os.path.join(out, "attention.csv")))
-    claims += att_claims
-    lines += ["", "## Attention", ""] + att
-    lines += ["", "## Fused losses", ""] + _simple_table(_rows(os.path.join(out, "losses.csv")),
-                                                        ["loss_rel_err_vs_fp32"])
-    e2e = _rows(os.path.join(out, "e2e.csv"))
-    lines += ["", "## End to end", "", e2e_markdown(e2e) if e2e else "no e2e rows"]
-    train = _rows(os.path.join(out, "train.csv"))
-    claims += train_claims(train)
-    lines += ["", "## Training step", ""] + _simple_table(train, ["img_s", "peak_mem_mb", "loss_vs_plain"])
-    lines += ["", "## Single request", ""] + _simple_table(
-        _rows(os.path.join(out, "inference.csv")),
-        ["dtype", "p99_ms", "vs_fp32_sam_rel_err", "vs_fp32_clip_cos", "vs_fp32_mask_iou", "vs_fp32_label_agreement"])
-    lines += ["", "## Claims checked here (the end-to-end ones are in that section)", ""]
-    lines += _md_table(["claim", "measured", "goal", "met"],
-                       [[n, f"{v:.3g}x" if v is not None else "n/a", g,
-                         "-" if m is None else ("yes" if m else "**no**")] for n, v, g, m in claims])
-    return "\n".join(lines) + "\n"
+def warm_triton_cache(cache_dir: str, jobs: int = 2, target: str = "sm_90a") -> aot.Warmed:
+    """Compile every attention kernel the run launches on ``target`` into ``cache_dir`` (see
+    ``fastsamclip.kernels.aot.warm``): on a machine without a GPU, with the Triton of the GPU machine."""
+    shapes = [(dtype, shape) for dtype, group in WARM_SHAPES.items() for shape in group]
+    return aot.warm(cache_dir, shapes, target=target, jobs=jobs)
 
 
 # ------------------------------------------------------------------------------------ main
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the CSVs, summary.md and logs (created)")
+    p.add_argument("--out", help="folder for the CSVs, summary.md, logs and the archive (created)")
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, the same files (CI)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (parts, order, deadlines, sum) and exit")
     p.add_argument("--budget-s", type=float, default=None,
-                   help=f"the whole command's wall time (default {BUDGET_S} s; quick {QUICK_BUDGET_S} s)")
+                   help=f"the whole command's wall time (default: the sum of the deadlines, {BUDGET_S:.0f} s; "
+                        f"quick {QUICK_BUDGET_S} s)")
     p.add_argument("--parts", default=",".join(x.name for x in PARTS), help="a subset of the parts, in order")
+    p.add_argument("--warm-triton-cache", metavar="DIR", default=None,
+                   help="compile the run's attention kernels for sm_90a into DIR (no GPU needed) and exit")
+    p.add_argument("--jobs", type=int, default=2, help="compile processes of --warm-triton-cache")
     args = p.parse_args(argv)
     names = [n for n in args.parts.split(",") if n]
     known = {x.name: x for x in PARTS}
     for n in names:
         if n not in known:
             p.error(f"unknown part {n!r}; parts: {', '.join(known)}")
-    if not args.quick:
-        if not torch.cuda.is_available():
-            p.error("no CUDA GPU is visible: this command measures a GPU (use --quick for the CPU smoke run)")
+    if args.dry_run:
+        print(plan_text(args.quick))
+        return 0
+    if args.warm_triton_cache:
+        w = warm_triton_cache(args.warm_triton_cache, jobs=args.jobs)
+        print(w.describe())
+        return 0 if not w.errors else 1
+    if not args.out:
+        p.error("--out DIR is required (or --dry-run / --warm-triton-cache DIR)")
+    if os.path.exists(os.path.join(args.out, ARCHIVE)):
+        p.error(f"{args.out} holds an earlier run ({ARCHIVE}): give another --out folder")
+    if not args.quick and not torch.cuda.is_available():
+        p.error("no CUDA GPU is visible: this command measures a GPU (use --quick for the CPU smoke run)")
     started = time.time()
-    end = started + (args.budget_s or (QUICK_BUDGET_S if args.quick else BUDGET_S))
+    end = started + (args.budget_s or (QUICK_BUDGET_S if args.quick else BUDGET_S + RESERVE_S))
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     ctx = Context(out=os.path.abspath(args.out), quick=args.quick,
                   xdist=importlib.util.find_spec("xdist") is not None,
                   pytest_timeout=importlib.util.find_spec("pytest_timeout") is not None)
+    cache = triton_cache_dir()
+    before = triton_cache_entries(cache)
     outcomes: List[Outcome] = []
+    unused = 0.0
     for name in names:
+        part = known[name]
         if time.time() >= end - RESERVE_S:
-            outcomes.append(Outcome(name, "overran: no time left in the command's budget", 0.0, known[name].budget_s))
+            outcomes.append(Outcome(name, "overran: no time left in the command's budget", 0.0, part.budget_s))
             continue
         print(f"[bench gpu] {name} ...", flush=True)
-        o = run_part(ctx, known[name], end)
+        o = run_part(ctx, part, end, unused)
+        unused = max(0.0, unused + o.budget_s - o.seconds)
         print(f"[bench gpu] {name}: {o.status} ({o.seconds:.0f} s)", flush=True)
         outcomes.append(o)
+    after = triton_cache_entries(cache)
+    _write_pairs(os.path.join(ctx.out, "triton_cache.csv"), {
+        "dir": cache, "kernels_before": len(before[0]), "kernels_compiled": len(after[0] - before[0]),
+        "inductor_kernels_compiled": len(after[1] - before[1]), "autotune_written": len(after[2] - before[2])})
     with open(os.path.join(ctx.out, "parts.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["part", "status", "seconds", "budget_s", "logs"])
@@ -476,8 +498,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = summary(ctx.out, outcomes, started)
     with open(os.path.join(ctx.out, "summary.md"), "w") as f:
         f.write(text)
+    archive = pack(ctx.out)
     print(text)
-    print(f"[bench gpu] wrote {ctx.out}/summary.md in {time.time() - started:.0f} s")
+    print(f"[bench gpu] wrote {ctx.out}/summary.md and every file in {archive} in {time.time() - started:.0f} s")
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
 

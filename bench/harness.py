@@ -53,12 +53,13 @@ class Result:
 
 
 def _git_commit() -> str:
-    """The short commit id, with ``+dirty`` when tracked sources differ from it (results excluded)."""
+    """The short commit id, with ``+dirty`` when tracked sources differ from it (results excluded);
+    a copy carried without its ``.git`` (a lent GPU machine) says ``$FASTSAMCLIP_COMMIT``."""
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=_HERE,
                                          stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
-        return "unknown"
+        return os.environ.get("FASTSAMCLIP_COMMIT") or "unknown"
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)bench/results"],
                            cwd=os.path.dirname(_HERE), stderr=subprocess.DEVNULL).returncode
     return commit + ("+dirty" if dirty == 1 else "")

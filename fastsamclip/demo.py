@@ -1,4 +1,6 @@
-"""``fastsamclip demo``: the whole merge path on an embedded default, on the CPU in seconds.
+"""``fastsamclip demo``: the paper's recipe on the miniature world's teachers (``run_distill_demo``),
+and ``--merge-only``: the whole merge path on small random teachers, on the CPU in seconds
+(``run_demo``):
 
 1. Writes a small SAM teacher (official ``.pth`` format) and a small CLIP teacher (open_clip
    hub-folder format), with random weights since no model hub is reachable.
@@ -11,26 +13,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
 import time
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from fastsamclip.checkpoint import load_merged, save_merged
 from fastsamclip.data import samples
 from fastsamclip.draw import draw_overlay
+from fastsamclip.errors import ConfigError
+from fastsamclip.files import write_json
+from fastsamclip.miniature import (
+    CLASSES,
+    SAM_TYPE,
+    Limits,
+    Recipe,
+    distill,
+    shipped_paths,
+    student_skills,
+    teacher_skills,
+    write_world,
+)
 from fastsamclip.modeling import (
     load_clip_teacher,
     load_sam_teacher,
     sam_preprocess,
     samclip_from_teachers,
 )
-from fastsamclip.train import Distiller, TrainConfig
+from fastsamclip.train.distiller import RUN_FILES
 from fastsamclip.transforms import sam_pixels
 
 
@@ -128,103 +142,89 @@ def run_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", image_na
 
 
 # ---------------------------------------------------------------------------------------------
-# `fastsamclip demo`: distillation end to end on the CPU
+# `fastsamclip demo`: the recipe on the miniature world's teachers, on the CPU in minutes
 # ---------------------------------------------------------------------------------------------
-def _demo_crops(images: dict, per_image: int, side: int, seed: int = 0) -> List[np.ndarray]:
-    """Random square-ish crops of the sample pictures: more D_CLIP images than the 12 pictures."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for a in images.values():
-        h, w = a.shape[:2]
-        for _ in range(per_image):
-            s = int(min(h, w) * rng.uniform(0.5, 1.0))
-            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-            crop = Image.fromarray(a[y:y + s, x:x + s]).resize((side, side), Image.BICUBIC)
-            out.append(np.asarray(crop))
-    return out
+DEMO_WORLD = {"train": 1000, "heldout": 100}  # canvases (the world of `fastsamclip miniature world` has 4000 / 300)
+DEMO_LIMITS = Limits(crops=None, canvases=None, semantic=50, everything=20)
+TARGETS = {"top1": 3.0, "point": 0.03}  # the student within this of its teacher (points; mIoU)
+ROWS = (("zero-shot top-1 @64 px (%)", "top1", "{:.1f}"), ("zero-shot top-1 @128 px (%)", "top1_high", "{:.1f}"),
+        ("point mIoU", "point", "{:.3f}"), ("box mIoU", "box", "{:.3f}"),
+        ("CLIP-head semantic mIoU (%)", "semantic_clip", "{:.1f}"),
+        ("composed semantic mIoU (%)", "semantic_composed", "{:.1f}"))
 
 
-def run_distill_demo(out_dir: Optional[str] = None, sam_type: str = "vit_tiny", quiet: bool = False,
-                     stage_steps: Sequence[int] = (60, 30, 15), clip_batch: int = 16, overwrite: bool = False) -> dict:
-    """Small teachers in the official formats, a small dataset in the real formats (WebDataset
-    shards, SA-1B json with COCO RLE masks), all three stages on the CPU, and a before/after table.
+def demo_table(teacher: dict, merged: dict, distilled: dict) -> List[str]:
+    """The Markdown table: teachers / student at merge / student after distillation."""
+    lines = ["| held-out skill | teachers | student at merge | student after distillation |", "|---|---:|---:|---:|"]
+    for label, key, f in ROWS:
+        if key == "semantic_composed":
+            t = f"{teacher['semantic_everything']:.1f} (SAM everything + CLIP crops)"
+        elif key == "top1_high":
+            t = "-"  # the CLIP teacher has one input size
+        else:
+            t = f.format(teacher[key]) if key in teacher else "-"
+        lines.append(f"| {label} | {t} | {f.format(merged[key])} | {f.format(distilled[key])} |")
+    return lines
 
-    The teachers have random weights (no model hub here), so the numbers show the mechanics, not
-    semantic quality: at initialisation the student's SAM side IS the SAM teacher (mask IoU 1.0)
-    and its CLIP head is untrained (low cosine); distillation must raise the cosine a lot while
-    stage 2's SAM rehearsal keeps the mask IoU close to 1.
-    """
+
+def check_demo_out(out_dir: str, overwrite: bool) -> None:
+    """Refuse a folder that holds an earlier demo run, naming the demo's own flag."""
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, "run", "run", f))]
+    if existing and not overwrite:
+        raise ConfigError(f"--out {out_dir} holds an earlier demo run ({', '.join(existing)} in run/run/): pass "
+                          "--overwrite to run the demo again there, or choose another --out")
+
+
+def run_distill_demo(out_dir: Optional[str] = None, quiet: bool = False, overwrite: bool = False,
+                     recipe: Recipe = Recipe(), world: Optional[dict] = None, limits: Limits = DEMO_LIMITS) -> dict:
+    """The paper's recipe on the teachers shipped with the package (trained on the miniature
+    world, never retrained here): write the world, measure the teachers, merge, run the three
+    stages, measure the student at merge and after distillation on the held-out split, print the
+    table. Returns the numbers, the targets' check and the seconds."""
     say = (lambda *a: None) if quiet else print
     out_dir = out_dir or os.path.join(os.getcwd(), "fastsamclip-demo")
+    check_demo_out(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     logging.getLogger("fastsamclip").setLevel(logging.ERROR)  # the table is the output; warnings would bury it
     t0 = time.perf_counter()
-    report: dict = {"out_dir": out_dir}
-    with tempfile.TemporaryDirectory() as work:
-        sam_path, clip_name = _write_teachers(work, sam_type, say)
-        clip_bytes = sum(os.path.getsize(os.path.join(work, "clip", f)) for f in os.listdir(os.path.join(work, "clip")))
-        teacher_bytes = os.path.getsize(sam_path) + clip_bytes
-
-        say("[2/4] writing a small dataset in the real formats (WebDataset shards, SA-1B json + RLE masks)")
-        pictures = samples.load_sample_images(max_side=160)
-        names = list(pictures)
-        held_out = names[-3:]  # SA-1B pictures never seen in training, by either stream
-        train_pics = {n: pictures[n] for n in names[:-3]}
-        crops = _demo_crops(train_pics, per_image=6, side=128)
-        clip_holdout = 0.15  # of the crops, chosen by a hash of each one's identity (the paper holds out 1%)
-        shards = samples.write_clip_shards(os.path.join(work, "clip_data"), crops, shard_size=16)
-        sa1b = os.path.join(work, "sa1b")
-        samples.write_sa1b(sa1b, [(pictures[n], samples.synthetic_masks(pictures[n])) for n in names])
-        spec = os.path.join(work, "clip_data", "{00000..%05d}.tar" % (len(shards) - 1))
-        say(f"      D_CLIP: {len(crops)} crops in {len(shards)} shards ({clip_holdout:.0%} held out by hash); "
-            f"D_SAM: {len(names)} SA-1B images ({len(held_out)} held out: {', '.join(held_out)})")
-
-        s1, s2, s3 = stage_steps
-        cfg = TrainConfig(
-            sam_checkpoint=sam_path, sam_type=sam_type, clip_model=clip_name, clip_pretrained=None,
-            clip_data=spec, sam_data=sa1b, out=os.path.join(out_dir, "run"),
-            stage1_steps=s1, stage2_steps=s2, stage3_steps=s3,
-            # The tiny CLIP teacher's input is 64 px and vit_tiny's native size 128 px: the analogue
-            # of the paper's 224/448 CLIP mix and 1024 px SAM stream.
-            clip_batch=clip_batch, clip_base_res=64, clip_resolutions=(64, 96), stage3_resolutions=(64, 96, 128),
-            sam_batch=2, masks_per_image=8, eval_images=len(held_out), eval_resolutions=(64, 96, 128),
-            clip_holdout=clip_holdout, overwrite=overwrite,
-            # Short stages: a short warm-up; otherwise the paper's learning rates.
-            warmup_fraction=0.1, progress=not quiet, tensorboard=False,
-            checkpoint_every=0, log_every=5)
-        say("[3/4] distilling: stage 1 head probing, stage 2 multi-task (CLIP + 10 x SAM), stage 3 resolutions")
-        trainer = Distiller(cfg)
-        before = trainer.evaluate()
-        result = trainer.run()
-        after = result["eval"]
-        merged = load_merged(result["merged"])
-        sam_params = sum(p.numel() for p in trainer.sam.parameters())
-        clip_params = sum(p.numel() for p in trainer.clip.parameters())
-    merged_params = merged.num_parameters()
-    merged_bytes = os.path.getsize(result["merged"])
-
-    say("[4/4] student vs teachers on the held-out images")
-    rows = [(f"CLIP cosine @{r}px", before["clip_cosine"][r], after["clip_cosine"][r]) for r in after["clip_cosine"]]
-    for k, cos in after["clip_cosine_pooled"].items():  # the same head on k x k pooled tokens, same pass
-        rows += [(f"  tokens pooled {k}x{k} @{r}px", before["clip_cosine_pooled"][k][r], v) for r, v in cos.items()]
-    rows.append(("mask IoU vs SAM teacher", before["mask_iou"], after["mask_iou"]))
-    say(f"      {'':28s}{'before':>10s}{'after':>10s}")
-    for name, b, a in rows:
-        say(f"      {name:28s}{b:>10.4f}{a:>10.4f}")
-    say(f"      {'parameters':28s}{'merged':>10s}{'teachers':>10s}")
-    say(f"      {'  count':28s}{merged_params / 1e6:>9.2f}M{(sam_params + clip_params) / 1e6:>9.2f}M")
-    say(f"      {'  bytes on disk':28s}{merged_bytes / 2**20:>8.1f}MB{teacher_bytes / 2**20:>8.1f}MB")
-    cos_b = float(np.mean(list(before["clip_cosine"].values())))
-    cos_a = float(np.mean(list(after["clip_cosine"].values())))
-    # How much CLIP agreement the cheap path gives up, at the worst resolution (after stage 3).
-    pooled_gap = max((after["clip_cosine"][r] - v for cos in after["clip_cosine_pooled"].values()
-                      for r, v in cos.items()), default=None)
-    if pooled_gap is not None:
-        say(f"      full minus pooled-token CLIP cosine, worst resolution: {pooled_gap:+.4f}")
-    report.update(before=before, after=after, merged=result["merged"], merged_params=merged_params, pooled_gap=pooled_gap,
-                  teacher_params=sam_params + clip_params, merged_bytes=merged_bytes, teacher_bytes=teacher_bytes,
-                  stage_steps=result["stage_steps"],
-                  distillation_worked=cos_a > cos_b + 0.1 and after["mask_iou"] > 0.9)
+    teachers = shipped_paths()
+    sizes = world or DEMO_WORLD
+    say(f"[1/5] the miniature world: {sizes['train']} training and {sizes['heldout']} held-out canvases of "
+        f"{len(CLASSES)} classes on photo backgrounds (real layouts: WebDataset shards, SA-1B json + RLE, "
+        "crops folder, VOC, COCO)")
+    world_root = os.path.join(out_dir, "world")
+    write_world(world_root, sizes["train"], sizes["heldout"], overwrite=overwrite)
+    say(f"      {world_root} ({time.perf_counter() - t0:.0f} s)")
+    say(f"[2/5] the shipped teachers: open_clip model folder {teachers['clip'][len('local-dir:'):]} and "
+        f"segment_anything {SAM_TYPE} {teachers['sam']}; their held-out skills")
+    teacher = teacher_skills(world_root, teachers, limits)
+    say(f"      CLIP zero-shot top-1 {teacher['top1']:.1f}%, SAM point mIoU {teacher['point']:.3f}, box mIoU "
+        f"{teacher['box']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    say(f"[3/5] merging, then the three stages: stage 1 head probing ({recipe.stage_steps[0]} steps), stage 2 "
+        f"CLIP + {recipe.sam_loss_weight:g} x SAM rehearsal ({recipe.stage_steps[1]} steps), stage 3 resolutions "
+        f"{'/'.join(map(str, recipe.stage3_resolutions))} px ({recipe.stage_steps[2]} steps)")
+    paths = distill(world_root, os.path.join(out_dir, "run"), recipe, teachers, progress=not quiet, overwrite=overwrite)
+    say(f"      {paths['final']} ({time.perf_counter() - t0:.0f} s)")
+    say("[4/5] the student's held-out skills at merge and after distillation")
+    merged = student_skills(paths["merge"], world_root, limits)
+    distilled = student_skills(paths["final"], world_root, limits)
+    say("[5/5] held-out skills (zero-shot through `eval classify`'s 80 templates, semantic through "
+        "`eval semantic`, prompts as SAM evaluates them)")
+    table = demo_table(teacher, merged, distilled)
+    for line in table:
+        say(line)
+    gaps = {"top1": teacher["top1"] - distilled["top1"], "point": teacher["point"] - distilled["point"]}
+    met = {k: gaps[k] <= TARGETS[k] for k in TARGETS}
+    say(f"targets: zero-shot top-1 within {TARGETS['top1']:g} points of the CLIP teacher: "
+        f"{'met' if met['top1'] else 'NOT met'} ({gaps['top1']:+.1f}); point mIoU within {TARGETS['point']:g} of "
+        f"the SAM teacher: {'met' if met['point'] else 'NOT met'} ({gaps['point']:+.3f})")
+    report = {"out_dir": out_dir, "world": world_root, "teachers": teacher, "merge": merged, "distilled": distilled,
+              "gaps": gaps, "targets_met": met, "paths": paths, "recipe": dataclasses.asdict(recipe),
+              # The recipe did its job when the student gained CLIP's skill and kept SAM's.
+              "distillation_worked": distilled["top1"] > merged["top1"]
+              and distilled["point"] >= teacher["point"] - TARGETS["point"]}
     report["seconds"] = time.perf_counter() - t0
-    say(f"done in {report['seconds']:.1f} s; merged checkpoint {result['merged']}")
+    write_json(os.path.join(out_dir, "demo.json"), report)
+    say(f"done in {report['seconds']:.0f} s; merged checkpoint {paths['final']}, numbers in "
+        f"{os.path.join(out_dir, 'demo.json')}")
     return report

@@ -24,6 +24,8 @@ Geometry (segment_anything's and open_clip's, reproduced exactly):
 Image reading (:func:`to_rgb_uint8`), applied to every image a user hands in:
 
 - a path is decoded with PIL; a PIL image is converted to an array first (16-bit modes kept 16-bit);
+- an EXIF orientation (a phone's portrait JPEG) is applied as ``PIL.ImageOps.exif_transpose`` does,
+  so the pixels, their size and every prompt coordinate are those of the picture as viewed;
 - (H, W) and (H, W, 1) grayscale are replicated to 3 channels; (H, W, 2) is grayscale + alpha;
 - an alpha channel is dropped (not composited), as ``PIL.Image.convert("RGB")`` does;
 - uint8 is used as is; uint16 (and PIL's 16-bit modes) is scaled by its full range
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastsamclip.errors import InputError
 from fastsamclip.kernels import postprocess_masks as _postprocess_masks_op
@@ -78,6 +80,17 @@ def decode_rgb(data: Union[bytes, str, os.PathLike]) -> Image.Image:
     with Image.open(src) as im:
         im.load()  # raises OSError on a truncated file; PIL's LOAD_TRUNCATED_IMAGES stays False
         return im.convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = stored upright
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewed: its EXIF orientation applied (``ImageOps.exif_transpose``), or the
+    image itself when it has none."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
@@ -119,6 +132,7 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
         except DECODE_ERRORS as e:
             raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if isinstance(image, Image.Image):
+        image = upright(image)
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):

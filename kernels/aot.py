@@ -24,6 +24,10 @@ stack frame, shared memory over the target's limit, an sm_90 fp16/bf16 build who
 not all run on wgmma, a synchronous load in a key loop. ``fastsamclip info --kernels`` prints
 the table; ``tests/kernels/test_aot.py`` runs it in CI.
 
+``warm`` fills a Triton cache with the kernels a GPU would compile for given launches, through
+the launch path itself (the autotuner's pruner, ``warmup``) under a stand-in for that GPU's
+driver: carried to the GPU machine with the same Triton, the run finds them there.
+
 Builds run in worker processes (``WORKER``: JSON in and out)
 without ``TRITON_INTERPRET`` and with a fresh Triton cache (so ptxas runs and logs every build),
 spread over ``jobs`` processes. Uses Triton's JIT binder (``create_function_from_signature`` and
@@ -50,7 +54,8 @@ import torch
 from . import cosine_distill, focal_dice
 from . import relpos_attention_triton as attn
 
-__all__ = ["TARGETS", "SHAPES", "Target", "Build", "Row", "builds", "run", "check", "format_table"]
+__all__ = ["TARGETS", "SHAPES", "Target", "Build", "Row", "Warmed", "builds", "run", "check", "format_table",
+           "warm"]
 
 
 class Target(NamedTuple):
@@ -134,7 +139,7 @@ def _launches(op: str, shape: Sequence[int], dtype: str):
 
 def _config_label(launch, config: dict) -> str:
     if config:
-        return f"{config['BLOCK_M']}x{config['BH']}r/w{config['num_warps']}/s{config['num_stages']}"
+        return attn.config_label(config)
     keys = [k for k in ("BLOCK_R", "BLOCK_D", "BLOCK", "BLOCK_M", "BLOCK_B") if k in launch.meta or k in launch.options]
     vals = {**launch.meta, **launch.options}
     return "/".join(f"{k.split('_')[-1]}{vals[k]}" for k in keys) + f"/w{launch.options.get('num_warps', 4)}"
@@ -339,6 +344,133 @@ def worker_main() -> int:
     for d in json.loads(sys.stdin.read()):
         row = _compile(Build(**d))
         print(json.dumps(asdict(row)), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ warming a cache
+class _StandInDriver:
+    """What Triton's JIT asks of the active driver before it compiles (the target, a device and a
+    stream id), for a GPU that is not here: the launch path then compiles exactly as on that GPU
+    (its binder, options and cache key) and stops before loading anything onto a device."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@dataclass
+class Warmed:
+    """What :func:`warm` did: kernels compiled or found (``kernels``), new cache entries (0 when the
+    cache already held every one: the launch path would compile nothing), the cache's entries after."""
+
+    cache_dir: str
+    target: str
+    kernels: int = 0
+    new_entries: int = 0
+    entries: int = 0
+    seconds: float = 0.0
+    errors: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{self.target} Triton cache {self.cache_dir} ({versions()}): {self.kernels} kernels of the "
+                 f"attention launches, {self.new_entries} compiled into it now, {self.entries} compiled kernels in "
+                 f"it, {self.seconds:.0f} s"]
+        return "\n".join(lines + [f"  error: {e}" for e in self.errors])
+
+
+def _kernel_entries(cache_dir: str) -> set:
+    if not os.path.isdir(cache_dir):
+        return set()
+    return {d for d in os.listdir(cache_dir) if os.path.isdir(os.path.join(cache_dir, d))
+            and any(f.endswith(".cubin") for f in os.listdir(os.path.join(cache_dir, d)))}
+
+
+def warm(cache_dir: str, shapes: Sequence[Tuple[str, Sequence]], target: str = "sm_90a", jobs: int = 2,
+         timeout: Optional[float] = None, kernels: Optional[Sequence[str]] = None) -> Warmed:
+    """Compile, into the Triton cache ``cache_dir``, every attention kernel a ``target`` GPU compiles
+    for these launches (``shapes``: (dtype, (label, batch, heads, H, W, d)) as ``SHAPES``): each
+    autotuned launch through its own pruner (every config of the target's space it keeps), the
+    fixed ones through ``warmup``, under a stand-in for the GPU's driver; nothing runs. The GPU
+    machine hits these entries when its Triton, the kernels' source, the target and the launch's
+    specialisation are the same (a cache key covers all four); run it again on a copy of the cache
+    to see that nothing new is compiled. ``kernels``: only these launches (e.g. ["attention dq"]).
+    Worker processes, ``TRITON_*`` variables but the cache's unset (the GPU run sets none either)."""
+    t0 = time.perf_counter()
+    os.makedirs(cache_dir, exist_ok=True)
+    before = _kernel_entries(cache_dir)
+    items = [{"dtype": dtype, "shape": list(shape[1:]), "label": shape[0], "target": target,
+              "kernels": list(kernels) if kernels else None} for dtype, shape in shapes]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_") or k == "TRITON_HOME"}
+    env.update(TRITON_CACHE_DIR=os.path.abspath(cache_dir), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    out = Warmed(os.path.abspath(cache_dir), target)
+    procs = []
+    for chunk in (items[i::max(1, jobs)] for i in range(max(1, jobs))):
+        if chunk:
+            p = subprocess.Popen([sys.executable, "-c", WARM_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env)
+            procs.append((p, chunk))
+    try:
+        for p, chunk in procs:
+            p.stdin.write(json.dumps(chunk))
+            p.stdin.close()
+            p.stdin = None
+        for p, chunk in procs:
+            try:
+                stdout, stderr = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                stdout, stderr = p.communicate()
+            done = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+            out.kernels += sum(d["kernels"] for d in done)
+            out.errors += [f"{d['label']} {d['dtype']}: {d['error']}" for d in done if d["error"]]
+            if len(done) < len(chunk) or p.returncode:
+                out.errors.append(f"worker exited {p.returncode} after {len(done)} of {len(chunk)} shapes: "
+                                  f"{stderr.strip()[-500:]}")
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+    after = _kernel_entries(cache_dir)
+    out.new_entries, out.entries = len(after - before), len(after)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+WARM_WORKER = "import sys; from fastsamclip.kernels import aot; sys.exit(aot.warm_worker_main())"
+
+
+def warm_worker_main() -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    for d in json.loads(sys.stdin.read()):
+        tgt = TARGETS[d["target"]]
+        triton.runtime.driver.set_active(_StandInDriver(GPUTarget("cuda", tgt.capability, 32)))
+        # The pruner asks the device for its family and shared memory: the target's figures.
+        attn._device_limits = lambda device, tgt=tgt: ((tgt.capability // 10, tgt.capability % 10), tgt.smem_limit)
+        n, error = 0, ""
+        try:
+            for launch in attn.aot_launches(*attn.sam_layout(*d["shape"], DTYPES[d["dtype"]])):
+                if d["kernels"] and launch.kernel not in d["kernels"]:
+                    continue
+                if launch.tuned:
+                    named = dict(zip(launch.fn.arg_names, launch.args))
+                    prune = attn._make_pruner(launch.tuned, launch.fn)
+                    n += len(prune(attn._autotune_configs(launch.tuned, interpret=False), named, **launch.meta))
+                else:
+                    launch.fn.warmup(*launch.args, grid=(1,), **launch.meta, **launch.options)
+                    n += 1
+        except Exception as e:  # reported with the shape; the other shapes still warm
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        print(json.dumps({"label": d["label"], "dtype": d["dtype"], "kernels": n, "error": error}), flush=True)
     return 0
 
 

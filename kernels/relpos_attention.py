@@ -63,14 +63,26 @@ def relpos_attention_sdpa(q, k, v, rel_h, rel_w, scale: Optional[float] = None):
     On the CPU without gradients the (batch, head) pairs go through SDPA in groups whose bias
     holds at most ``SDPA_CPU_BIAS_ELEMENTS``, one buffer refilled per group: at 1024 px a global
     block's whole bias is 400 MB in bf16, and writing it fresh costs more than the attention
-    (1.5-1.9x faster per global block on a 2-core Xeon, bf16 and fp32; identical results)."""
+    (1.5-1.9x faster per global block on a 2-core Xeon, bf16 and fp32; identical results).
+
+    Traced with a symbolic batch (``torch.export`` with a dynamic batch dimension, the AOTInductor
+    export), the groups are of heads, each over the whole batch: a group size compared with the
+    batch, or a loop over it, would put a guard on the exported batch dimension (and fail the
+    export at every size where a group is smaller than the largest batch). Same results; the bias
+    of one group then grows with the batch."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, nh, N, d = q.shape
-    G = B * nh
     group = max(1, SDPA_CPU_BIAS_ELEMENTS // (N * N))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w))
+    symbolic_batch = isinstance(B, torch.SymInt)
+    G = nh if symbolic_batch else B * nh  # what is grouped: heads, or (batch, head) pairs
     if q.device.type != "cpu" or grad or group >= G:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=materialized_bias(rel_h, rel_w), scale=scale)
+    if symbolic_batch:
+        return torch.cat([F.scaled_dot_product_attention(
+            q[:, s:s + group], k[:, s:s + group], v[:, s:s + group],
+            attn_mask=materialized_bias(rel_h[:, s:s + group], rel_w[:, s:s + group]), scale=scale)
+            for s in range(0, nh, group)], dim=1)
     H, W = rel_h.shape[-1], rel_w.shape[-1]
     qf, kf, vf = (t.reshape(G, 1, N, d) for t in (q, k, v))
     rh, rw = rel_h.reshape(G, N, H, 1), rel_w.reshape(G, N, 1, W)

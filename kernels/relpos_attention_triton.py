@@ -53,8 +53,11 @@ Caveats
   CI's matrix; ``fastsamclip info --kernels --dtypes fp32,fp32-ieee``): clean at d = 64 but for
   the dq kernel's V tile, which TF32 cannot take by cp.async; at d = 80 some fp32 kernels spill
   in every config tried (the spaces below say which). Run times are a GPU's to measure.
-* Autotuning is keyed by (N, H, W, head dim, batch rounded to a power of two, dtypes) and kept on
-  disk in Triton's cache (``cache_results``): a second process with the same cache tunes nothing.
+* Autotuning is keyed by (N, heads, H, W, head dim, batch rounded to a power of two, fp32 product
+  precision, dtypes) and kept on disk in Triton's cache (``cache_results``): a second process with
+  the same cache tunes nothing. The pruner compiles each candidate of the GPU's space and drops
+  those that do not fit or do not compile, with a warning; when none is left it raises with every
+  reason (never a silent fallback tile). The tiles chosen show in the backend's ``notes``.
 * Double backward is not supported (the backward op has no autograd formula).
 * On CPU it runs only under ``TRITON_INTERPRET=1`` (~1000x slower than sdpa; for tests), and
   the chooser never picks it there (``auto_check``): force it with ``backend="triton"`` or
@@ -77,7 +80,8 @@ import torch
 from ._triton import INTERPRET, UNAVAILABLE, Launch, device_refusals, tl, triton
 from .dispatch import Backend, log
 
-__all__ = ["relpos_attention_triton", "BACKEND", "head_split", "fp32_uses_tf32", "config_space", "aot_launches"]
+__all__ = ["relpos_attention_triton", "BACKEND", "head_split", "fp32_uses_tf32", "config_space", "config_label",
+           "chosen_configs", "aot_launches", "TILES_NOTE"]
 
 MAX_W = 128  # widest key-grid row a tile can hold (W_PAD <= 128)
 MAX_HEAD_DIM = 128
@@ -274,16 +278,29 @@ def _autotune_configs(kind: str, interpret: bool = INTERPRET) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
 
 
+def config_label(cfg) -> str:
+    """A tile config as tables show it: ``64x4r/w4/s2`` = 64 queries, 4 grid rows of keys, 4 warps,
+    2 stages (``cfg``: a triton.Config with BLOCK_M / BH, or a dict with those and num_warps / num_stages)."""
+    kw = dict(cfg) if isinstance(cfg, dict) else dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return f"{kw['BLOCK_M']}x{kw['BH']}r/w{kw['num_warps']}/s{kw['num_stages']}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
 def select_configs(kind: str, configs: Sequence, family: Optional[str], dclass: Optional[str], w_pad: int,
                    smem_limit: Optional[int] = None,
-                   shared_of: Optional[Callable[[object], Optional[int]]] = None) -> list:
+                   shared_of: Optional[Callable[[object], int]] = None) -> list:
     """The pruner's rule, without a device: of ``configs`` (triton.Config with BLOCK_M / BLOCK_N
     targets) keep those in ``config_space(kind, family, dclass)`` (all of them when family is
     None: the interpreter), as BLOCK_M / BH configs, duplicates dropped; with ``smem_limit``,
-    drop those whose ``shared_of(config)`` (bytes of the compiled kernel; None: it failed to
-    compile) exceeds it. Never empty: the smallest tile is the last resort."""
+    drop those whose ``shared_of(config)`` (bytes of the compiled kernel; raising: it does not
+    compile) exceeds it. When nothing is left it raises, naming every candidate and why it went:
+    a silent fallback to some other tile would hide a broken build behind a slow kernel."""
     space = set(config_space(kind, family, dclass)) if family is not None else None
-    out, seen = [], set()
+    out, seen, dropped = [], set(), []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if space is not None and (bm, bn, c.num_warps, c.num_stages) not in space:
@@ -295,12 +312,20 @@ def select_configs(kind: str, configs: Sequence, family: Optional[str], dclass: 
         seen.add(key)
         cfg = triton.Config({"BLOCK_M": bm, "BH": bh}, num_warps=c.num_warps, num_stages=c.num_stages)
         if smem_limit is not None and shared_of is not None:
-            need = shared_of(cfg)
-            if need is None or need > smem_limit:
+            try:
+                need = shared_of(cfg)
+            except Exception as e:  # the config does not compile here: dropped, with the reason
+                dropped.append(f"{config_label(cfg)} does not compile ({_first_line(e)})")
+                continue
+            if need > smem_limit:
+                dropped.append(f"{config_label(cfg)} needs {need} B of shared memory, the device has {smem_limit} B")
                 continue
         out.append(cfg)
     if not out:
-        out.append(triton.Config({"BLOCK_M": 32, "BH": 1}, num_warps=4, num_stages=1))
+        where = f"{family} {dclass}" if family is not None else "the interpreter"
+        why = "; ".join(dropped) or f"none of the {len(configs)} candidates is in the {where} space"
+        raise RuntimeError(f"relpos_attention {kind}: no tile config is left for this device ({where}, "
+                           f"key-grid rows padded to {w_pad}): {why}")
     return out
 
 
@@ -314,31 +339,36 @@ _DROPPED: set = set()
 
 
 def _make_pruner(kind: str, fn):
-    """``early_config_prune`` of ``kind``'s autotuner; ``fn`` is its @triton.jit kernel."""
+    """``early_config_prune`` of ``kind``'s autotuner; ``fn`` is its @triton.jit kernel.
+
+    Triton's ``Autotuner.run`` calls it as ``early_config_prune(configs, named_args, **kwargs)``
+    with its own launch keywords among the kwargs (``grid`` and ``warmup`` in Triton 3.6 and 3.8,
+    which ``JITFunction.warmup`` sets itself): only the kernel's own parameters are passed on."""
+    params = frozenset(fn.arg_names)
 
     def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        w_pad = int(args["W_PAD"])
+        meta = {k: v for k, v in kwargs.items() if k in params}
+        w_pad = int(meta["W_PAD"])
         if INTERPRET:
             return select_configs(kind, configs, None, None, w_pad)
-        q = args["Q"]
+        q = named_args["Q"]
         capability, smem = _device_limits(q.device)
 
         def shared_of(cfg):
             # Compiles the config (Triton caches it, so the autotuner's own launch reuses it) and
-            # reads the shared memory Triton allocated; a config that fails to compile is dropped,
-            # and said once.
+            # reads the shared memory Triton allocated; a config that fails to compile is dropped
+            # (select_configs keeps the reason), and said once.
             try:
-                return fn.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs()).metadata.shared
+                return fn.warmup(*named_args.values(), grid=(1,), **meta, **cfg.all_kwargs()).metadata.shared
             except Exception as e:
                 key = (kind, str(cfg), type(e).__name__)
                 if key not in _DROPPED:
                     _DROPPED.add(key)
-                    log.warning("relpos_attention %s: config %s does not compile here, dropped (%s: %s)", kind, cfg,
-                                type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
-                return None
+                    log.warning("relpos_attention %s: config %s does not compile here, dropped (%s)", kind,
+                                config_label(cfg), _first_line(e))
+                raise
 
-        dclass = dtype_class(q.dtype, kwargs["DOT_PREC"], int(args["D0"]), int(args["D1"]))
+        dclass = dtype_class(q.dtype, meta["DOT_PREC"], int(meta["D0"]), int(meta["D1"]))
         return select_configs(kind, configs, family_of(capability), dclass, w_pad, smem, shared_of)
 
     return prune
@@ -677,29 +707,34 @@ if triton is not None:
 
         def __init__(self, fn, kind):
             self.fn, self.configs, self.prune = fn, _autotune_configs(kind), _make_pruner(kind, fn)
+            self.best_config = None  # the config of the last launch, as triton.autotune keeps it
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 named = dict(zip(self.fn.arg_names, args))
-                cfg = self.prune(self.configs, named, **kwargs)[0]
+                cfg = self.best_config = self.prune(self.configs, named, **kwargs)[0]
                 meta = {**kwargs, **cfg.kwargs}
                 g = grid({**named, **meta}) if callable(grid) else grid
                 return self.fn[g](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
             return launch
 
-    # The autotune key: the shape, the batch rounded to a power of two (TUNE_BATCH), since the
-    # grid's size decides between tiles, and the fp32 product precision (DOT_PREC: TF32 and exact
-    # fp32 prune to different config spaces, so one must not reuse the other's choice); Triton
-    # adds the tensors' dtypes. cache_results keeps each choice in Triton's cache directory (keyed
-    # also by Triton's version, the GPU architecture, the kernel's source and the config list).
-    AUTOTUNE_KEY = ["N", "H", "W", "HEAD_DIM", "TUNE_BATCH", "DOT_PREC"]
+    # The autotune key: the shape, the number of heads and the batch rounded to a power of two
+    # (TUNE_BATCH): the grid has B x heads x blocks programs, and its size decides between tiles
+    # (a test with 2 heads must not hand its choice to a model with 12); and the fp32 product
+    # precision (DOT_PREC: TF32 and exact fp32 prune to different config spaces, so one must not
+    # reuse the other's choice); Triton adds the tensors' dtypes. cache_results keeps each choice in
+    # Triton's cache directory (keyed also by Triton's version, the GPU architecture, the kernel's
+    # source and the config list).
+    AUTOTUNE_KEY = ["N", "NH", "H", "W", "HEAD_DIM", "TUNE_BATCH", "DOT_PREC"]
 
-    def _tuned(fn, kind):
+    def _tuned(fn, kind, do_bench=None):
+        """``kind``'s autotuner around ``fn``; ``do_bench``: Triton's timer unless given (tests)."""
         if INTERPRET:
             return _SingleConfig(fn, kind)
-        return triton.autotune(configs=_autotune_configs(kind), key=AUTOTUNE_KEY, cache_results=True,
-                               prune_configs_by={"early_config_prune": _make_pruner(kind, fn)})(fn)
+        return triton.autotune(configs=_autotune_configs(kind, interpret=False), key=AUTOTUNE_KEY, cache_results=True,
+                               prune_configs_by={"early_config_prune": _make_pruner(kind, fn)},
+                               do_bench=do_bench)(fn)
 
     KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
@@ -774,11 +809,29 @@ def _bwd_launches(do, q, k, v, rel_h, rel_w, lse, delta, dq, dk, dv, drh, drw, s
     return dkdv, dq_
 
 
+# (kind, N, heads, H, W, head dim, batch bucket, fp32 product precision, dtype) -> the tile config
+# the last such launch ran (config_label), for the backend's notes and the benchmark rows.
+_CHOSEN: Dict[tuple, str] = {}
+
+
 def _run(launch: Launch, grid) -> None:
-    if launch.tuned:
-        _TUNED[launch.tuned][grid](*launch.args, **launch.meta)
-    else:
+    if not launch.tuned:
         launch.run(grid)
+        return
+    tuned = _TUNED[launch.tuned]
+    tuned[grid](*launch.args, **launch.meta)
+    a = dict(zip(launch.fn.arg_names, launch.args))
+    key = (launch.tuned, a["N"], a["NH"], a["H"], a["W"], launch.meta["HEAD_DIM"], a["TUNE_BATCH"],
+           launch.meta["DOT_PREC"], a["Q"].dtype)
+    _CHOSEN[key] = config_label(tuned.best_config)
+
+
+def chosen_configs(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> Dict[str, str]:
+    """kernel kind -> the tile config (``config_label``) its autotuner ran for inputs shaped like
+    these (q (B, heads, N, d), rel_h (.., H), rel_w (.., W)), for each kernel that has run them."""
+    B, NH, N, d = q.shape
+    key = (N, NH, rel_h.shape[-1], rel_w.shape[-1], d, _tune_batch(B), dot_precision(q.dtype), q.dtype)
+    return {kind: _CHOSEN[(kind, *key)] for kind in KINDS if (kind, *key) in _CHOSEN}
 
 
 def _launch_fwd(q, k, v, rel_h, rel_w, scale: float):
@@ -925,8 +978,15 @@ def _auto_check(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
     return []
 
 
+# The note that names the tiles the autotuner chose for inputs like these (after they ran).
+TILES_NOTE = "autotuned tiles (queries x key-grid rows / warps / stages): "
+
+
 def _notes(q, k, v, rel_h, rel_w, needs_grad=False) -> List[str]:
     out = [fp32_note()] if q.dtype == torch.float32 else []
+    chosen = chosen_configs(q, rel_h, rel_w)
+    if chosen:
+        out.append(f"{TILES_NOTE}{', '.join(f'{kind} {label}' for kind, label in chosen.items())}")
     d0, d1 = head_split(q.shape[-1])
     if d0 + d1 != q.shape[-1]:
         out.append(f"head dim {q.shape[-1]} padded to {d0 + d1}" + (f" ({d0} + {d1})" if d1 else ""))

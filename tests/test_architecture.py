@@ -4,13 +4,17 @@ Layers and, inside the application, the order of its packages (a module imports 
 package or from packages of a lower rank):
 
     0  fastsamclip.kernels                     ops: torch and triton only
-  0.5  fastsamclip.errors, fastsamclip.files  the errors a person can act on; safe file writes
+ 0.25  fastsamclip.errors                      the errors a person can act on
+  0.5  fastsamclip.files                       safe file writes (their errors are the person's)
     1  fastsamclip.transforms                  image geometry and pixel statistics
     2  fastsamclip.modeling                    the models, their configs and builders
     3  fastsamclip.checkpoint                  the merged checkpoint format
     4  fastsamclip.data, fastsamclip.draw      readers, prompts, streams, sample data; pictures
+       fastsamclip.open_clip_compat            open_clip's interface on a merged checkpoint
     5  fastsamclip.train, fastsamclip.predictor
-    6  fastsamclip.demo, fastsamclip.eval, fastsamclip.export, fastsamclip.serve
+    6  fastsamclip.eval, fastsamclip.export, fastsamclip.serve
+  6.5  fastsamclip.miniature                   the miniature world, its teachers, the recipe on them
+ 6.75  fastsamclip.demo                        the README's main job, on the miniature world
     7  fastsamclip.cli, fastsamclip.bench      the commands and the benchmarks, on the public API
 
 Also: no import of the package's own modules inside a function, and the benchmarks use only the
@@ -32,13 +36,14 @@ SOURCES = {"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels", "fast
 RANKS = {
     "fastsamclip": -1,  # the package itself: its version, nothing else
     "fastsamclip.kernels": 0,
-    "fastsamclip.errors": 0.5, "fastsamclip.files": 0.5,
+    "fastsamclip.errors": 0.25, "fastsamclip.files": 0.5,
     "fastsamclip.transforms": 1,
     "fastsamclip.modeling": 2,
     "fastsamclip.checkpoint": 3,
-    "fastsamclip.data": 4, "fastsamclip.draw": 4,
+    "fastsamclip.data": 4, "fastsamclip.draw": 4, "fastsamclip.open_clip_compat": 4,
     "fastsamclip.train": 5, "fastsamclip.predictor": 5,
-    "fastsamclip.demo": 6, "fastsamclip.eval": 6, "fastsamclip.export": 6, "fastsamclip.serve": 6,
+    "fastsamclip.eval": 6, "fastsamclip.export": 6, "fastsamclip.serve": 6,
+    "fastsamclip.miniature": 6.5, "fastsamclip.demo": 6.75,
     "fastsamclip.cli": 7, "fastsamclip.bench": 7,
     "fastsamclip.__main__": 8,
 }

@@ -1,6 +1,6 @@
 """The ``fastsamclip`` command. Each command group lives in its own module and registers its
 parser here: ``info``, ``demo``, ``merge`` / ``distill`` / ``cache-teachers``, ``predict``, ``eval``,
-``export``, ``serve``, ``bench``."""
+``export``, ``serve``, ``bench``, ``miniature``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import argparse
 import sys
 from typing import List, Optional
 
-from fastsamclip.cli import bench, demo, evaluate, export, info, predict, serve, train
+from fastsamclip.cli import bench, demo, evaluate, export, info, miniature, predict, serve, train
+from fastsamclip.cli.common import missing_extra
 
-COMMANDS = (info, demo, train, predict, evaluate, export, serve, bench)
+COMMANDS = (info, demo, train, predict, evaluate, export, serve, bench, miniature)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ImportError as e:  # an optional extra that is not installed: say which, in one line
+        line = missing_extra(e, args.command)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

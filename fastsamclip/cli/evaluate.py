@@ -32,6 +32,7 @@ from fastsamclip.eval.runner import (
     markdown_table,
     skipped_line,
 )
+from fastsamclip.errors import InputError, check_range
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
 from fastsamclip.predictor.engine import DTYPES
@@ -106,6 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.5, help="composed: class score that prompts the SAM head")
     s.add_argument("--background-threshold", type=float, default=None,
                    help="voc, clip mode: prompt the 20 objects only; background where the best probability is below this")
+    s.add_argument("--class-names", default=None,
+                   help="voc layout with classes of its own: a file naming label values 0 (background), 1, 2, ...")
     s.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="one label PNG per image, named after it, in the dataset's own label encoding")
     s.set_defaults(fn=cmd_eval)
@@ -157,11 +160,20 @@ def _setup(task: str, args, device):
         raise EvalInputError(None, f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise EvalInputError(None, f"--batch-size must be at least 1, got {args.batch_size}")
+    numbers = [("--workers", args.workers, 0, None), ("--clip-token-pool", args.clip_token_pool, 1, None)]
+    numbers += [(f"--{k.replace('_', '-')}", getattr(args, k), lo, hi) for k, lo, hi in (
+        ("threshold", None, None), ("background_threshold", 0.0, 1.0), ("captions_per_image", 0, None),
+        ("resolution", 16, None)) if getattr(args, k, None) is not None]
+    for flag, value, lo, hi in numbers:
+        try:
+            check_range(flag, value, lo, hi, integer=isinstance(value, int))
+        except InputError as e:
+            raise EvalInputError(None, str(e)) from None
     split = args.split or DEFAULT_SPLIT[task]
     if task == "classify":
         ds = open_classify(args.dataset, args.data_root, split, args.class_names, args.csv)
     elif task == "semantic":
-        ds = open_semantic(args.dataset, args.data_root, split)
+        ds = open_semantic(args.dataset, args.data_root, split, args.class_names)
     elif task == "instances":
         ds = instances.InstanceSet(args.dataset, args.data_root, split, args.annotations)
         if args.detections:

@@ -26,7 +26,8 @@ from segment_anything.utils.amg import rle_to_mask
 
 from fastsamclip.cli.common import INPUT_ERRORS, one_line_errors
 from fastsamclip.draw import draw_named_masks, draw_overlay
-from fastsamclip.files import write_json
+from fastsamclip.errors import check_range
+from fastsamclip.files import check_output_dir, staged_dir, writable_dir, write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
 from fastsamclip.predictor.engine import DTYPES
 from fastsamclip.predictor.everything import EverythingParams, coco_rle
@@ -108,8 +109,9 @@ def _everything_params(args) -> EverythingParams:
                             min_mask_region_area=args.min_mask_region_area, output_mode="uncompressed_rle")
 
 
-def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms) -> str:
-    """Everything for one image, computed first, then written; returns the summary line."""
+def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms,
+                 folder: str) -> str:
+    """Everything for one image, computed first, then written into ``folder``; returns the summary line."""
     ms = lambda t: round((time.perf_counter() - t) * 1e3, 2)  # noqa: E731
     timings = {"load_checkpoint": round(load_ms, 2)}
     t = time.perf_counter()
@@ -180,23 +182,43 @@ def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompt
     # Everything is computed: only writing is left.
     t = time.perf_counter()
     for name, pic in pngs.items():
-        Image.fromarray(pic).save(os.path.join(args.out, name))
+        Image.fromarray(pic).save(os.path.join(folder, name))
     for fn, a, kw in overlays:
-        fn(*a[:-1], os.path.join(args.out, a[-1]), **kw)
+        fn(*a[:-1], os.path.join(folder, a[-1]), **kw)
     timings["write"] = ms(t)
     timings["total_image"] = round(sum(v for k, v in timings.items() if k != "load_checkpoint"), 2)
-    write_json(os.path.join(args.out, f"{stem}.json"), report)
+    write_json(os.path.join(folder, f"{stem}.json"), report)
     what = [f"{len(masks)} prompt masks"] if prompts else []
     if args.everything:
         what.append(f"{len(report['everything']['masks'])} masks of everything")
     if labels is not None:
         what.append(f"labels {labels}")
-    return f"{path}: {', '.join(what)} -> {args.out}/{stem}.json ({timings['total_image']:.0f} ms)"
+    return f"{path}: {', '.join(what)} -> {os.path.join(os.path.normpath(args.out), stem + '.json')} " \
+           f"({timings['total_image']:.0f} ms)"
+
+
+class _NothingDone(Exception):
+    """Every image failed (each said why): the output folder is left as it was."""
+
+
+def owned(name: str) -> bool:
+    """The files predict writes into its folder (what --overwrite may replace)."""
+    return name.endswith((".png", ".json"))
+
+
+def check_numbers(args) -> None:
+    """Every numeric flag, before the checkpoint loads (the everything parameters: params.grids())."""
+    check_range("--resolution", args.resolution, 1, integer=True)
+    check_range("--threshold", args.threshold)
+    check_range("--label-threshold", args.label_threshold, 0.0, 1.0)
+    check_range("--clip-token-pool", args.clip_token_pool, 1, integer=True)
 
 
 @one_line_errors("predict", INPUT_ERRORS + (ValueError, OSError))  # a bad flag value is a ValueError
 def cmd_predict(args) -> int:
-    """Prompts, everything and/or labels for each image; an image that fails is reported and skipped."""
+    """Prompts, everything and/or labels for each image; an image that fails is reported and skipped.
+    The files go to a hidden folder beside --out that becomes --out at the end: never a mix of
+    two runs, never a half-written folder."""
     prompts = [("point", i, parse_prompt(p, "point")) for i, p in enumerate(args.points or [])]
     prompts += [("box", i, parse_prompt(b, "box")) for i, b in enumerate(args.boxes or [])]
     labels = None
@@ -208,20 +230,29 @@ def cmd_predict(args) -> int:
         raise ValueError("nothing to predict: give --points, --boxes, --everything and/or --labels")
     params = _everything_params(args)
     params.grids()  # bad --everything parameters fail before the checkpoint is loaded
-    if not np.isfinite(args.label_threshold):
-        raise ValueError(f"--label-threshold must be a finite probability, got {args.label_threshold}")
+    check_numbers(args)
+    check_output_dir(args.out, args.overwrite, owned)
+    writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out", create=False)
     t0 = time.perf_counter()
     predictor = SAMCLIPPredictor(args.checkpoint, device=args.device, dtype=args.dtype,
                                  clip_token_pool=args.clip_token_pool)
     load_ms = (time.perf_counter() - t0) * 1e3
-    os.makedirs(args.out, exist_ok=True)
+    if labels is not None and not args.everything and args.mode == "clip" and args.resolution % predictor.patch_size:
+        raise ValueError(f"--resolution {args.resolution}: must be a multiple of the patch size {predictor.patch_size}")
     failed = []
-    for path, stem in zip(args.images, unique_stems(args.images)):
-        try:
-            print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms), flush=True)
-        except INPUT_ERRORS + (OSError,) as e:  # this image's input: say so, go on with the others
-            failed.append(path)
-            print(f"predict: {path}: {e}".splitlines()[0], file=sys.stderr, flush=True)
+    try:
+        with staged_dir(args.out, replace=args.overwrite, owned=owned) as folder:
+            for path, stem in zip(args.images, unique_stems(args.images)):
+                try:
+                    print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms, folder),
+                          flush=True)
+                except INPUT_ERRORS + (OSError,) as e:  # this image's input: say so, go on with the others
+                    failed.append(path)
+                    print(f"predict: {path}: {e}".splitlines()[0], file=sys.stderr, flush=True)
+            if len(failed) == len(args.images):
+                raise _NothingDone()
+    except _NothingDone:
+        pass
     if failed and len(args.images) > 1:
         print(f"predict: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}".splitlines()[0],
               file=sys.stderr)
@@ -264,5 +295,7 @@ def register(sub) -> None:
     s.add_argument("--clip-token-pool", type=int, default=1, metavar="K",
                    help="run the CLIP head on the backbone's tokens pooled K x K (2: a fifth less work at 1024 px, "
                         "trained in stage 3); 1: all tokens, the paper's path")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--out", required=True, help="output folder (new or empty; see --overwrite)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder of earlier predictions whole (never a mix of two runs)")
     s.set_defaults(fn=cmd_predict)

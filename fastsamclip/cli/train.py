@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import sys
 
 from fastsamclip.checkpoint import save_merged
 from fastsamclip.cli.common import log_to_stderr, one_line_errors
+from fastsamclip.errors import OutputError, check_range
+from fastsamclip.files import writable_dir
 from fastsamclip.modeling import (
     CLIPHeadConfig,
     load_clip_teacher,
@@ -98,11 +101,23 @@ def cmd_cache_teachers(args) -> int:
 
 @one_line_errors("merge")
 def cmd_merge(args) -> int:
+    # Everything that can be refused, before a teacher loads: the output, the numbers, the weights.
+    if os.path.isdir(args.out):
+        raise OutputError(f"--out {args.out} is a folder: give the .safetensors file to write")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise OutputError(f"--out {args.out} exists already: pass --overwrite to replace it, or choose another file")
+    writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out", create=False)
+    if args.head_hidden is not None:
+        check_range("--head-hidden", args.head_hidden, 1, integer=True)
+    # distill's rule: a CLIP model without weights is a random tower, built only when asked for.
+    teachers = TrainConfig(sam_checkpoint=args.sam_checkpoint, clip_model=args.clip_model,
+                           clip_pretrained=args.clip_pretrained, random_teachers=args.random_teachers,
+                           ).teacher_weights()
     sam = load_sam_teacher(args.sam_checkpoint, args.sam_type)
     clip = load_clip_teacher(args.clip_model, args.clip_pretrained)
     head = CLIPHeadConfig(out_dim=clip.embed_dim, hidden_dim=args.head_hidden)
     model = samclip_from_teachers(sam, clip, clip_head=head, sam_config=args.sam_type)
-    save_merged(model, args.out)
+    save_merged(model, args.out, teachers={**teachers, "random_teachers": bool(args.random_teachers)})
     print(f"wrote {args.out}: {model.num_parameters() / 1e6:.1f}M parameters "
           f"(backbone {model.num_parameters('image_encoder') / 1e6:.1f}M, CLIP head "
           f"{model.num_parameters('clip_head') / 1e6:.1f}M, text {model.num_parameters('text') / 1e6:.1f}M)")
@@ -116,7 +131,10 @@ def register(sub) -> None:
     s.add_argument("--clip-model", required=True, help="open_clip model name, or local-dir:/folder")
     s.add_argument("--clip-pretrained", default=None, help="open_clip tag or a local checkpoint file")
     s.add_argument("--head-hidden", type=int, default=None, help="CLIP head MLP width (default: backbone width)")
+    s.add_argument("--random-teachers", action="store_true",
+                   help="allow a CLIP model without weights (a randomly initialised tower): smoke tests only")
     s.add_argument("--out", required=True, help="merged .safetensors file to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("distill", help="train the merged model: the paper's three stages (torchrun for many GPUs)")

@@ -149,8 +149,8 @@ class SA1BDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
 
     def _meta(self, index: int, skipped: SkipCounter) -> tuple[str, dict] | None:
         """(json path, content) of sample ``index``; None when unreadable (counted as bad_json)."""
@@ -189,7 +189,10 @@ class SA1BDataset(Dataset):
         got = self._meta(index, skipped)
         return None if got is None else self._image(index, got[1], skipped)
 
-    def load_raw(self, index: int, skipped: SkipCounter | None = None) -> SamRawSample | None:
+    def load_raw(self, index: int, skipped: SkipCounter | None = None, epoch: int | None = None
+                 ) -> SamRawSample | None:
+        """The draw of ``epoch`` (default: the dataset's current one); a fixed ``epoch`` gives the
+        same masks and prompts whatever the training stream has reached (held-out evaluation)."""
         skipped = self.skipped if skipped is None else skipped
         stem = self.stems[index]
         got = self._meta(index, skipped)
@@ -204,7 +207,7 @@ class SA1BDataset(Dataset):
         if image is None:
             return None
         shape = image.shape[:2]
-        rng = self.rng(index)
+        rng = self.rng(index, epoch)
         # Walk the annotations in a random order and keep the first masks_per_image that decode,
         # so a bad RLE costs one mask, not the image, and only drawn masks are decoded.
         masks, ids = [], []

@@ -1,4 +1,4 @@
-"""What every evaluation task shares: the bad-input error, skipped files, file hashes.
+"""What every evaluation task shares: the bad-input error, skipped files.
 
 ``EvalInputError`` is the one exception for input the user must fix (a missing split file, a
 label map of the wrong size, ...): its message is ONE line that names the file and what is
@@ -7,7 +7,6 @@ wrong, and the command prints it and exits 2. Anything else is a bug and keeps i
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -56,14 +55,6 @@ def read_rgb_or_skip(path: str, index: int):
     except (ValueError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return None, Skipped(path, reason, index)
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_out_path(path: Optional[str], overwrite: bool) -> None:

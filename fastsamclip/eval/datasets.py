@@ -370,10 +370,19 @@ def _looks_like(root: str) -> str:
     return ""
 
 
-def open_semantic(name: str, root: str, split: str = "val") -> SemanticDataset:
+def open_semantic(name: str, root: str, split: str = "val", class_names: Optional[str] = None) -> SemanticDataset:
+    """A semantic split; ``class_names`` (voc only): a file of the label values' names, one per
+    line from value 0 = background, for a dataset in VOC's layout with classes of its own."""
     if name not in SEMANTIC_DATASETS:
         raise EvalInputError(None, f"unknown semantic dataset {name!r}; known: {', '.join(SEMANTIC_DATASETS)}")
-    return SEMANTIC_DATASETS[name](root, split)
+    if class_names is not None and name != "voc":
+        raise EvalInputError(class_names, f"--class-names names the classes of a VOC-layout dataset, not of {name}")
+    ds = SEMANTIC_DATASETS[name](root, split)
+    if class_names is not None:
+        ds.classes = read_class_names(class_names)
+        ds.lut = _lut(range(len(ds.classes)), range(len(ds.classes)), [255])
+        ds.valid_text = f"{os.path.basename(class_names)} names values 0..{len(ds.classes) - 1}, and 255 = ignore"
+    return ds
 
 
 def check_label_size(sample, rgb: np.ndarray, label: np.ndarray) -> None:

@@ -61,6 +61,11 @@ class InstanceSet:
                                                 f"--dataset {name}")
         if data["annotations"] and "segmentation" not in data["annotations"][0]:
             raise EvalInputError(self.ann_file, "annotations have no 'segmentation': not an instance-segmentation file")
+        cats = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+        foreign = sorted({a.get("category_id") for a in data["annotations"]} - cats, key=str)
+        if foreign:  # COCOeval would drop those objects from AP without a word
+            raise EvalInputError(self.ann_file, f"annotation category id(s) {foreign[:8]} are not in its 'categories' "
+                                                "list: the file is inconsistent; fix it or use the dataset's own")
         for ann in data["annotations"]:
             ann.setdefault("iscrowd", 0)  # LVIS has no crowd annotations (nor the key COCOeval reads)
         with _quiet():

@@ -27,7 +27,8 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from segment_anything import SamPredictor
 
 from fastsamclip.eval.classnames import templates as get_templates
-from fastsamclip.eval.common import EvalInputError, sha256_file
+from fastsamclip.eval.common import EvalInputError
+from fastsamclip.files import sha256_file
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.predictor import SAMCLIPPredictor
 from fastsamclip.predictor.semantic import class_maps

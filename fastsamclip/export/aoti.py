@@ -1,5 +1,9 @@
 """AOTInductor packages of the image encoder: one ``encoder_<R>.pt2`` per resolution.
 
+Any side that is a multiple of the patch size, several in one call (``export_aoti(model, out,
+[448, 1024])``, ``fastsamclip export --format aoti --resolution 448 1024``), all or none of them
+written; every package takes a batch of 1..MAX_BATCH images.
+
 ``torch.export`` of :class:`~fastsamclip.export.encoder.ImageEncoder` (dynamic batch) compiled by
 ``torch._inductor.aoti_compile_and_package`` into a self-contained package: a C++ shared library
 and the weights. A process that imports only torch runs it::
@@ -28,7 +32,9 @@ code). The metadata names the one used and why each earlier one was not.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+import shutil
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch._library import triton as torch_library_triton
@@ -36,6 +42,7 @@ from torch._library import triton as torch_library_triton
 from fastsamclip.export.encoder import (
     INPUT_NAME,
     MAX_BATCH,
+    METADATA_FILE,
     OUTPUT_NAMES,
     ImageEncoder,
     check_resolution,
@@ -44,7 +51,7 @@ from fastsamclip.export.encoder import (
     model_metadata,
     update_metadata,
 )
-from fastsamclip.files import write_json
+from fastsamclip.files import staged_folder, write_json
 from fastsamclip.kernels import OPS, use_backend
 from fastsamclip.modeling import SAMCLIP
 
@@ -122,19 +129,12 @@ def check_package(path: str, model: SAMCLIP, resolution: int, device: torch.devi
     return encoder_errors(torch._inductor.aoti_load_package(path), model, resolution, device, batch_sizes)
 
 
-def export_aoti(model: SAMCLIP, out_dir: str, resolution: Optional[int] = None, device=None,
-                inductor_configs: Optional[dict] = None, check: bool = True) -> dict:
-    """``out_dir/encoder_<R>.pt2`` (+ ``encoder_<R>.json``) on ``device`` (default: CUDA when
-    available, else CPU); returns its metadata. The model is moved to ``device``.
-
-    inductor_configs: extra Inductor options (e.g. ``{"max_autotune": True}``).
-    check: compare the package with the eager model (always done when there is more than one
-    attention candidate, since that is how a candidate is accepted).
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    resolution = check_resolution(model, resolution or int(model.config.sam.backbone.img_size))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, package_name(resolution))
+def compile_package(model: SAMCLIP, folder: str, resolution: int, device: torch.device,
+                    inductor_configs: Optional[dict] = None, check: bool = True) -> dict:
+    """``folder/encoder_<R>.pt2`` and ``encoder_<R>.json`` at one resolution: the attention
+    candidates tried in order, the first that exports, carries no fastsamclip op and (checked)
+    equals the eager model kept. Returns its metadata."""
+    path = os.path.join(folder, package_name(resolution))
     candidates, not_used = attention_candidates(device)
     meta = {"format": "aoti", "file": os.path.basename(path), "device": device.type,
             "torch": torch.__version__, "dynamic_axes": {INPUT_NAME: {"0": "batch"}}, "max_batch": MAX_BATCH,
@@ -162,6 +162,43 @@ def export_aoti(model: SAMCLIP, out_dir: str, resolution: Optional[int] = None, 
             if last:
                 raise
             not_used[attention] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    write_json(os.path.join(out_dir, package_name(resolution).replace(".pt2", ".json")), info)
-    update_metadata(out_dir, "aoti", {str(resolution): info})
+    write_json(path.replace(".pt2", ".json"), info)
     return info
+
+
+def export_aoti(model: SAMCLIP, out_dir: str, resolutions: Union[int, Sequence[int], None] = None, device=None,
+                inductor_configs: Optional[dict] = None, check: bool = True,
+                progress: Optional[Callable[[str], None]] = None) -> Dict[int, dict]:
+    """``out_dir/encoder_<R>.pt2`` (+ ``encoder_<R>.json``) for each of ``resolutions`` (one side
+    or several, multiples of the patch size; default the native size) on ``device`` (default:
+    CUDA when available, else CPU), each with a dynamic batch of 1..MAX_BATCH; returns the
+    metadata of each by resolution. The model is moved to ``device``.
+
+    All or nothing: the packages are compiled into a folder beside ``out_dir`` (``staged_folder``)
+    and moved in, with ``export.json``, once every one of them has passed, so a failed export
+    leaves ``out_dir`` as it was (not created, when it did not exist).
+    inductor_configs: extra Inductor options (e.g. ``{"max_autotune": True}``). check: compare
+    each package with the eager model (always done when there is more than one attention
+    candidate, since that is how a candidate is accepted). progress: called with one line as each
+    package is started and done (a compile takes minutes at ViT-B size).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if resolutions is None:
+        resolutions = [int(model.config.sam.backbone.img_size)]
+    elif isinstance(resolutions, int):
+        resolutions = [resolutions]
+    sizes = list(dict.fromkeys(check_resolution(model, int(r)) for r in resolutions))
+    infos: Dict[int, dict] = {}
+    with staged_folder(out_dir) as stage:
+        for res in sizes:
+            if progress:
+                progress(f"{package_name(res)}: exporting and compiling for {device.type} ...")
+            t = time.perf_counter()
+            infos[res] = compile_package(model, stage, res, device, inductor_configs, check)
+            if progress:
+                progress(f"{package_name(res)}: attention {infos[res]['attention']}, {time.perf_counter() - t:.0f} s")
+        existing = os.path.join(out_dir, METADATA_FILE)
+        if os.path.isfile(existing):  # its other sections are kept
+            shutil.copy2(existing, os.path.join(stage, METADATA_FILE))
+        update_metadata(stage, "aoti", {str(res): info for res, info in infos.items()})
+    return infos

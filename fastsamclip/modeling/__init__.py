@@ -19,7 +19,7 @@ from .build import (
     infer_sam_type,
     samclip_from_teachers,
 )
-from .samclip import SAMCLIP, CLIPHead, encode_prompts, pool_tokens
+from .samclip import SAMCLIP, CLIPHead, CLIPImageTransform, encode_prompts, pool_tokens
 from .teachers import (
     CheckpointError,
     CLIPTeacher,
@@ -29,8 +29,8 @@ from .teachers import (
 )
 
 __all__ = [
-    "BACKBONE_CONFIGS", "SAM_CONFIGS", "BackboneConfig", "CLIPHead", "CLIPHeadConfig", "CLIPTeacher",
-    "CheckpointError", "ImageEncoderViT", "SAMCLIP", "SAMCLIPConfig", "SamConfig", "build_backbone", "build_sam",
+    "BACKBONE_CONFIGS", "SAM_CONFIGS", "BackboneConfig", "CLIPHead", "CLIPHeadConfig", "CLIPImageTransform",
+    "CLIPTeacher", "CheckpointError", "ImageEncoderViT", "SAMCLIP", "SAMCLIPConfig", "SamConfig", "build_backbone", "build_sam",
     "build_samclip", "encode_prompts", "get_sam_config", "infer_sam_type", "load_clip_teacher", "load_sam_teacher",
     "pool_tokens", "sam_preprocess", "samclip_from_teachers",
 ]

@@ -83,6 +83,11 @@ BACKBONE_CONFIGS: Dict[str, BackboneConfig] = {
                                global_attn_indexes=(1, 3), out_chans=32),
     "vit_micro": BackboneConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3,
                                 global_attn_indexes=(1,), out_chans=16),
+    # The SAM of the miniature world (fastsamclip.miniature), trained from scratch on two CPU
+    # cores: 128 px canvases on an 8 x 8 grid, two windowed and two global blocks, a wider
+    # neck than vit_tiny's so the decoder's upscaled mask features have 8 channels, not 4.
+    "vit_mini": BackboneConfig(img_size=128, embed_dim=96, depth=4, num_heads=3, window_size=4,
+                               global_attn_indexes=(1, 3), out_chans=64),
 }
 
 
@@ -121,6 +126,8 @@ SAM_CONFIGS: Dict[str, SamConfig] = {
                           decoder_heads=2, iou_head_hidden_dim=32),
     "vit_micro": SamConfig(backbone=BACKBONE_CONFIGS["vit_micro"], mask_in_chans=4, decoder_depth=1,
                            decoder_mlp_dim=32, decoder_heads=2, iou_head_hidden_dim=16),
+    "vit_mini": SamConfig(backbone=BACKBONE_CONFIGS["vit_mini"], mask_in_chans=8, decoder_mlp_dim=256,
+                          decoder_heads=4, iou_head_hidden_dim=64),
 }
 
 

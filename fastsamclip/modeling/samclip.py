@@ -8,6 +8,13 @@
            -> clip_head                          pooled CLIP embedding (B, E), per-patch (B, h, w, E)
     text tokens -> text (the CLIP teacher's frozen text tower) -> (B, E)
 
+open_clip's interface on the same model, for tools written against open_clip models
+(``clip_benchmark``, retrieval indexes...): ``image_transform(r)`` is the ``preprocess`` that
+``open_clip.create_model_and_transforms`` would return (an image -> a (3, r, r) tensor),
+``encode_image(images, normalize=False)`` the pooled CLIP embedding of such tensors,
+``encode_text(tokens, normalize=False)`` with ``tokenizer``, and ``logit_scale`` the text tower's
+learned log temperature (``logit_scale.exp()`` is the scale, as on an open_clip model).
+
 The modules are built by ``fastsamclip.modeling.build`` (``build_samclip``,
 ``samclip_from_teachers``); this file holds what they compute. Parameter names of the SAM part
 equal ``segment_anything.Sam``'s (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
@@ -28,7 +35,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsamclip.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD, normalize
+from fastsamclip.transforms import (
+    MASK_THRESHOLD,
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    ImageLike,
+    clip_pixels,
+    normalize,
+    to_rgb_uint8,
+)
 
 
 def pool_tokens(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -137,8 +152,31 @@ def encode_prompts(prompt_encoder: nn.Module, points: Optional[Tuple[torch.Tenso
     return sparse, dense
 
 
+class CLIPImageTransform:
+    """An image -> (3, r, r) float32 input of ``SAMCLIP.encode_image``: CLIP's eval geometry
+    (shortest side resized to r, bicubic, centre crop: ``transforms.clip_pixels``) normalised with
+    the model's own statistics (SAM's, on 0..255), what ``SAMCLIPPredictor.classify`` and
+    ``fastsamclip eval`` feed the CLIP head. Takes what ``transforms.to_rgb_uint8`` takes (PIL
+    image, uint8 array, path); a plain object, so DataLoader workers can pickle it."""
+
+    def __init__(self, resolution: int, mean=SAM_PIXEL_MEAN, std=SAM_PIXEL_STD) -> None:
+        self.resolution = int(resolution)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: ImageLike) -> torch.Tensor:
+        return normalize(clip_pixels(to_rgb_uint8(image), self.resolution), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (f"CLIPImageTransform(resolution={self.resolution}: resize shortest side (bicubic), centre crop, "
+                f"(x - {self.mean}) / {self.std} on 0..255)")
+
+
 class SAMCLIP(nn.Module):
     """The merged model (built by ``fastsamclip.modeling.build``)."""
+
+    # segment_anything.Sam's constants, read by code written for Sam (SamPredictor, the mask generator).
+    mask_threshold: float = MASK_THRESHOLD
+    image_format: str = "RGB"
 
     def __init__(self, config, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  clip_head: CLIPHead, text: Optional[nn.Module] = None,
@@ -186,6 +224,21 @@ class SAMCLIP(nn.Module):
         (the (h, w) of each image inside a padded input), as ``segment_anything.Sam.preprocess``."""
         device = self.image_encoder.patch_embed.proj.weight.device
         return normalize(pixels.to(device), self.pixel_mean, self.pixel_std, valid_hw)
+
+    def image_transform(self, resolution: int = 224) -> CLIPImageTransform:
+        """open_clip's ``preprocess`` for this model: an image -> the (3, r, r) tensor
+        ``encode_image`` takes (see :class:`CLIPImageTransform`); r a multiple of the patch size."""
+        patch = int(self.config.sam.backbone.patch_size)
+        if int(resolution) <= 0 or int(resolution) % patch:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of the patch size {patch}")
+        return CLIPImageTransform(resolution, self.pixel_mean, self.pixel_std)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's ``encode_image``: (B, 3, r, r) from ``image_transform(r)`` -> (B, E) pooled
+        CLIP embeddings (unit length with ``normalize``), in the image side's dtype; equals
+        ``forward(images, clip=True, sam=False)["clip"]``."""
+        weight = self.image_encoder.patch_embed.proj.weight
+        return self.clip_embeddings(self.forward_features(images.to(weight.device, weight.dtype)), normalize=normalize)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder.forward_features(images)
@@ -253,7 +306,15 @@ class SAMCLIP(nn.Module):
                                  dense_prompt_embeddings=dense, multimask_output=multimask_output)
 
     # ---------------------------------------------------------------- text side
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The text tower's learned log temperature (open_clip's ``logit_scale``: ``.exp()`` is the scale)."""
+        if self.text is None:
+            raise RuntimeError("this model has no text tower (it was built without a CLIP teacher)")
+        return self.text.logit_scale
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's ``encode_text``: token ids from ``tokenizer`` (B, context) -> (B, E)."""
         if self.text is None:
             raise RuntimeError("this model has no text tower (it was built without a CLIP teacher)")
         return self.text.encode_text(tokens, normalize=normalize)

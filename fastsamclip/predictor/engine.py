@@ -36,6 +36,7 @@ import torch
 import torch._dynamo.config as dynamo_config
 import torch._inductor.config as inductor_config
 
+from fastsamclip.errors import InputError, NonFiniteOutputError
 from fastsamclip.kernels import native_bf16
 
 # Graphs one compiling call may add to the function's cache (see the module docstring).
@@ -47,6 +48,34 @@ WARMUP_OUTPUTS = {"set_image": dict(clip=True, sam=True, clip_patches=True),
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(device) -> torch.device:
+    """The device to run on: ``None`` / "auto" -> CUDA when available, else the CPU; a device this
+    machine does not have is a one-line ``InputError`` (not torch's traceback at the first copy)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"device {device!r} is not a device name ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                             "use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def check_finite_outputs(what: str, out: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> None:
+    """Outputs holding NaN or Infinity are an error, never an answer (weights that overflow, e.g.
+    values near float32's 3.4e38, give finite-looking files and non-finite outputs)."""
+    bad = [k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        hint = " or run in fp32 (--dtype fp32)" if dtype == torch.float16 else ""
+        raise NonFiniteOutputError(f"the model's {what} ({', '.join(bad)}) holds NaN or Infinity: its weights "
+                                   f"overflow; the checkpoint cannot give answers: train or merge it again{hint}")
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -113,7 +142,9 @@ class Forward:
     def __call__(self, x: torch.Tensor, clip: bool = True, sam: bool = True,
                  clip_patches: bool = False) -> Dict[str, torch.Tensor]:
         if not self.compile:
-            return self._run(self.model, self.dtype, self.clip_token_pool, x, clip, sam, clip_patches)
+            out = self._run(self.model, self.dtype, self.clip_token_pool, x, clip, sam, clip_patches)
+            check_finite_outputs("image pass", out, self.dtype)
+            return out
         key = (tuple(x.shape), x.dtype, clip, sam, clip_patches)
         fn = self._compiled.get(key)
         if fn is None:
@@ -131,6 +162,7 @@ class Forward:
             out = fn(x)
         if self.mode == "reduce-overhead":
             out = {k: v.clone() for k, v in out.items()}
+        check_finite_outputs("image pass", out, self.dtype)
         return out
 
     @staticmethod

@@ -120,6 +120,12 @@ class EverythingParams:
                              "with point_grids), as SamAutomaticMaskGenerator")
         if self.output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
+        for name in ("points_per_side", "points_per_batch", "crop_n_layers", "crop_n_points_downscale_factor",
+                     "min_mask_region_area"):
+            v = getattr(self, name)  # 2.5 points per side would build an empty grid and find nothing
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer, float))
+                                  or not float(v).is_integer()):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         for name in ("points_per_batch", "crop_n_points_downscale_factor"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -127,7 +133,8 @@ class EverythingParams:
             raise ValueError("crop_n_layers and min_mask_region_area must be >= 0")
         for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh",
                      "crop_nms_thresh", "crop_overlap_ratio"):
-            if not np.isfinite(float(getattr(self, name))):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(float(v)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.points_per_side is not None:
             if int(self.points_per_side) < 1:

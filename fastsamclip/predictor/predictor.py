@@ -7,8 +7,10 @@
     result = predictor.semantic_segment(image, ["cat", "dog", "grass"], mode="composed")
     records = predictor.generate(image, labels=["cat", "dog", "grass"])  # every mask, named
 
-``set_image``/``segment``/``reset_image`` behave as ``segment_anything.SamPredictor``'s
-``set_image``/``predict``/``reset_image``: prompts are in ORIGINAL image pixels, mapped with
+The predictor is also a ``segment_anything.SamPredictor`` (``predict``, ``predict_torch``,
+``get_image_embedding``, ``transform``, ``set_torch_image``: :mod:`fastsamclip.predictor.sam_api`),
+so SAM code runs on it with only the constructor changed; ``segment`` is ``predict`` for P prompts
+at once. Prompts are in ORIGINAL image pixels, mapped with
 SAM's ResizeLongestSide rule to the model's native input size, and masks come back at the
 original size (low-res logits upscaled to the padded input, cropped, resized). At
 initialisation the merged model's SAM side is the SAM teacher, so ``segment`` equals
@@ -39,12 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from fastsamclip.checkpoint import load_merged
-from fastsamclip.errors import InputError
+from fastsamclip.errors import InputError, check_range
 from fastsamclip.kernels import preprocess as gpu_preprocess_op
 from fastsamclip.modeling import SAMCLIP
-from fastsamclip.predictor.engine import Forward
+from fastsamclip.predictor.engine import Forward, check_device, check_finite_outputs
+from fastsamclip.predictor.prompts import check_boxes, check_inside, check_point_labels
 from fastsamclip.predictor.everything import EverythingParams
 from fastsamclip.predictor.everything import generate as generate_everything
+from fastsamclip.predictor.sam_api import SamPredictorInterface, check_image_format
 from fastsamclip.predictor.semantic import SemanticResult, segment_clip, segment_composed
 from fastsamclip.predictor.text import TextEmbeddings, check_labels
 from fastsamclip.transforms import (
@@ -60,8 +64,15 @@ from fastsamclip.transforms import (
 )
 
 
-class SAMCLIPPredictor:
-    """Promptable segmentation, zero-shot classification and semantic segmentation with one model.
+class ImageNotSetError(InputError, RuntimeError):
+    """A call that needs the current image before ``set_image``: a RuntimeError as
+    ``SamPredictor``'s, and an input error (one line from the commands)."""
+
+
+class SAMCLIPPredictor(SamPredictorInterface):
+    """Promptable segmentation, zero-shot classification and semantic segmentation with one model,
+    and ``segment_anything.SamPredictor``'s interface (``predict``, ``predict_torch``,
+    ``get_image_embedding``, ``transform``...: :mod:`fastsamclip.predictor.sam_api`).
 
     model_or_checkpoint_path: a ``SAMCLIP`` or the path of a merged ``.safetensors`` checkpoint
     (anything else raises ``CheckpointError`` from ``load_merged``, naming the command that makes
@@ -82,7 +93,7 @@ class SAMCLIPPredictor:
                  compile: bool = False, compile_backend: str = "inductor", compile_mode: Optional[str] = None,
                  cache_dir: Optional[str] = None, gpu_preprocess: bool = False, dtype="auto",
                  clip_token_pool: int = 1) -> None:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(device)
         if gpu_preprocess and device.type != "cuda":
             raise ValueError("gpu_preprocess=True needs a CUDA device; the CPU path is used otherwise")
         if isinstance(model_or_checkpoint_path, SAMCLIP):
@@ -144,14 +155,22 @@ class SAMCLIPPredictor:
         return self.model.preprocess(x[None].to(self.device), hw), hw
 
     @torch.no_grad()
-    def set_image(self, image: ImageLike) -> None:
+    def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
         """One backbone pass at the native size; caches both heads' outputs for the image.
 
-        image: uint8 (H, W, 3) RGB array, PIL image or path (other formats: see to_rgb_uint8).
+        image: uint8 (H, W, 3) array, PIL image or path (other formats: see to_rgb_uint8);
+        image_format: the array's channel order, "RGB" or "BGR" (as ``SamPredictor.set_image``;
+        a PIL image or a file is decoded as RGB).
         Afterwards ``original_size`` = (H, W), ``input_size`` = the resized (h, w) before padding,
         ``features`` (1, C, gh, gw), ``clip_embedding`` (1, E), ``clip_patches`` (1, gh, gw, E).
         """
+        check_image_format(image_format)
         rgb = to_rgb_uint8(image)
+        if image_format == "BGR":
+            if isinstance(image, (str, os.PathLike)) or type(image).__module__.startswith("PIL"):
+                raise InputError("image_format='BGR' describes an array's channels; a file or a PIL image is "
+                                 "decoded as RGB: leave image_format out")
+            rgb = np.ascontiguousarray(rgb[..., ::-1])
         x, input_size = self._sam_input(rgb, self.img_size)
         out = self.forward(x, clip=True, sam=True, clip_patches=True)
         self.set_pass(out, rgb.shape[:2], input_size, image=rgb)
@@ -172,21 +191,16 @@ class SAMCLIPPredictor:
 
     def _require_image(self) -> None:
         if not self.is_image_set:
-            raise RuntimeError("no image is set: call set_image(image) first")
+            raise ImageNotSetError("no image is set: call set_image(image) first, or pass the image")
+
+    def _check_side(self, name: str, value) -> int:
+        """An input side: a positive multiple of the patch size (what the backbone can take)."""
+        check_range(name, value, self.patch_size, integer=True)
+        if int(value) % self.patch_size:
+            raise InputError(f"{name} {value}: must be a multiple of the patch size {self.patch_size}")
+        return int(value)
 
     # ---------------------------------------------------------------- promptable masks
-    def _check_inside(self, what: str, xy: np.ndarray, valid: Optional[np.ndarray] = None) -> None:
-        """Points may lie anywhere on the image, edges included: 0 <= x <= W, 0 <= y <= H."""
-        h, w = self.original_size
-        bad = ~np.isfinite(xy).all(-1) | (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
-        if valid is not None:
-            bad &= valid
-        if bad.any():
-            p, i = (int(v) for v in np.argwhere(bad)[0])
-            x, y = xy[p, i]
-            raise InputError(f"{what} {i} of prompt {p} at (x={x:g}, y={y:g}) is outside the image of "
-                             f"{w}x{h} (WxH) pixels; prompts are in original image pixels")
-
     @torch.no_grad()
     def segment(self, points=None, point_labels=None, boxes=None, mask_input=None,
                 multimask_output: bool = True, return_logits: bool = False):
@@ -215,10 +229,8 @@ class SAMCLIPPredictor:
                 lab = lab.reshape(pts.shape[:2]) if lab.size == pts.shape[0] * pts.shape[1] else lab
                 if lab.shape != pts.shape[:2]:
                     raise InputError(f"point_labels shape {lab.shape} does not match points {pts.shape[:2]}")
-                if not np.isin(lab, (-1, 0, 1)).all():
-                    raise InputError(f"point labels must be 1 (foreground), 0 (background) or -1 (padding), "
-                                     f"got {sorted(set(np.unique(lab).tolist()))}")
-            self._check_inside("point", pts, lab != -1)
+                check_point_labels(lab)
+            check_inside("point", pts, self.original_size, lab != -1)
             # Float64 mapping then float32, exactly as SamPredictor.predict does.
             coords = torch.as_tensor(apply_coords(pts, self.original_size, self.img_size), dtype=torch.float)
             labels = torch.as_tensor(lab, dtype=torch.int)
@@ -228,11 +240,7 @@ class SAMCLIPPredictor:
             bx = bx[None] if bx.ndim == 1 else bx
             if bx.ndim != 2 or bx.shape[-1] != 4:
                 raise InputError(f"boxes must be (P, 4) or (4,) XYXY, got shape {bx.shape}")
-            self._check_inside("box corner", bx.reshape(-1, 2, 2))
-            flipped = (bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])
-            if flipped.any():
-                p = int(np.argwhere(flipped)[0][0])
-                raise InputError(f"box of prompt {p} {bx[p].tolist()} has x1 < x0 or y1 < y0; boxes are XYXY")
+            check_boxes(bx, self.original_size)
             box_t = torch.as_tensor(apply_boxes(bx, self.original_size, self.img_size), dtype=torch.float)
             sizes["boxes"] = bx.shape[0]
         if mask_input is not None:
@@ -242,6 +250,8 @@ class SAMCLIPPredictor:
             low = tuple(4 * s for s in self.features.shape[-2:])
             if mask_t.dim() != 4 or mask_t.shape[1] != 1 or tuple(mask_t.shape[-2:]) != low:
                 raise InputError(f"mask_input must be (P, 1, {low[0]}, {low[1]}) low-res logits, got {tuple(mask_t.shape)}")
+            if not bool(torch.isfinite(mask_t).all()):
+                raise InputError("mask_input holds NaN or Infinity: give finite low-res logits (as segment returns)")
             sizes["mask_input"] = mask_t.shape[0]
         if len(set(sizes.values())) > 1:
             raise InputError(f"prompt batch sizes differ: {sizes}; give the same number P of each kind")
@@ -255,10 +265,12 @@ class SAMCLIPPredictor:
         dev = self.device
         pts = (coords.to(dev), labels.to(dev)) if coords is not None else None
         with torch.no_grad():
-            return self.model.predict_masks(
+            low_res, scores = self.model.predict_masks(
                 self.features, (self.img_size, self.img_size), points=pts,
                 boxes=boxes.to(dev) if boxes is not None else None,
                 masks=masks.to(dev) if masks is not None else None, multimask_output=multimask_output)
+        check_finite_outputs("mask decoder", {"masks": low_res, "scores": scores})
+        return low_res, scores
 
     # ---------------------------------------------------------------- segment everything
     @torch.no_grad()
@@ -311,7 +323,8 @@ class SAMCLIPPredictor:
         Returns ``sam`` (B, C, g, g), ``clip`` (B, E) and ``clip_patches`` (B, g, g, E) (not
         normalised), and ``input_sizes`` (B, 2) the resized (h, w) of each image before padding.
         """
-        res = int(resolution or self.img_size)
+        res = self._check_side("resolution", self.img_size if resolution is None else resolution)
+        check_range("batch_size", batch_size, 1, integer=True)
         prepped = [sam_pixels(im, res) for im in self._as_list(images)]
         outs = []
         for i in range(0, len(prepped), batch_size):
@@ -331,6 +344,8 @@ class SAMCLIPPredictor:
         ``resolution`` (CLIP's eval geometry, SAM-normalised, what the CLIP stream was trained on)
         and run in batches of ``batch_size``.
         """
+        resolution = self._check_side("resolution", resolution)
+        check_range("batch_size", batch_size, 1, integer=True)
         text = self.text_embeddings(labels, templates)
         rgbs = self._as_list(images)
         pooled = []
@@ -355,12 +370,14 @@ class SAMCLIPPredictor:
         labels = check_labels(labels)
         if mode not in ("clip", "composed"):
             raise ValueError(f"mode must be 'clip' or 'composed', got {mode!r}")
-        if points_per_class < 1:
-            raise ValueError(f"points_per_class must be >= 1, got {points_per_class}")
+        check_range("points_per_class", points_per_class, 1, integer=True)
+        check_range("threshold", threshold)  # finite: a class passes when its score is >= it
+        if image is None:
+            self._require_image()
         text = self.text_embeddings(labels, templates)
         if mode == "clip":
-            rgb = self.image if image is None and self.is_image_set else to_rgb_uint8(image)
-            return segment_clip(self, rgb, labels, text, resolution)
+            rgb = self.image if image is None else to_rgb_uint8(image)
+            return segment_clip(self, rgb, labels, text, self._check_side("resolution", resolution))
         if image is not None:
             self.set_image(image)
         self._require_image()

@@ -13,6 +13,8 @@ import open_clip.zero_shot_metadata as zsm
 import torch
 import torch.nn.functional as F
 
+from fastsamclip.predictor.engine import check_finite_outputs
+
 # CLIP's learned temperature is clamped at 100 in training; used when a text tower has none.
 DEFAULT_LOGIT_SCALE = 100.0
 TEXT_BATCH = 256  # prompts per text-tower forward
@@ -72,5 +74,6 @@ class TextEmbeddings:
             emb = torch.cat([self.model.encode_text(tokens[i:i + TEXT_BATCH].to(self.device), normalize=True)
                              for i in range(0, len(prompts), TEXT_BATCH)])
             emb = emb.float().view(len(labels), len(tmpl), -1).mean(1)
+            check_finite_outputs("text tower", {"text embeddings": emb})
             self._cache[key] = F.normalize(emb, dim=-1)
         return self._cache[key]

@@ -5,6 +5,7 @@
   task's head through the predictor;
 - :mod:`~fastsamclip.serve.rle`: masks as COCO RLE;
 - :mod:`~fastsamclip.serve.app`: the LitServe routes and worker; ``serve(checkpoint, host, port)``;
+- :mod:`~fastsamclip.serve.processes`: the server's processes stop together (SIGTERM, SIGINT, kill -9);
 - :mod:`~fastsamclip.serve.launch`: the server in a child process, ready or an error (benchmark, tests).
 """
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastsamclip.errors import NonFiniteOutputError
 from fastsamclip.files import finite_or_none
 from fastsamclip.predictor import SAMCLIPPredictor, SemanticResult
 from fastsamclip.predictor.semantic import clip_result
@@ -130,6 +131,9 @@ class Engine:
                 if self.predictor.device.type == "cuda":
                     torch.cuda.synchronize(self.predictor.device)
                 failed = None
+            except NonFiniteOutputError as e:  # the model's fault, not the request's: a 500 that says why
+                log.error("%s", e)
+                failed = str(e)
             except Exception as e:  # noqa: BLE001 -- every task of the pass gets the error, the server goes on
                 log.exception("backbone pass failed")
                 failed = f"the backbone pass failed: {type(e).__name__}: {e}"
@@ -150,6 +154,9 @@ class Engine:
     def _answer(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> dict:
         try:
             return {"result": self._head(task, out, j)}
+        except NonFiniteOutputError as e:  # before TASK_ERRORS: an InputError, but of the model, not the request
+            log.error("%s", e)
+            return {"error": str(e), "status": 500}
         except TASK_ERRORS as e:
             return {"error": str(e), "status": 422}
         except Exception as e:  # noqa: BLE001 -- a bug answers its own request with a 500, the server goes on

@@ -2,8 +2,10 @@
 
 Everything a request can get wrong is found here, in the HTTP process, before the request joins a
 batch: a bad request never costs a backbone pass and never fails the requests batched with it.
-The model-side rules (a prompt outside the image, a resolution the patch size does not divide)
-stay the predictor's own: the worker answers its ValueErrors as 422 for that request alone.
+That includes the predictor's own prompt rules (:mod:`fastsamclip.predictor.prompts`: a point or
+box outside the image, a flipped box, a point label other than 1, 0, -1), checked against the
+decoded image's size; the worker still answers any ValueError as 422 for that request alone.
+A number is a JSON number: ``true`` is not 1 (a box ``[true, true, 60, 60]`` is refused).
 
 Bodies:
 
@@ -34,6 +36,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from fastsamclip.errors import InputError
+from fastsamclip.predictor.prompts import check_boxes, check_inside, check_point_labels
 from fastsamclip.predictor.text import check_labels, templates_for
 from fastsamclip.transforms import DECODE_ERRORS, clip_pixels, sam_pixels, to_rgb_uint8
 
@@ -180,8 +184,17 @@ def _float(name: str, v: Any) -> float:
     return float(v)
 
 
+def _has_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_bool(x) for x in v)
+
+
 def _array(name: str, v: Any, ndims: Tuple[int, ...], last: Optional[int]) -> np.ndarray:
-    """A finite float64 array of one of ``ndims`` dimensions, last axis ``last``."""
+    """A finite float64 array of one of ``ndims`` dimensions, last axis ``last``; booleans are
+    not numbers (numpy would read ``true`` as 1)."""
+    if _has_bool(v):
+        raise RequestError(422, f"field '{name}' must hold numbers, got true/false in {str(v)[:80]}")
     try:
         a = np.asarray(v, dtype=np.float64)
     except (ValueError, TypeError):
@@ -285,11 +298,27 @@ def geometry_of(task: str, params: Dict[str, Any], geometry: Geometry) -> Tuple[
     return "sam", geometry.img_size
 
 
+def check_prompts(params: Dict[str, Any], original_size: Tuple[int, int]) -> None:
+    """A segment request's prompts against the image, by the predictor's own rules (a 422)."""
+    try:
+        if params["points"] is not None:
+            labels = params["point_labels"]
+            if labels is not None:
+                check_point_labels(labels)
+            check_inside("point", params["points"], original_size, None if labels is None else labels != -1)
+        if params["boxes"] is not None:
+            check_boxes(params["boxes"], original_size)
+    except InputError as e:
+        raise RequestError(422, str(e)) from None
+
+
 def make_task(task: str, fields: Dict[str, Any], limits: Limits, geometry: Geometry) -> Dict[str, Any]:
     """Fields (``image`` as bytes or base64) -> what the worker runs: pixels prepared for the pass
     (uint8 (3, R, R)), the image's sizes, and the validated parameters."""
     params = check_fields(task, fields, limits, geometry)
     rgb = decode_image(image_bytes(fields.get("image")), limits)
+    if task == "segment":
+        check_prompts(params, rgb.shape[:2])
     kind, side = geometry_of(task, params, geometry)
     if kind == "clip":
         pixels, hw = clip_pixels(rgb, side), (side, side)

@@ -6,7 +6,9 @@
   head on the trunk tokens averaged k x k) from the same backbone pass.
 - SAM: on the held-out SA-1B images, the mean IoU between the student's masks and the SAM
   teacher's for the same box and point prompts (both logits thresholded at 0; an empty union
-  counts as agreement).
+  counts as agreement). The prompts are the draw of epoch :data:`HELD_OUT_EPOCH`, whatever epoch
+  the training stream has reached, so the same weights always get the same number (a run resumed
+  in stage 3 reports what the uninterrupted run reports).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from fastsamclip.errors import DataError
 from fastsamclip.modeling import SAMCLIP
 from fastsamclip.train.targets import TeacherTargets, student_masks
 from fastsamclip.transforms import apply_boxes, apply_coords, clip_pixels, sam_pixels
+
+HELD_OUT_EPOCH = 0  # the held-out images' mask and prompt draw: fixed, never the stream's epoch
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,7 @@ def evaluate_agreement(student: SAMCLIP, targets: TeacherTargets, clip_images: S
                 cos[k][r] += F.cosine_similarity(s, t, dim=-1).tolist()
     ious = []
     for idx in indices:
-        raw = sam_data.load_raw(idx)
+        raw = sam_data.load_raw(idx, epoch=HELD_OUT_EPOCH)
         if raw is None:
             continue
         x, hw = sam_pixels(raw.image, sam_size)

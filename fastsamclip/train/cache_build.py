@@ -48,8 +48,8 @@ from fastsamclip.data import (
     open_clip_source,
     select_decoder,
 )
-from fastsamclip.errors import ConfigError, DataError
-from fastsamclip.files import atomic_write, write_json
+from fastsamclip.errors import ConfigError, DataError, check_range
+from fastsamclip.files import writable_dir, write_json
 from fastsamclip.modeling import get_sam_config, load_clip_teacher, load_sam_teacher
 from fastsamclip.train.config import TrainConfig
 from fastsamclip.train.distributed import Dist, dist_from_env
@@ -176,17 +176,6 @@ def _differences(old: dict, new: dict) -> List[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
-def _check_writable(root: str) -> None:
-    """The cache folder can be written (created if needed): one clear error now, not hours later."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        atomic_write(os.path.join(root, ".write-check"), lambda tmp: open(tmp, "w").close())
-        os.remove(os.path.join(root, ".write-check"))
-    except OSError as e:
-        raise ConfigError(f"cannot write the teacher cache to {root!r} ({e.strerror or e}); give a writable "
-                          "--cache-out folder") from e
-
-
 def _read_settings(root: str) -> Optional[dict]:
     try:
         with open(os.path.join(root, SETTINGS)) as f:
@@ -262,16 +251,17 @@ def cache_teachers(cfg: TrainConfig, out: Optional[str] = None, batch_size: int 
     piece is there. The teachers run through the same functions as in training
     (``TeacherTargets.live_clip`` / ``live_sam`` on the same uint8 views), so cached targets equal
     live ones."""
-    for name, v in (("batch_size", batch_size), ("folder_piece", folder_piece), ("sam_piece", sam_piece)):
-        if v < 1:
-            raise ConfigError(f"{name} must be at least 1, got {v}")
+    for name, v in (("batch_size (--batch-size)", batch_size), ("folder_piece", folder_piece),
+                    ("sam_piece", sam_piece)):
+        check_range(name, v, 1, integer=True, error=ConfigError)
     d = dist or dist_from_env()
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() and cfg.device in ("auto", "cuda")
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     if sam_teacher is None or clip_teacher is None:
         cfg.teacher_weights()  # a teacher without weights is refused before anything is read
+    flag = "--cache-out" if out else "--teacher-cache" if cfg.teacher_cache else "--out"
     out = out or cfg.teacher_cache or os.path.join(cfg.out, "teacher-cache")
-    _check_writable(out)
+    writable_dir(out, flag)  # a read-only or full disk: one line now, not hours later
     b = get_sam_config(cfg.sam_type).backbone
     sam_size = cfg.sam_image_size or b.img_size
     clip_source = open_clip_source(cfg.clip_data, shuffle=False)  # both validated before the teachers load

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from fastsamclip.data.decode import DECODERS
-from fastsamclip.errors import ConfigError
+from fastsamclip.errors import ConfigError, check_range
 
 STAGES = (1, 2, 3)
 
@@ -93,25 +93,29 @@ class TrainConfig:
     clip_decode: str = "auto"  # D_CLIP JPEG decoding: cpu (PIL, draft mode, in the workers) | cuda (nvJPEG, shards) | auto (on CUDA the faster of the two on the run's own images, measured at start; a teacher cache's own choice when one is given)
 
     def validate(self) -> None:
-        for name in ("clip_batch", "sam_batch", "masks_per_image", "clip_base_res"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        """Every number range-checked (a NaN learning rate, a negative step count, a weight that
+        trains backwards are refused here, naming the option), then the rules between fields."""
+        for name, (lo, hi, lo_open, hi_open) in RANGES.items():
+            if not name.endswith("[]"):
+                _check_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
+        for name in ("clip_resolutions", "stage3_resolutions", "eval_resolutions", "betas"):
+            lo, hi, lo_open, hi_open = RANGES.get(name + "[]", (None, None, False, False))
+            for v in getattr(self, name):
+                _check_range(name, v, lo, hi, lo_open, hi_open)
+        if self.head_hidden is not None:
+            _check_range("head_hidden", self.head_hidden, 1, None, False, False)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas (--betas) {tuple(self.betas)}: expected two numbers, e.g. 0.9,0.999")
+        if self.focal_weight == 0 and self.dice_weight == 0:
+            raise ConfigError("focal_weight and dice_weight are both 0: L_SAM would be 0; keep SAM's 20,1")
         if not set(self.prompt_types) <= {"box", "point"} or not self.prompt_types:
             raise ConfigError(f"prompt_types must be a non-empty subset of ('box', 'point'), got {self.prompt_types}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        if self.max_nan_skips < 0:
-            raise ConfigError("max_nan_skips must be >= 0")
-        if not 0.0 < self.clip_holdout < 0.5:
-            raise ConfigError(f"clip_holdout must be in (0, 0.5), got {self.clip_holdout}; the paper holds out 0.01")
         bad = [k for k in self.stage3_token_pools if k < 2]
         if bad:
             raise ConfigError(f"stage3_token_pools {tuple(self.stage3_token_pools)}: each factor pools k x k tokens and "
                               "must be >= 2 (the full-token path is always trained); () trains the paper's path only")
-        if self.num_workers < -1:
-            raise ConfigError(f"num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
-        if self.prefetch_batches < 1:
-            raise ConfigError(f"prefetch_batches must be >= 1, got {self.prefetch_batches}")
         if self.clip_decode not in DECODERS:
             raise ConfigError(f"clip_decode must be one of {', '.join(DECODERS)}, got {self.clip_decode!r}")
         if self.resume and self.overwrite:
@@ -128,11 +132,42 @@ class TrainConfig:
                      "clip": "--clip-pretrained datacomp_xl_s13b_b90k (an open_clip tag) or a local weights file"}
             raise ConfigError(f"no weights for the {' and '.join(f'{k.upper()} teacher' for k in missing)}: pass "
                               + " and ".join(hints[k] for k in missing)
-                              + "; --random-teachers trains against randomly initialised teachers (smoke tests only)")
+                              + "; --random-teachers uses randomly initialised teachers instead (smoke tests only)")
         return {k: (v if v is not None else "random") for k, v in sources.items()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# (low, high, low open, high open) of every numeric field; None: unbounded on that side. Each
+# bound is what the field can mean: a learning rate is > 0 (0 trains nothing, < 0 trains
+# backwards), a count is >= 0 or >= 1, a fraction is in its interval. NaN fails every bound.
+RANGES = {
+    "stage1_epochs": (0, None, False, False), "stage2_epochs": (0, None, False, False),
+    "stage3_epochs": (0, None, False, False),
+    "stage1_steps": (0, None, False, False), "stage2_steps": (0, None, False, False),
+    "stage3_steps": (0, None, False, False),
+    "clip_batch": (1, None, False, False), "clip_base_res": (1, None, False, False),
+    "sam_batch": (1, None, False, False), "masks_per_image": (1, None, False, False),
+    "clip_micro_batch": (0, None, False, False), "sam_micro_batch": (0, None, False, False),
+    "sam_image_size": (0, None, False, False),
+    "stage1_lr": (0, None, True, False), "stage2_lr": (0, None, True, False), "stage3_lr": (0, None, True, False),
+    "stage2_lr_scale": (0, None, False, False), "weight_decay": (0, None, False, False),
+    "warmup_fraction": (0, 1, False, True), "min_lr_ratio": (0, 1, False, False), "grad_clip": (0, None, False, False),
+    "sam_loss_weight": (0, None, False, False), "focal_weight": (0, None, False, False),
+    "dice_weight": (0, None, False, False), "focal_alpha": (0, 1, False, False), "focal_gamma": (0, None, False, False),
+    "seed": (0, 2**32 - 1, False, False), "num_workers": (-1, None, False, False),  # -1: auto
+    "checkpoint_every": (0, None, False, False), "max_nan_skips": (0, None, False, False),
+    "log_every": (1, None, False, False), "clip_holdout": (0, 0.5, True, True),
+    "eval_clip_images": (0, None, False, False), "eval_images": (0, None, False, False),
+    "eval_masks_per_image": (1, None, False, False), "prefetch_batches": (1, None, False, False),
+    "clip_resolutions[]": (1, None, False, False), "stage3_resolutions[]": (1, None, False, False),
+    "eval_resolutions[]": (1, None, False, False), "betas[]": (0, 1, False, True),
+}
+
+
+def _check_range(name: str, v, lo, hi, lo_open: bool, hi_open: bool) -> None:
+    check_range(f"{name} (--{name.replace('_', '-')})", v, lo, hi, lo_open, hi_open, error=ConfigError)
 
 
 def _coerce(f: dataclasses.Field, value):

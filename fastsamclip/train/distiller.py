@@ -58,7 +58,7 @@ from fastsamclip.data import (
     select_decoder,
 )
 from fastsamclip.errors import ConfigError
-from fastsamclip.files import write_json
+from fastsamclip.files import writable_dir, write_json
 from fastsamclip.kernels import focal_dice_loss, linear_cosine_distill_loss
 from fastsamclip.modeling import (
     SAMCLIP,
@@ -127,6 +127,8 @@ class Distiller:
                 raise ConfigError(f"{name} {tuple(rs)}: every side must be a positive multiple of the patch size "
                                   f"{self.patch}")
         self.teacher_sources = self._teacher_sources(sam_teacher, clip_teacher)
+        if self.d.main:
+            writable_dir(cfg.out, "--out", create=False)  # a read-only or full disk: one line, before any work
         self._prepare_out()
         if not cfg.clip_data:
             raise ConfigError("no D_CLIP data: pass --clip-data (a WebDataset shard spec or an image folder)")
@@ -376,8 +378,12 @@ class Distiller:
         })
 
     def load_checkpoint(self) -> dict:
-        state = load_training_checkpoint(self._ckpt_path(), self.student, self.d.world_size, self.stage_steps)
+        """The newest intact checkpoint's state (``last.pt``, or the fallback it names), loaded;
+        ``metrics.jsonl`` is cut back to the checkpoint's step, so the replayed steps are logged once."""
+        state = load_training_checkpoint(self.ckpt_dir, self.student, self.d.world_size, self.stage_steps)
         self.nan_skips, self.history = state["nan_skips"], list(state["history"])
+        done = sum(self.stage_steps[s] for s in STAGES if s < state["stage"]) + state["step"]
+        self.metrics.resume_at(done)
         return state
 
     # ---------------------------------------------------------------- the loop
@@ -522,7 +528,8 @@ class Distiller:
         if self.d.main:
             report["eval"] = self.evaluate()
             path = os.path.join(self.out, "merged.safetensors")
-            save_merged(self.student, path)
+            save_merged(self.student, path, teachers={**self.teacher_sources,
+                                                      "random_teachers": self.cfg.random_teachers})
             report["merged"] = path
             write_json(os.path.join(self.out, "report.json"), report)
             ev = report["eval"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
-from fastsamclip.files import append_json_line
+from fastsamclip.files import append_json_line, atomic_write
 
 logger = logging.getLogger("fastsamclip.train")
 
@@ -18,6 +19,7 @@ class MetricsLog:
         self.out, self.log_every, self.enabled = out, max(1, log_every), enabled
         self._want_tb = tensorboard and enabled
         self._tb = None
+        self._purge_step = None  # set on resume: TensorBoard drops events from this step on
 
     def _writer(self):
         if self._tb is None and self._want_tb:
@@ -29,8 +31,32 @@ class MetricsLog:
                 logger.info("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
                 self._want_tb = False
             else:
-                self._tb = SummaryWriter(os.path.join(self.out, "tb"))
+                self._tb = SummaryWriter(os.path.join(self.out, "tb"), purge_step=self._purge_step)
         return self._tb
+
+    def resume_at(self, global_step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: drop their records (a killed run
+        may have logged them), so every step is in ``metrics.jsonl`` once; TensorBoard purges them
+        from its event files at the first new scalar."""
+        self._purge_step = global_step + 1
+        path = os.path.join(self.out, "metrics.jsonl")
+        if not self.enabled or not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["global_step"] <= global_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut by the kill: it goes too
+                continue
+        if kept != lines:
+            def write(tmp: str) -> None:
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+
+            atomic_write(path, write)
 
     def log(self, rec: dict, last_of_stage: bool) -> None:
         if not self.enabled or not (rec["global_step"] % self.log_every == 0 or last_of_stage):

@@ -44,6 +44,13 @@ def test_bench_relpos_attention_quick_writes_rows(tmp_path, capsys):
         assert all(r["status"] == "ok" and float(r["ms"]) > 0 and float(r["tflops"]) > 0 for r in ok), ok
         errs = [float(r["extra"].split("max_err=")[1].split(";")[0]) for r in ok]
         assert max(errs) < 1e-4, (impl, errs)  # speed travels with agreement to the reference
+    for r in rows:  # the fused kernel's rows say which tiles its autotuner ran, for each kernel that ran
+        tiles = r["extra"].split("tiles=")[1].split(";")[0] if "tiles=" in r["extra"] else None
+        if r["impl"] == "triton":
+            want = "fwd 64x4r/w4/s1" + (", dkdv 64x4r/w4/s1, dq 64x4r/w4/s1" if r["mode"] == "fwd+bwd" else "")
+            assert tiles == want, r
+        else:
+            assert tiles is None, r
     assert "1.00x" in capsys.readouterr().out  # the sdpa-bias baseline against itself
     bench_relpos_attention.main(["--quick", "--modes", "fwd", "--impls", "sdpa-bias", "--out", str(out), "--no-plot"])
     assert len(read_csv(str(out))) == len(rows) + n_cases  # appends, never overwrites

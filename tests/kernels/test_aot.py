@@ -9,6 +9,8 @@ table is ``fastsamclip info --kernels``. About 260 builds over two processes (~1
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -136,3 +138,17 @@ def test_the_key_loop_detector():
         "scf.yield %s, %rh_cur", "scf.yield %s, %rh_1")
     assert aot.key_loop_sync_loads(prefetched) == 0
     assert aot.key_loop_sync_loads("scf.for %i = %a to %b step %c {\n}\n") is None  # no async copies
+
+
+def test_a_warmed_cache_is_what_the_launch_path_finds(tmp_path):
+    """``warm``: the kernels an H100 compiles for a launch (here the dk/dv kernel: each config its
+    pruner keeps), built into a Triton cache through the launch path under a stand-in driver;
+    warming a copy of it at another path compiles nothing: the key the launch path computes is
+    the one stored."""
+    shapes, only = [("fp16", ("grid 4 x 4, d 16", 2, 2, 4, 4, 16))], ["attention dkdv"]
+    first = aot.warm(str(tmp_path / "a"), shapes, jobs=1, kernels=only)
+    space = len(attention_triton.config_space("dkdv", "sm90", "16bit"))
+    assert not first.errors and first.kernels == first.new_entries == first.entries == space, first.describe()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    again = aot.warm(str(tmp_path / "b"), shapes, jobs=1, kernels=only)
+    assert not again.errors and again.kernels == space and again.new_entries == 0, again.describe()

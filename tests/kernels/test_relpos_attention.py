@@ -72,6 +72,31 @@ def test_sdpa_cpu_inference_groups_heads_and_matches_float64(monkeypatch, dtype,
     assert torch.allclose(out.float(), whole.float(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("budget_heads", [1, 2, 3])
+def test_sdpa_cpu_groups_export_with_a_dynamic_batch(monkeypatch, budget_heads):
+    # torch.export with a dynamic batch (the AOTInductor export): the grouping must put no guard on
+    # the batch (a group of 2 pairs with batches up to 64 would), and the exported graph must equal
+    # the float64 reference at every batch, with a ragged last group of heads (3 heads in 2s).
+    mod = importlib.import_module("fastsamclip.kernels.relpos_attention")
+    B, nh, H, W, d = 2, 3, 5, 7, 16
+    monkeypatch.setattr(mod, "SDPA_CPU_BIAS_ELEMENTS", budget_heads * (H * W) ** 2)
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, rel_h, rel_w):
+            return relpos_attention(q, k, v, rel_h, rel_w, scale=0.3, backend="sdpa")
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(Attention(), tuple(make_inputs(B, nh, H, W, d, torch.float32, False)),
+                                      dynamic_shapes=tuple({0: batch} for _ in range(5)))
+    for b in (1, 5):
+        inputs = make_inputs(b, nh, H, W, d, torch.float32, requires_grad=False)
+        with torch.no_grad():
+            out = program.module()(*inputs)
+        ref = explicit_reference(*[x.double() for x in inputs], 0.3)
+        assert_close_verbose(out, ref, *tolerance("value", torch.float32), f"exported, batch {b}")
+
+
 def test_default_scale_is_head_dim_rsqrt():
     inputs = make_inputs(1, 2, 3, 5, 16, torch.float64, requires_grad=False)
     assert_close_verbose(relpos_attention(*inputs), explicit_reference(*inputs, 16**-0.5), 1e-12, 1e-12, "default scale")

@@ -11,6 +11,11 @@ atol (tests/helpers.py).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import logging
+import types
+
 import pytest
 import torch
 
@@ -154,7 +159,8 @@ def test_triton_opcheck():
 @pytest.mark.skipif(attention_triton.triton is None, reason="triton not installed")
 def test_pruner_converts_block_n_to_grid_rows_and_drops_what_does_not_fit():
     """The pruner's rule (select_configs): the family's configs only, BLOCK_N as whole grid rows,
-    duplicates dropped, configs over the device's shared memory dropped by the compiled figure."""
+    duplicates dropped, configs over the device's shared memory dropped by the compiled figure,
+    and no config left is an error that names each candidate and why it went."""
     triton = attention_triton.triton
     cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn}, num_warps=4, num_stages=s)
             for bn in (32, 64, 128) for s in (2, 3)]
@@ -169,48 +175,143 @@ def test_pruner_converts_block_n_to_grid_rows_and_drops_what_does_not_fit():
     space = attention_triton.config_space("fwd", "sm90", "16bit")
     assert out and all((c.kwargs["BLOCK_M"], c.kwargs["BH"] * 16, c.num_warps, c.num_stages) in space for c in out)
     assert not any(c.kwargs["BH"] == 8 for c in out)
+
     # Shared memory as the compiled kernel states it: over the limit, or failing to compile, is out.
-    shared = {2: 40_000, 4: 90_000}
-    out = select("fwd", cfgs, None, None, 16, smem_limit=64_000,
-                 shared_of=lambda c: None if c.kwargs["BH"] == 8 else shared[c.kwargs["BH"]])
+    def shared(c):
+        if c.kwargs["BH"] == 8:
+            raise RuntimeError("PTXASError: out of registers")
+        return {2: 40_000, 4: 90_000}[c.kwargs["BH"]]
+
+    out = select("fwd", cfgs, None, None, 16, smem_limit=64_000, shared_of=shared)
     assert sorted({c.kwargs["BH"] for c in out}) == [2]
-    # Never empty: the smallest tile is the last resort.
-    assert [c.kwargs for c in select("fwd", cfgs, None, None, 64, smem_limit=1, shared_of=lambda c: 10)] == [
-        {"BLOCK_M": 32, "BH": 1}]
+    with pytest.raises(RuntimeError, match="no tile config is left") as e:
+        select("fwd", cfgs, None, None, 16, smem_limit=1000, shared_of=shared)
+    assert "64x2r/w4/s2 needs 40000 B of shared memory, the device has 1000 B" in str(e.value)
+    assert "64x8r/w4/s3 does not compile (RuntimeError: PTXASError: out of registers)" in str(e.value)
+    with pytest.raises(RuntimeError, match="none of the 6 candidates is in the sm80 ieee space"):
+        select("fwd", cfgs, "sm80", "ieee", 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning as on an H100 / H200, through Triton's own autotuner (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+TILE = ("BLOCK_M", "BH", "num_warps", "num_stages")
+
+
+class RecordingKernel:
+    """A @triton.jit kernel's stand-in inside Triton's real ``triton.autotune``: Triton's own
+    ``JITFunction.warmup`` (which adds ``grid`` and ``warmup=True`` itself), and a ``run`` that binds
+    its arguments as the JIT's binder does (each kernel parameter once, no keyword but the kernel's
+    parameters and Triton's compile options), records every compile and launch by tile, and
+    reports the shared memory of a compiled config (``shared(tile)``) or fails to compile it."""
+
+    def __init__(self, real, shared, fails):
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.runtime.jit import JITFunction
+
+        self.fn, self.arg_names = real.fn, real.arg_names
+        self.warmup = JITFunction.warmup.__get__(self)
+        self.options = {f.name for f in dataclasses.fields(CUDAOptions)}
+        self.shared, self.fails = shared, set(fails)
+        self.compiled, self.launched = [], []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = {k: v for k, v in kwargs.items() if k in self.arg_names}
+        inspect.signature(self.fn).bind(*args, **params)  # TypeError: a parameter given twice, or missing
+        unknown = set(kwargs) - set(params) - self.options
+        if unknown:  # as JITFunction._pack_args
+            raise KeyError(f"Keyword argument {sorted(unknown)} was specified but unrecognised")
+        tile = tuple(kwargs[k] for k in TILE)
+        if not warmup:
+            self.launched.append(tile)
+            return None
+        self.compiled.append(tile)
+        if tile in self.fails:
+            raise RuntimeError("PTXASError: ptxas fatal: out of registers")
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=self.shared(tile)))
+
+
+@pytest.fixture
+def hopper(monkeypatch, caplog):
+    """``install(shared, fails, fastest)``: each kernel's production autotuner (``_tuned``: Triton's
+    ``triton.autotune`` -> ``Autotuner.run`` -> the pruner) around a RecordingKernel, as on an
+    sm_90 GPU with 227 KB of shared memory, timed so that ``fastest[kind]`` wins."""
+    at = attention_triton
+    monkeypatch.setattr(at, "INTERPRET", False)
+    monkeypatch.setattr(at, "_device_limits", lambda device: ((9, 0), 227 * 1024))
+    monkeypatch.setattr(at, "_DROPPED", set())
+    monkeypatch.setattr(at, "_CHOSEN", {})
+    caplog.set_level(logging.WARNING, logger="fastsamclip.kernels")
+
+    def install(shared=lambda tile: 40_000, fails=(), fastest=None):
+        kernels = {}
+        for kind in at.KINDS:
+            kern = RecordingKernel(at.KERNELS[kind], shared, fails)
+
+            def bench(kernel_call, quantiles, kern=kern, kind=kind):
+                kernel_call()
+                ms = 1.0 if kern.launched[-1] == (fastest or {}).get(kind) else 2.0 + len(kern.launched) / 100
+                return [ms, ms, ms]
+
+            monkeypatch.setitem(at._TUNED, kind, at._tuned(kern, kind, do_bench=bench))
+            kernels[kind] = kern
+        return kernels
+
+    return install
+
+
+def _cpu_inputs(B, nh, H, W, d):
+    return make_inputs(B, nh, H, W, d, torch.bfloat16, device="cpu", requires_grad=False)
 
 
 @pytest.mark.skipif(attention_triton.triton is None, reason="triton not installed")
-def test_the_gpu_pruner_compiles_each_candidate_and_reads_its_shared_memory(monkeypatch, caplog):
-    """The pruner as on a GPU (device figures faked): each config of the device's space is compiled
-    through the kernel's warmup, kept when Triton's shared-memory figure fits, dropped (logged
-    once) when it does not compile."""
-    import logging
-
+def test_the_autotuner_compiles_times_and_runs_a_config_of_the_gpus_space(hopper, caplog):
+    """As on an H100: every candidate of the sm_90 space compiled through warmup, the one that
+    fails to compile dropped (said once), each other timed, the fastest launched and reported in
+    the backend's notes. Fails on a pruner that hands the autotuner's own launch keywords (grid,
+    warmup) on to warmup: every compile fails then, and nothing is left."""
     at = attention_triton
-    monkeypatch.setattr(at, "INTERPRET", False)
-    monkeypatch.setattr(at, "_device_limits", lambda device: ((9, 0), 50_000))
-    monkeypatch.setattr(at, "_DROPPED", set())
-    calls = []
-
-    class FakeKernel:
-        def warmup(self, grid, **kw):
-            calls.append((kw["BLOCK_M"], kw["BH"], kw["num_warps"], kw["num_stages"], kw["HEAD_DIM"]))
-            if kw["BLOCK_M"] == 128:
-                raise RuntimeError("PTXASError: out of registers")
-            return type("K", (), {"metadata": type("M", (), {"shared": 40_000 if kw["num_stages"] == 2 else 60_000})})
-
-    prune = at._make_pruner("fwd", FakeKernel())
-    q = torch.empty(1, dtype=torch.bfloat16)
-    cfgs = at._autotune_configs("fwd", interpret=False)
-    meta = dict(HEAD_DIM=64, D0=64, D1=0, W_PAD=16, DOT_PREC="tf32", BIAS_PREC="tf32x3")
-    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
-        kept = prune(cfgs, {"Q": q, "N": 196}, **meta)
-        prune(cfgs, {"Q": q, "N": 196}, **meta)
-    space = at.config_space("fwd", "sm90", "16bit")
-    assert len(calls) == 2 * len(space)  # every candidate of the family compiled (Triton caches them)
-    assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BH"], c.num_stages) for c in kept) == [(64, 2, 2), (64, 4, 2)]
+    fastest = {"fwd": (64, 4, 4, 3), "dkdv": (32, 4, 4, 2), "dq": (128, 2, 8, 2)}
+    kernels = hopper(fails={(128, 4, 8, 2)}, fastest=fastest)  # the 128-query forward tile fails to compile
+    q, k, v, rh, rw = _cpu_inputs(1, 2, 14, 14, 64)
+    for _ in range(2):  # the second call is served by the autotuner's cache
+        o, lse = at._launch_fwd(q, k, v, rh, rw, 0.125)
+        at._launch_bwd(torch.randn_like(q), q, k, v, rh, rw, v, torch.zeros_like(lse), 0.125)
+    for kind, kern in kernels.items():
+        space = {(bm, at.grid_rows(bn, 16), w, s) for bm, bn, w, s in at.config_space(kind, "sm90", "16bit")}
+        assert sorted(kern.compiled) == sorted(space), kind  # each candidate compiled once
+        timed = space - {(128, 4, 8, 2)} if kind == "fwd" else space
+        assert sorted(kern.launched[:len(timed)]) == sorted(timed), kind  # each kept one timed once
+        assert kern.launched[len(timed):] == [fastest[kind]] * 2, kind  # then the fastest runs
+    labels = {kind: at.config_label(dict(zip(TILE, tile))) for kind, tile in fastest.items()}
+    assert at.chosen_configs(q, rh, rw) == labels
+    assert f"{at.TILES_NOTE}fwd 64x4r/w4/s3, dkdv 32x4r/w4/s2, dq 128x2r/w8/s2" in at.BACKEND.notes(q, k, v, rh, rw)
+    assert at.chosen_configs(q[:, :1], rh[:, :1], rw[:, :1]) == {}  # another key: nothing chosen for it yet
     msgs = [r.getMessage() for r in caplog.records]
-    assert len(msgs) == 1 and "does not compile here" in msgs[0] and "PTXASError" in msgs[0], msgs
+    assert len(msgs) == 1 and "config 128x4r/w8/s2 does not compile here" in msgs[0] and "PTXASError" in msgs[0], msgs
+
+
+@pytest.mark.skipif(attention_triton.triton is None, reason="triton not installed")
+def test_no_config_left_is_an_error_with_every_reason(hopper):
+    """Never a silent fallback tile: when every candidate is over the shared memory or fails to
+    compile, the launch raises, naming each one and why."""
+    hopper(shared=lambda tile: 300_000 if tile[0] == 64 else 40_000, fails={(128, 4, 8, 2)})
+    q, k, v, rh, rw = _cpu_inputs(1, 2, 14, 14, 64)
+    with pytest.raises(RuntimeError, match=r"relpos_attention fwd: no tile config is left .*sm90 16bit") as e:
+        attention_triton._launch_fwd(q, k, v, rh, rw, 0.125)
+    assert "64x2r/w4/s2 needs 300000 B of shared memory, the device has 232448 B" in str(e.value)
+    assert "128x4r/w8/s2 does not compile (RuntimeError: PTXASError" in str(e.value)
+
+
+@pytest.mark.skipif(attention_triton.triton is None, reason="triton not installed")
+def test_the_number_of_heads_is_part_of_the_autotune_key(hopper):
+    """The grid has B x heads x blocks programs: 2 heads and 12 heads of one shape tune apart."""
+    kernels = hopper()
+    for nh in (2, 2, 12):
+        at_inputs = _cpu_inputs(1, nh, 5, 7, 16)
+        attention_triton._launch_fwd(*at_inputs, 0.25)
+    once = len(set(kernels["fwd"].compiled))
+    assert once >= 2 and len(kernels["fwd"].compiled) == 2 * once  # pruned for 2 heads, then for 12
 
 
 def test_every_space_is_defined_and_small():
@@ -262,7 +363,7 @@ def test_fp32_follows_torchs_tf32_setting():
                     reason="the autotuners exist on a GPU build only (the interpreter runs one config)")
 def test_autotuners_key_on_the_batch_and_keep_results_on_disk():
     for tuned in (attention_triton._fwd_tuned, attention_triton._dkdv_tuned, attention_triton._dq_tuned):
-        assert "TUNE_BATCH" in tuned.keys and "N" in tuned.keys and tuned.cache_results
+        assert {"TUNE_BATCH", "NH", "N"} <= set(tuned.keys) and tuned.cache_results
 
 
 def test_launch_arguments_carry_the_batch_bucket_and_the_split():

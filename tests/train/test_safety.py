@@ -157,14 +157,24 @@ def test_a_damaged_checkpoint_of_the_right_size_is_refused_naming_the_tensor(env
     data = bytearray(open(path, "rb").read())
     data[-4000:-3000] = b"\xff" * 1000  # NaNs in the last tensors, file size unchanged
     open(path, "wb").write(bytes(data))
-    with pytest.raises(CheckpointError, match=r"tensor \S+ holds \d+ NaN/Infinity value\(s\).*damaged"):
+    with pytest.raises(CheckpointError, match=r"tensor \S+ does not match the file's integrity record.*damaged"):
         load_merged(path)
+    # A file written before the integrity record: the NaN/Infinity scan names the tensor.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
+    old = str(tmp_path / "old.safetensors")
+    save_file(load_file(path), old, metadata=meta)
+    with pytest.raises(CheckpointError, match=r"tensor \S+ holds \d+ NaN/Infinity value\(s\).*damaged"):
+        load_merged(old)
     img = tmp_path / "pic.png"
     from PIL import Image
 
     Image.fromarray(samples.sample_image("chelsea")[:60, :80]).save(img)
     rc = main(["predict", str(img), "--checkpoint", path, "--points", "10,10", "--out", str(tmp_path / "o")])
-    one_line(capsys, rc, "predict", "NaN/Infinity")
+    one_line(capsys, rc, "predict", "integrity record")
     assert not list((tmp_path / "o").glob("*.json")) if (tmp_path / "o").exists() else True
 
 
