@@ -54,6 +54,7 @@ import uuid
 from queue import Empty
 from typing import Any, Dict, Optional
 
+from fastsamclip import logs
 from fastsamclip.checkpoint import read_merged_config
 from fastsamclip.errors import InputError
 from fastsamclip.predictor import SAMCLIPPredictor
@@ -266,6 +267,7 @@ class SAMCLIPAPI(_LitAPI):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=loop)
         self.checkpoint, self.compile = checkpoint, compile
         self.api_key, self.setup_error_path = api_key, setup_error_path
+        self.log_level = logging.getLogger(logs.PACKAGE).getEffectiveLevel()  # the command's -v, for the worker
 
     def authorize(self, request: Request) -> None:
         """LitServe's auth hook, a dependency of every route: the API key in ``X-API-Key``."""
@@ -278,6 +280,7 @@ class SAMCLIPAPI(_LitAPI):
 
     def setup(self, device) -> None:
         child_of_server()  # SIGINT is the main process's to handle; exit with it
+        logs.configure(self.log_level)  # a spawned process: the command's logging, set up again
         try:
             predictor = SAMCLIPPredictor(self.checkpoint, device=device, compile=self.compile)
             self.engine = Engine(predictor, max_batch=self.max_batch_size)

@@ -13,8 +13,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from fastsamclip.data.decode import DECODERS
 from fastsamclip.errors import ConfigError, check_range
+
+# fastsamclip.data.decode.DECODERS, written out so that the configuration (which the command line's
+# parser reads) imports no torch; tests/data/test_decode.py checks the two agree.
+DECODERS = ("auto", "cpu", "cuda")
 
 STAGES = (1, 2, 3)
 

@@ -12,6 +12,7 @@ from fastsamclip import data as D
 from fastsamclip.data import decode as DEC
 from fastsamclip.data import samples as S
 from fastsamclip.errors import ConfigError
+from fastsamclip.train import config as train_config
 from fastsamclip.transforms import clip_pixels, decode_rgb
 
 from .conftest import jpeg_bytes, mean_abs
@@ -28,6 +29,10 @@ def photos():
 
 def full(data, r):
     return clip_pixels(decode_rgb(data), r)
+
+
+def test_the_configuration_offers_the_decoders_there_are():
+    assert train_config.DECODERS == DEC.DECODERS
 
 
 def test_without_draft_the_view_is_exactly_the_full_decodes(photos, images):

@@ -2,11 +2,9 @@
 resumes to the same cache, settings that never mix, memory that does not grow with the entries,
 and cache-teachers' bad input answered with one line."""
 
-import errno
 import filecmp
 import json
 import os
-import tempfile
 import tracemalloc
 
 import pytest
@@ -16,9 +14,11 @@ from fastsamclip.cli import main
 from fastsamclip.data import decode_views, open_clip_source
 from fastsamclip.errors import DataError
 from fastsamclip.train import Dist, TeacherCache, TeacherCacheWriter, cache_teachers
+from fastsamclip.train import cache_build
 from fastsamclip.train import teacher_cache as TC
 from fastsamclip.train.targets import TeacherTargets
 
+from ..test_campaign_cli import read_only_disk
 from .conftest import make_cfg
 from .test_safety import base_args, one_line
 
@@ -125,26 +125,28 @@ def test_other_settings_are_refused_unless_overwrite_replaces_the_whole_cache(en
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--batch-size", "-3"], "batch_size must be at least 1, got -3"),
-    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
-    (["--num-workers", "-2"], "num_workers must be >= 0, or -1 for auto, got -2"),
-    (["--prefetch-batches", "0"], "prefetch_batches must be >= 1, got 0"),
+    (["--batch-size", "-3"], "batch_size (--batch-size) -3: must be an integer in [1, inf)"),
+    (["--batch-size", "0"], "batch_size (--batch-size) 0: must be an integer in [1, inf)"),
+    (["--num-workers", "-2"], "num_workers (--num-workers) -2: must be a number in [-1, inf)"),
+    (["--prefetch-batches", "0"], "prefetch_batches (--prefetch-batches) 0: must be a number in [1, inf)"),
     (["--clip-decode", "gpu"], "clip_decode must be one of auto, cpu, cuda, got 'gpu'"),
 ])
-def test_numeric_flags_are_checked_before_anything_runs(env, tmp_path, capsys, flags, match):
+def test_numeric_flags_are_checked_before_anything_runs(env, tmp_path, capsys, monkeypatch, flags, match):
+    monkeypatch.setattr(cache_build, "load_sam_teacher", lambda *a: pytest.fail("a teacher loaded before the check"))
     out = tmp_path / "cache"
     one_line(capsys, main(["cache-teachers", *base_args(env, tmp_path / "run"), "--cache-out", str(out), *flags]),
              "cache-teachers", match)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "run").exists()
 
 
-def test_an_unwritable_cache_folder_is_one_line(env, tmp_path, capsys, monkeypatch):
-    def read_only(*a, **k):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # as on a read-only disk (root writes past chmod)
-    one_line(capsys, main(["cache-teachers", *base_args(env, tmp_path / "run"), "--cache-out", str(tmp_path / "c")]),
-             "cache-teachers", "cannot write the teacher cache to")
+@pytest.mark.parametrize("flag", ["--cache-out", "--out"])
+def test_a_read_only_cache_folder_is_one_line_before_any_teacher_loads(env, tmp_path, capsys, monkeypatch, flag):
+    read_only_disk(monkeypatch, tmp_path / "ro")
+    monkeypatch.setattr(cache_build, "load_sam_teacher", lambda *a: pytest.fail("a teacher loaded before the check"))
+    where = ["--cache-out", str(tmp_path / "ro" / "cache")] if flag == "--cache-out" else []
+    run = tmp_path / ("run" if where else "ro/run")
+    expect = f"{flag} {tmp_path / 'ro' / ('cache' if where else 'run/teacher-cache')}: cannot write there: the disk"
+    one_line(capsys, main(["cache-teachers", *base_args(env, run), *where]), "cache-teachers", expect)
 
 
 # ------------------------------------------------------------------------------- the reader at scale
