@@ -273,13 +273,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shared machine's load falls alike on all of them), median img/s per impl."""
         runs: Dict[str, list] = {name: [] for name, _, _ in impls}
         failed: Dict[str, str] = {}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for name, make, _ in impls:
                 if name in failed:
                     continue
                 try:
                     made = make()
                     runs[name].append(rate(made[1] if isinstance(made, tuple) else made, batches))
+                    print(f"  {case} {name}: run {repeat + 1}/{args.repeats} {runs[name][-1][0]:.1f} img/s",
+                          file=sys.stderr, flush=True)
                 except Exception as e:  # a path that breaks is a row with its error, not a crash
                     failed[name] = f"failed: {type(e).__name__}: {e}"[:200]
                 made = None  # a stream's workers stop here, before the next one starts its own
