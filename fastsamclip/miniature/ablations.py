@@ -22,6 +22,9 @@ reports, "reproduced" compares the means in that direction):
                        and against "SAM everything, then CLIP" with the two teachers (paper: 27.2)
     stage 3            top-1 at 128 px (the native size) before and after resolution adaptation
 
+The lambda runs share the full run's stage 1 (same seed): stage 1 trains the CLIP head alone, which
+lambda does not touch, so only stages 2 and 3 are trained again.
+
 Every run's numbers are written to ``OUT/runs/<run>-seed<k>/skills.json`` as soon as they are
 measured, so an interrupted command resumes where it stopped and never trains a finished run again.
 """
@@ -46,6 +49,9 @@ RUNS: Dict[str, dict] = {
     "lambda100": {"sam_loss_weight": 100.0},
     "avgpool": {"pool": "avg"},
 }
+# Runs that differ from the full recipe only after stage 1 (lambda is stage 2's): they start from
+# the full run's stage-1 checkpoint of the same seed, which saves a stage 1 each.
+FROM_FULL_STAGE1 = ("lambda0", "lambda1", "lambda100")
 # What each run's checkpoints are measured on (the stage checkpoints of the full run feed two rows).
 MEASURE: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "full": {"stage1": ("top1",), "stage2": ("top1", "top1_high"),
@@ -69,7 +75,14 @@ def run_one(world_root: str, out: str, name: str, seed: int, base: Recipe, limit
         shutil.rmtree(folder)
     t0 = time.perf_counter()
     recipe = base.with_(seed=seed, **RUNS[name])
-    paths = distill(world_root, folder, recipe, teachers)
+    init = None
+    if name in FROM_FULL_STAGE1 and recipe.stage_steps[0]:
+        # Stage 1 trains the CLIP head alone, so lambda cannot change it: start from the full
+        # run's stage-1 student of the same seed (trained first) and run stages 2 and 3 only.
+        run_one(world_root, out, "full", seed, base, limits, teachers)  # on disk already unless interrupted
+        init = os.path.join(out, "runs", f"full-seed{seed}", "stage1.safetensors")
+        recipe = recipe.with_(stage_steps=(0,) + tuple(recipe.stage_steps[1:]))
+    paths = distill(world_root, folder, recipe, teachers, init=init)
     skills = {ck: student_skills(paths[ck], world_root, limits, what) for ck, what in MEASURE[name].items()}
     result = {"run": name, "seed": seed, "recipe": recipe.__dict__, "skills": skills,
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -69,6 +69,29 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / "full-seed0" / "stale").exists()
 
 
+def test_the_lambda_runs_start_from_the_full_runs_stage1_of_their_seed(tmp_path, monkeypatch):
+    """Stage 1 does not depend on lambda: a lambda run trains stages 2-3 from the full run's
+    stage-1 student of the same seed (training that run first), the pooling run trains its own."""
+    calls = []
+
+    def fake_distill(world, folder, recipe, teachers=None, init=None):
+        calls.append((os.path.basename(folder), recipe.stage_steps, recipe.sam_loss_weight, recipe.pool, init))
+        os.makedirs(folder, exist_ok=True)
+        return {"merge": "m", "stage1": "s1", "stage2": "s2", "final": "f"}
+
+    monkeypatch.setattr(ablations, "distill", fake_distill)
+    monkeypatch.setattr(ablations, "student_skills", lambda *a, **k: {"top1": 1.0})
+    base = Recipe(stage_steps=(5, 3, 2))
+    ablations.run_one("w", str(tmp_path), "lambda0", 1, base, Limits())
+    ablations.run_one("w", str(tmp_path), "lambda100", 1, base, Limits())  # the full run is on disk now
+    ablations.run_one("w", str(tmp_path), "avgpool", 1, base, Limits())
+    full_s1 = str(tmp_path / "runs" / "full-seed1" / "stage1.safetensors")
+    assert calls == [("full-seed1", (5, 3, 2), 10.0, "max", None),
+                     ("lambda0-seed1", (0, 3, 2), 0.0, "max", full_s1),
+                     ("lambda100-seed1", (0, 3, 2), 100.0, "max", full_s1),
+                     ("avgpool-seed1", (5, 3, 2), 10.0, "avg", None)]
+
+
 def test_the_demo_refuses_a_folder_with_an_earlier_run_and_names_its_own_flag(tmp_path, capsys):
     run = tmp_path / "run" / "run"
     run.mkdir(parents=True)
@@ -80,6 +103,14 @@ def test_the_demo_refuses_a_folder_with_an_earlier_run_and_names_its_own_flag(tm
     with pytest.raises(ConfigError):
         check_demo_out(str(tmp_path), overwrite=False)
     check_demo_out(str(tmp_path / "fresh"), overwrite=False)
+
+
+@pytest.mark.parametrize("steps", ["500,150", "500,x,40", "0,0,40", "500,-1,40"])
+def test_ablations_refuse_bad_steps_in_one_line_before_writing_anything(tmp_path, capsys, steps):
+    assert main(["miniature", "ablations", "--out", str(tmp_path / "out"), "--steps", steps]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--steps" in err and "S1,S2,S3" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_demo_table_has_a_row_per_skill_and_the_baseline_in_the_teacher_column():
