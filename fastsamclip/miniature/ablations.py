@@ -98,7 +98,7 @@ def _stats(values: Sequence[float]) -> Tuple[float, float]:
 
 def _fmt(values: Sequence[float], pct: bool) -> str:
     m, s = _stats(values)
-    return f"{m:.1f} ± {s:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
+    return f"{m:.1f} ± {s:.1f}" if pct else f"{m:.4f} ± {s:.4f}"
 
 
 def _gt(a: Sequence[float], b: Sequence[float]) -> dict:

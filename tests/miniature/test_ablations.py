@@ -36,7 +36,7 @@ def test_rows_give_mean_and_spread_over_seeds_and_compare_means_in_the_papers_di
                                                                 "semantic_everything": 45.0})}
     assert len(by) == 9  # one row per finding
     point = by["rehearsal: point mIoU, full recipe vs stage 2 without D_SAM (lambda 0)"]
-    assert point["measured"] == "0.810 ± 0.010 vs 0.550 ± 0.050" and point["reproduced"]
+    assert point["measured"] == "0.8100 ± 0.0100 vs 0.5500 ± 0.0500" and point["reproduced"]
     box = by["rehearsal: box mIoU, full recipe vs lambda 0"]
     assert not box["reproduced"]  # 0.90 < 0.95: a finding that does not hold is reported as such
     assert by["head probing only (stage 1) vs stages 1+2: zero-shot top-1 @64 px (%)"]["measured"] == \
