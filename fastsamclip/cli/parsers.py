@@ -393,6 +393,8 @@ def miniature(sub) -> None:
     s.add_argument("--seeds", default="0,1,2")
     s.add_argument("--teachers", default=None, help="teachers folder (default: the shipped ones)")
     s.add_argument("--limit", type=int, default=None, help="the first N held-out canvases (VOC, COCO); the crops are all used")
+    s.add_argument("--steps", default=None, metavar="S1,S2,S3",
+                   help="optimizer steps of stages 1, 2, 3 (default: the demo's recipe)")
     s.add_argument("--quick", action="store_true", help="two steps a stage: checks every path, measures nothing")
 
 
