@@ -103,12 +103,21 @@ def cmd_ablations(args) -> int:
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    world = args.world or os.path.join(args.out, "world")
-    if not args.world:
-        write_world(world, args.train, args.heldout)
     base = Recipe()
+    if args.steps:  # checked before the world is written
+        try:
+            steps = tuple(int(s) for s in args.steps.split(","))
+        except ValueError:
+            steps = ()
+        if len(steps) != 3 or min(steps) < 0 or steps[0] + steps[1] == 0:
+            raise ConfigError(f"--steps {args.steps!r}: expected three step counts S1,S2,S3 (stage 1 or 2 above 0), "
+                              "e.g. 600,150,50")
+        base = base.with_(stage_steps=steps)
     if args.quick:  # CI's size: every path once, the numbers mean nothing
         base = base.with_(stage_steps=(2, 2, 1), clip_batch=8, sam_batch=2)
     limits = _limits(args.limit)
+    world = args.world or os.path.join(args.out, "world")
+    if not args.world:
+        write_world(world, args.train, args.heldout)
     run_ablations(world, args.out, seeds, base, limits, teachers=_teachers(args.teachers))
     return 0

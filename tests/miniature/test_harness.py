@@ -10,6 +10,7 @@ from fastsamclip.cli import main
 from fastsamclip.eval.models import CLIPTeacherModel, MergedModel, SAMTeacherModel
 from fastsamclip.miniature import (
     HIGH_RES,
+    LOW_RES,
     SAM_TYPE,
     merge_teachers,
     prompt_miou,
@@ -44,6 +45,32 @@ def test_eval_classify_gives_the_teachers_zero_shot_top1(world, tmp_path, capsys
                  "--dataset", "folder"], tmp_path, capsys)
     model = CLIPTeacherModel(clip, None, CPU)
     assert cli["top1"] == zero_shot_top1(model, world["root"], model.teacher.image_size)
+
+
+def test_eval_classify_gives_the_students_zero_shot_top1(world, merged, tmp_path, capsys):
+    """The student's row of every table (fp32 at 64 px) is what `eval classify` prints for it."""
+    p = world_paths(world["root"])
+    cli = _eval(["classify", "--checkpoint", merged, "--dtype", "fp32", "--resolution", str(LOW_RES),
+                 "--data-root", p["crops"], "--dataset", "folder"], tmp_path, capsys)
+    assert cli["top1"] == zero_shot_top1(MergedModel(merged, CPU, hash_file=False, dtype="fp32"), world["root"],
+                                         LOW_RES)
+
+
+def test_eval_instances_and_retrieval_run_on_the_miniature_layouts(world, merged, tmp_path, capsys):
+    """The two tasks no table reads (box-prompted COCO AP, caption retrieval) run on the world's
+    layouts unchanged; the student at merge prompts as its SAM teacher, so their AP agree."""
+    p = world_paths(world["root"])
+    inst = ["instances", "--data-root", p["coco"], "--dataset", "coco"]
+    student = _eval([*inst, "--checkpoint", merged, "--dtype", "fp32"], tmp_path, capsys)
+    teacher = _eval([*inst, "--teacher", "sam", "--sam-checkpoint", shipped_paths()["sam"], "--sam-type", SAM_TYPE],
+                    tmp_path, capsys)
+    key = next(k for k in student if "AP" in k)
+    assert 20.0 < teacher[key] <= 100.0  # percent: a trained teacher finds the objects
+    assert student[key] == pytest.approx(teacher[key], abs=2.0)
+    ret = _eval(["retrieval", "--checkpoint", merged, "--dtype", "fp32", "--resolution", str(HIGH_RES),
+                 "--data-root", p["retrieval"], "--dataset", "coco"], tmp_path, capsys)
+    assert (ret["images"], ret["captions"]) == (world["meta"]["heldout"], 5 * world["meta"]["heldout"])  # every canvas, five captions each
+    assert 0.0 <= ret["R@1"] <= ret["R@5"] <= ret["R@10"] <= 100.0
 
 
 def test_eval_semantic_gives_the_students_miou_in_both_modes(world, merged, tmp_path, capsys):
