@@ -150,12 +150,15 @@ def draw_overlay(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequenc
 
 
 def draw_named_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence[Optional[str]], path: str,
-                     title: str = "", max_side: int = MAX_SIDE) -> Optional[str]:
-    """Every mask of a picture ("segment everything"), each with its name written on it.
+                     title: str = "", max_side: int = MAX_SIDE, captions: Optional[Sequence[str]] = None
+                     ) -> Optional[str]:
+    """Every mask of a picture ("segment everything", or every instance of some phrases), each
+    outlined and with its name written on it.
 
     names: one per mask; masks of one name share its colour (the legend: name and count), a
-    mask without a name (None) gets its own colour and its index as text. Returns the PNG path,
-    or None without matplotlib.
+    mask without a name (None) gets its own colour and its index as text. captions: what to write
+    on each mask instead of its name (e.g. the name with a score). Returns the PNG path, or None
+    without matplotlib.
     """
     plt = _pyplot()
     if plt is None:
@@ -171,7 +174,8 @@ def draw_named_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequ
     for i, (m, n) in enumerate(zip(ms, names)):
         at = _label_point(m)
         if at is not None:
-            ax.text(*at, n if n is not None else f"#{i}", fontsize=7, color="white", ha="center", va="center",
+            text = captions[i] if captions is not None else n if n is not None else f"#{i}"
+            ax.text(*at, text, fontsize=7, color="white", ha="center", va="center",
                     bbox=dict(boxstyle="round,pad=0.1", fc="black", alpha=0.55, lw=0))
     counts = {n: sum(1 for x in names if x == n) for n in named}
     handles = [_patches().Patch(color=by_name[n], label=f"{n} ({counts[n]})") for n in named]

@@ -131,7 +131,7 @@ def test_every_mask_is_named_with_probabilities_over_all_labels(setup):
     assert [r["label"] for r in other] == [None] * len(recs)
     assert [r["label_score"] for r in other] == [r["label_score"] for r in recs]
     # Text embeddings are computed once per label set.
-    assert (tuple(LABELS), "openai") in p.text._cache
+    assert all((lab, "openai") in p.text._cache for lab in LABELS)
 
 
 def test_pooling_weights_patches_by_the_fraction_inside_the_mask():

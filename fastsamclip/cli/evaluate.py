@@ -12,6 +12,7 @@ Bad input exits 2 with one line naming the file and what is wrong.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import List, Optional
 
@@ -30,6 +31,8 @@ from fastsamclip.eval.runner import (
 from fastsamclip.errors import InputError, check_range
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
+from fastsamclip.predictor.concepts import ConceptParams
+from fastsamclip.predictor.everything import EverythingParams
 
 
 def _one_line(e: BaseException) -> str:
@@ -51,6 +54,40 @@ def cmd_eval(args, argv: Optional[List[str]] = None) -> int:
         return 2
     finally:
         d.close()
+
+
+def _json_params(args, flag: str, prompts: str, whose: str, taken: set, check) -> Optional[dict]:
+    """``--text-params`` / ``--everything-params``: a JSON object of ``whose`` parameters, checked by
+    ``check`` before any model loads; ``taken``: the parameters with flags of their own."""
+    value = getattr(args, flag[2:].replace("-", "_"))
+    if value is None:
+        return None
+    if args.prompts != prompts:
+        raise EvalInputError(None, f"{flag} are {whose}: they go with --prompts {prompts}, not {args.prompts}")
+    try:
+        params = json.loads(value)
+    except ValueError as e:
+        raise EvalInputError(None, f"{flag} is not JSON: {e}") from None
+    if not isinstance(params, dict) or taken & set(params):
+        raise EvalInputError(None, f"{flag} must be a JSON object of {whose} parameters ({', '.join(sorted(taken))} "
+                                   "have flags of their own or are fixed)")
+    try:
+        check(dict(params))
+    except (InputError, TypeError, ValueError) as e:
+        raise EvalInputError(None, f"{flag}: {e}") from None
+    return params
+
+
+def _text_params(args) -> Optional[dict]:
+    return _json_params(args, "--text-params", "text", "segment_text's", {"background", "templates", "output_mode"},
+                        ConceptParams.from_kwargs)
+
+
+def _everything_params(args) -> Optional[dict]:
+    """--everything-params: SamAutomaticMaskGenerator's parameters (the merged model's generate takes the same)."""
+    return _json_params(args, "--everything-params", "everything", "the mask generator's",
+                        {"points_per_side", "point_grids", "output_mode"},
+                        lambda params: EverythingParams.from_kwargs(params).grids())
 
 
 def _setup(task: str, args, device):
@@ -76,6 +113,16 @@ def _setup(task: str, args, device):
         ds = open_semantic(args.dataset, args.data_root, split, args.class_names)
     elif task == "instances":
         ds = instances.InstanceSet(args.dataset, args.data_root, split, args.annotations)
+        if args.detections and args.prompts != "boxes":
+            raise EvalInputError(args.detections, f"--detections are box prompts: drop them with --prompts {args.prompts}")
+        if args.prompts == "text" and args.teacher:
+            raise EvalInputError(None, "--prompts text is the merged model's segment_text: give --checkpoint")
+        args.text_params = _text_params(args)
+        args.everything_params = _everything_params(args)
+        if args.points_per_side < 1:
+            raise EvalInputError(None, f"--points-per-side must be at least 1, got {args.points_per_side}")
+        if args.prompts != "boxes" and not [b for b in args.background.split(",") if b.strip()]:
+            raise EvalInputError(None, f"--background {args.background!r} names no text; give e.g. --background background")
         if args.detections:
             ds.detections(args.detections)  # checked now, before the model is loaded
     else:
@@ -136,8 +183,22 @@ def _run(task: str, args, d, device, argv) -> int:
                                 args.background_threshold, args.batch_size, save_dir=args.save_predictions, **common)
         rows = [("mIoU", "mIoU"), ("pixel accuracy", "pixel_accuracy"), ("mean class accuracy", "mean_accuracy")]
     elif task == "instances":
-        setting = {"boxes": "detections" if args.detections else "ground truth", "resolution": resolution}
-        out = instances.evaluate(model, ds, d, args.detections, save_dir=args.save_predictions, **common)
+        background = tuple(b.strip() for b in args.background.split(",") if b.strip())
+        setting = {"prompts": "boxes", "boxes": "detections" if args.detections else "ground truth",
+                   "resolution": resolution} if args.prompts == "boxes" else {
+            "prompts": args.prompts, "background": list(background), "templates": args.templates,
+            "resolution": resolution}
+        if args.prompts == "everything":
+            setting["points_per_side"] = args.points_per_side
+        if args.text_params:
+            setting["text_params"] = args.text_params
+        if args.everything_params:
+            setting["everything_params"] = args.everything_params
+        out = instances.evaluate(model, ds, d, args.detections, save_dir=args.save_predictions, prompts=args.prompts,
+                                 background=background, named={"templates": args.templates,
+                                                               "points_per_side": args.points_per_side,
+                                                               "text_params": args.text_params,
+                                                               "everything_params": args.everything_params}, **common)
         rows = [(k, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         if args.dataset == "lvis":
             rows += [(k, k) for k in ("APr", "APc", "APf")]

@@ -140,8 +140,8 @@ def train(sub) -> None:
 # ------------------------------------------------------------------------------------- predict
 def predict(sub) -> None:
     s = add_command(sub, "predict", "predict:cmd_predict",
-                    help="masks for point/box prompts, every mask with its name, zero-shot labels and semantic maps "
-                         "with a merged checkpoint")
+                    help="masks for point/box prompts, every mask with its name, every instance of a phrase, "
+                         "zero-shot labels and semantic maps with a merged checkpoint")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--checkpoint", required=True, help="merged .safetensors (from `fastsamclip merge` or distill)")
     s.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,dog,grass"; with '
@@ -168,6 +168,18 @@ def predict(sub) -> None:
     e.add_argument("--min-mask-region-area", type=int, default=None)
     e.add_argument("--label-threshold", type=float, default=0.0,
                    help="a mask whose best label probability is below this stays unnamed (label null)")
+    c = s.add_argument_group("segment by text (every instance of each phrase, segment_text with its defaults; COCO "
+                             "RLE in the JSON)")
+    c.add_argument("--text", action="append", default=None, metavar="PHRASE",
+                   help='a phrase whose every instance to find, e.g. --text "a cat" --text "a dog"')
+    c.add_argument("--text-threshold", type=float, default=None,
+                   help="probability at which a patch, and a whole mask, is the phrase (softmax over the phrases "
+                        "and --background; default 0.5)")
+    c.add_argument("--text-score-threshold", type=float, default=None,
+                   help="keep instances whose score, sqrt(predicted IoU x phrase probability), reaches this "
+                        "(default 0.5)")
+    c.add_argument("--background", default=None,
+                   help='comma-separated texts that take what no phrase matches (default "background")')
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="precision of the backbone and CLIP head; auto: bf16 on CUDA and on a CPU with native "
@@ -184,7 +196,7 @@ def predict(sub) -> None:
 EVAL_TASKS = {
     "classify": "zero-shot classification: top-1/top-5 on ImageNet, ImageNet-v2, Places365, an image folder or a CSV",
     "semantic": "zero-shot semantic segmentation: mIoU on VOC, Pascal Context, ADE20K, COCO-Stuff, COCO-Panoptic",
-    "instances": "box-prompted instance segmentation: COCOeval mask AP on COCO or LVIS",
+    "instances": "instance segmentation, box-prompted or named by class (--prompts): COCOeval mask AP on COCO or LVIS",
     "retrieval": "image-text retrieval: recall@1/5/10 on the Karpathy splits of Flickr30k and COCO",
 }
 EVAL_DATASETS = {
@@ -262,6 +274,23 @@ def evaluate(sub) -> None:
                    help="COCO results json of boxes to prompt with (the paper: ViTDet-B's); default the ground-truth boxes")
     s.add_argument("--annotations", default=None,
                    help="instances json (default annotations/instances_<split>2017.json, or lvis_v1_<split>.json)")
+    s.add_argument("--prompts", choices=("boxes", "text", "everything"), default="boxes",
+                   help="boxes: each box prompts one mask; text: segment_text with every category name as a phrase; "
+                        "everything: every mask of a generator named with the category names (the merged model's "
+                        "generate, or with --teacher sam and --clip-model SAM's generator + the CLIP teacher on crops)")
+    s.add_argument("--background", default="background",
+                   help="--prompts text|everything: comma-separated texts that take what no category matches")
+    s.add_argument("--templates", choices=("openai", "simple"), default="openai",
+                   help="--prompts text|everything: the category names' prompt templates")
+    s.add_argument("--points-per-side", type=int, default=32,
+                   help="--prompts everything: the generator's grid (SamAutomaticMaskGenerator's default 32)")
+    s.add_argument("--text-params", default=None, metavar="JSON",
+                   help="--prompts text: more of segment_text's parameters as a JSON object, e.g. "
+                        "'{\"threshold\": 0.3, \"box_prompts\": false}'")
+    s.add_argument("--everything-params", default=None, metavar="JSON",
+                   help="--prompts everything: the mask generator's parameters (SamAutomaticMaskGenerator's, its "
+                        "defaults otherwise) as a JSON object, e.g. '{\"pred_iou_thresh\": 0.5, "
+                        "\"stability_score_thresh\": 0.5}'")
     s.add_argument("--save-predictions", default=None, metavar="DIR", help="write the masks as a COCO results json")
 
     s = add_command(tasks, "retrieval", "evaluate:cmd_eval", help=EVAL_TASKS["retrieval"])
@@ -328,6 +357,7 @@ BENCHMARKS = {
     "losses": "the fused distillation losses against eager and compiled torch",
     "inference": "single-request latency and time to first result, cold and warm",
     "everything": "segment everything + name every mask: SAM's generator + CLIP on box crops vs one merged pass",
+    "text": "every instance of 1, 5, 20 phrases: segment_text vs generate+filter vs SAM's generator + CLIP crops",
     "report": "the latest e2e run as Markdown, with the product's claims checked",
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
     "gpu": "the measurements that matter on a freshly lent GPU in at most 6 minutes, compiles included: --out DIR "
@@ -336,7 +366,7 @@ BENCHMARKS = {
     "cache": "the teacher cache at scale: build, resume and a rank's memory at 10k / 100k / 1M entries",
 }
 # `bench all`: every benchmark that needs no input, in this order.
-BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e", "data")
+BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "text", "serve", "e2e", "data")
 
 
 def bench(sub) -> None:

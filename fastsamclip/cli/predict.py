@@ -1,5 +1,6 @@
 """``fastsamclip predict``: masks for point/box prompts, every mask of the image with its name,
-zero-shot labels and semantic maps with a merged checkpoint; PNGs, overlays and one JSON per image.
+every instance of a phrase (``--text``), zero-shot labels and semantic maps with a merged
+checkpoint; PNGs, overlays and one JSON per image.
 
 Prompts as people write them: each ``--points`` value is ONE prompt of one or more points,
 ``x,y`` (foreground) or ``x,y,label`` (1 foreground, 0 background), separated by ``;``; each
@@ -29,6 +30,7 @@ from fastsamclip.draw import draw_named_masks, draw_overlay
 from fastsamclip.errors import check_range
 from fastsamclip.files import check_output_dir, staged_dir, writable_dir, write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
+from fastsamclip.predictor.concepts import ConceptParams, check_texts
 from fastsamclip.predictor.everything import EverythingParams, coco_rle
 
 
@@ -111,8 +113,38 @@ def _everything_params(args) -> EverythingParams:
     return EverythingParams(output_mode="uncompressed_rle", **given)
 
 
+def _concept_params(args) -> ConceptParams:
+    """segment_text's parameters from --text-threshold, --text-score-threshold and --background; absent ones keep
+    ConceptParams' defaults."""
+    given = {}
+    if args.text_threshold is not None:
+        given["threshold"] = check_range("--text-threshold", args.text_threshold, 0.0, 1.0)
+    if args.text_score_threshold is not None:
+        given["score_threshold"] = check_range("--text-score-threshold", args.text_score_threshold, 0.0, 1.0)
+    if args.background is not None:
+        given["background"] = tuple(b.strip() for b in args.background.split(",") if b.strip())
+    return ConceptParams(output_mode="uncompressed_rle", **given).checked()
+
+
+def _segment_text(predictor: SAMCLIPPredictor, image: np.ndarray, path: str, stem: str, phrases, cfg: ConceptParams,
+                  report: dict, overlays: list) -> None:
+    """Every instance of each phrase on the current image: records in the report, an overlay."""
+    records = predictor.segment_text(None, phrases, **{k: getattr(cfg, k) for k in ConceptParams.__dataclass_fields__})
+    rles = [r["segmentation"] for r in records]  # drawn from these, one mask at a time
+    for r in records:
+        r["segmentation"] = coco_rle(r["segmentation"])
+    report["text"] = {"phrases": list(phrases), "params": {k: getattr(cfg, k) for k in ("threshold", "score_threshold",
+                                                                                         "nms_thresh", "max_peaks")},
+                      "background": list(cfg.background), "output_mode": "coco_rle",
+                      "counts": {ph: sum(r["phrase"] == ph for r in records) for ph in phrases}, "instances": records}
+    overlays.append((draw_named_masks, (image, (rle_to_mask(rle) for rle in rles),
+                                        [r["phrase"] for r in records], f"{stem}_text.png"),
+                     dict(title=f"{os.path.basename(path)}: {len(records)} instances of {len(phrases)} phrases",
+                          captions=[f"{r['phrase']} {r['score']:.2f}" for r in records])))
+
+
 def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms,
-                 folder: str) -> str:
+                 folder: str, phrases=None) -> str:
     """Everything for one image, computed first, then written into ``folder``; returns the summary line."""
     ms = lambda t: round((time.perf_counter() - t) * 1e3, 2)  # noqa: E731
     timings = {"load_checkpoint": round(load_ms, 2)}
@@ -142,6 +174,10 @@ def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompt
                                       "box": pr["box"], "scores": ps.tolist(), "best": best, "mask": name})
         overlays.append((draw_overlay, (image, masks, names, f"{stem}_overlay.png"),
                          dict(title=os.path.basename(path), prompts=drawn)))
+    if phrases:
+        t = time.perf_counter()
+        _segment_text(predictor, image, path, stem, phrases, _concept_params(args), report, overlays)
+        timings["segment_text"] = ms(t)
     if args.everything:
         t = time.perf_counter()
         records = predictor.generate(None, labels=labels, label_threshold=args.label_threshold,
@@ -191,6 +227,8 @@ def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompt
     timings["total_image"] = round(sum(v for k, v in timings.items() if k != "load_checkpoint"), 2)
     write_json(os.path.join(folder, f"{stem}.json"), report)
     what = [f"{len(masks)} prompt masks"] if prompts else []
+    if phrases:
+        what.append(f"{len(report['text']['instances'])} instances of {len(phrases)} phrases")
     if args.everything:
         what.append(f"{len(report['everything']['masks'])} masks of everything")
     if labels is not None:
@@ -228,8 +266,11 @@ def cmd_predict(args) -> int:
         labels = [lab.strip() for lab in args.labels.split(",") if lab.strip()]
         if not labels:
             raise ValueError(f"--labels {args.labels!r} names no class; give e.g. --labels \"cat,dog,grass\"")
-    if not prompts and labels is None and not args.everything:
-        raise ValueError("nothing to predict: give --points, --boxes, --everything and/or --labels")
+    phrases = check_texts(args.text, "--text") if args.text is not None else None
+    if phrases:
+        _concept_params(args)  # bad --text parameters fail before the checkpoint is loaded
+    if not prompts and labels is None and not args.everything and not phrases:
+        raise ValueError("nothing to predict: give --points, --boxes, --text, --everything and/or --labels")
     params = _everything_params(args)
     params.grids()  # bad --everything parameters fail before the checkpoint is loaded
     check_numbers(args)
@@ -246,8 +287,8 @@ def cmd_predict(args) -> int:
         with staged_dir(args.out, replace=args.overwrite, owned=owned) as folder:
             for path, stem in zip(args.images, unique_stems(args.images)):
                 try:
-                    print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms, folder),
-                          flush=True)
+                    print(_predict_one(predictor, path, stem, args, prompts, labels, params, load_ms, folder,
+                                      phrases), flush=True)
                 except INPUT_ERRORS + (OSError,) as e:  # this image's input: say so, go on with the others
                     failed.append(path)
                     print(f"predict: {path}: {e}".splitlines()[0], file=sys.stderr, flush=True)

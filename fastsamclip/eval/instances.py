@@ -1,4 +1,6 @@
-"""Box-prompted instance segmentation scored by pycocotools' COCOeval (iouType "segm").
+"""Instance segmentation scored by pycocotools' COCOeval (iouType "segm"): box-prompted, or named
+by class (``prompts`` "text": every class name as a phrase of ``segment_text``; "everything":
+every mask of a generator named with the class names; see ``eval.models``).
 
 Each box (a detection from a file in the COCO results format, or a ground-truth box) prompts
 the SAM head once, ``multimask_output=False`` (one mask per box, SAM's protocol for box
@@ -9,6 +11,9 @@ prompts); the mask is RLE-encoded with pycocotools and keeps the box's category 
 - Detections: the highest-scoring ``maxDets`` per image are prompted (100 for COCO, 300 for
   LVIS), since COCOeval / LVIS score no more than that.
 - Ground-truth boxes: every non-crowd annotation (crowd regions are ignored by COCOeval anyway).
+- Named by class: every category name of the annotation file is asked on every image (one
+  ``segment_text`` call, so the names compete for each patch), with the background prompts; the
+  highest-scoring ``maxDets`` instances per image are kept.
 - Images that could not be decoded are left out of ``imgIds`` (so their ground truth is not
   counted as missed) and listed.
 - LVIS v1 is federated: its evaluator (the LVIS API) scores a category on an image only when it
@@ -155,9 +160,13 @@ class Loader:
 
 
 def run_shard(model, iset: InstanceSet, items: List[Tuple[int, int]], boxes: Dict[int, list], workers: int,
-              progress: bool, predict=None) -> RankResult:
-    """``predict(image_id, rgb, xyxy (P, 4)) -> (P, H, W) bool`` defaults to the model's SAM head."""
+              progress: bool, predict=None, prompts: str = "boxes", background: Tuple[str, ...] = (),
+              named: Optional[dict] = None) -> RankResult:
+    """``predict(image_id, rgb, xyxy (P, 4)) -> (P, H, W) bool`` defaults to the model's SAM head;
+    prompts other than "boxes": the model's ``named_instances`` with every category name."""
     predict = predict or (lambda image_id, rgb, xyxy: model.box_masks(rgb, xyxy))
+    cat_ids = sorted(iset.coco.cats)
+    names = [iset.coco.cats[c]["name"] for c in cat_ids]
     results, skipped, done = [], [], []
     for batch in iterate(items, Loader(iset), 1, workers, progress, f"instances {iset.name}"):
         index, image_id, rgb, skip, err = batch[0]
@@ -167,10 +176,17 @@ def run_shard(model, iset: InstanceSet, items: List[Tuple[int, int]], boxes: Dic
             skipped.append(skip)
             continue
         done.append(image_id)
-        prompts = boxes.get(image_id, [])
+        if prompts != "boxes":
+            masks, classes, scores = model.named_instances(rgb, names, prompts, background, **(named or {}))
+            top = np.argsort(-scores, kind="stable")[:iset.max_dets]
+            for k, rle in zip(top, encode_masks(masks[top])):
+                results.append({"image_id": image_id, "category_id": cat_ids[classes[k]], "segmentation": rle,
+                                "score": float(scores[k])})
+            continue
+        box_prompts = boxes.get(image_id, [])
         h, w = rgb.shape[:2]
-        for s in range(0, len(prompts), BOX_CHUNK):
-            part = prompts[s:s + BOX_CHUNK]
+        for s in range(0, len(box_prompts), BOX_CHUNK):
+            part = box_prompts[s:s + BOX_CHUNK]
             xyxy = np.array([_xyxy_clipped(b, w, h) for b, _, _ in part], np.float64)
             for (_, cat, score), rle in zip(part, encode_masks(predict(image_id, rgb, xyxy))):
                 results.append({"image_id": image_id, "category_id": cat, "segmentation": rle, "score": score})
@@ -243,11 +259,15 @@ def coco_evaluate(iset: InstanceSet, results: List[dict], image_ids: List[int]) 
 
 
 def evaluate(model: EvalModel, iset: InstanceSet, d: Dist, detections: Optional[str] = None, workers: int = 0,
-             limit: Optional[int] = None, progress: bool = False, save_dir: Optional[str] = None, predict=None):
-    boxes = iset.detections(detections) if detections else iset.gt_boxes()
+             limit: Optional[int] = None, progress: bool = False, save_dir: Optional[str] = None, predict=None,
+             prompts: str = "boxes", background: Tuple[str, ...] = ("background",), named: Optional[dict] = None):
+    """named: ``named_instances``' options (``templates``, ``points_per_side``, ``text_params``,
+    ``everything_params``) for prompts other than boxes."""
+    boxes = {} if prompts != "boxes" else iset.detections(detections) if detections else iset.gt_boxes()
     ids = iset.image_ids[:limit] if limit else iset.image_ids
     items = [(i, ids[i]) for i in d.shard(len(ids))]
-    gathered = gather_results(d, run_shard(model, iset, items, boxes, workers, progress, predict))
+    gathered = gather_results(d, run_shard(model, iset, items, boxes, workers, progress, predict, prompts, background,
+                                                   named))
     if gathered is None:
         return None
     results = [r for g in gathered for r in g.state["results"]]
@@ -262,5 +282,9 @@ def evaluate(model: EvalModel, iset: InstanceSet, d: Dist, detections: Optional[
     if not done:
         return {"metrics": None, "evaluated": 0, "skipped": skipped}
     metrics = coco_evaluate(iset, results, done)
-    metrics.update({"masks": len(results), "boxes": "detections" if detections else "ground truth"})
+    metrics["masks"] = len(results)
+    if prompts == "boxes":
+        metrics["boxes"] = "detections" if detections else "ground truth"
+    else:
+        metrics["prompts"] = prompts
     return {"metrics": metrics, "evaluated": len(done), "skipped": skipped}

@@ -4,6 +4,15 @@
 - ``CLIPTeacherModel``: the CLIP teacher through ``fastsamclip.modeling.CLIPTeacher`` and
   open_clip's own zero-shot classifier builder (classify, retrieval).
 - ``SAMTeacherModel``: the SAM teacher through ``segment_anything.SamPredictor`` (instances).
+- ``SAMThenCLIPModel``: both teachers as people pair them (instances named by class: SAM's
+  automatic mask generator, the CLIP teacher on every mask's box crop).
+
+Instances named by class (``named_instances``, ``eval instances --prompts text|everything``): the
+merged model's ``segment_text`` with every class name as a phrase; or every mask of a generator
+named with the class names and the background prompts, kept when named as a class. Each instance
+is scored as ``segment_text`` scores its own (``concepts.instance_score``: the geometric mean of
+the predicted IoU and the name's probability), so the pipelines differ only in how they find and
+name masks.
 
 The predictor serves one image at a time for prompts; the evaluation batches the image side
 itself, on top of the model's public forward (``model(images, clip=..., sam=...,
@@ -17,6 +26,7 @@ clip_patches=...)``), with the predictor's own rules and functions:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -24,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from segment_anything import SamPredictor
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from fastsamclip.eval.classnames import templates as get_templates
 from fastsamclip.eval.common import EvalInputError
 from fastsamclip.files import sha256_file
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.predictor import SAMCLIPPredictor
+from fastsamclip.predictor.concepts import instance_score
 from fastsamclip.predictor.semantic import class_maps
 from fastsamclip.transforms import clip_pixels, postprocess_masks, sam_pixels
 
@@ -77,10 +88,32 @@ class EvalModel:
     def logit_scale(self) -> float:
         raise self._lacks("text side")
 
+    def named_instances(self, rgb: np.ndarray, names: Sequence[str], prompts: str, background: Sequence[str],
+                        templates: str = "openai", points_per_side: int = 32, text_params: Optional[dict] = None,
+                        everything_params: Optional[dict] = None):
+        """Every instance of each class name in the image (see the module docstring): (masks (n, H, W)
+        bool, class indices (n,), scores (n,)). points_per_side: the generator's grid ("everything");
+        text_params: more of ``segment_text``'s parameters ("text"); everything_params: more of the
+        generator's (SamAutomaticMaskGenerator's, "everything")."""
+        raise self._lacks(f"{prompts} prompts")
+
     # SAM side -------------------------------------------------------------------------------
     def box_masks(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """(P, 4) XYXY boxes in image pixels -> (P, H, W) bool, one mask per box (no multimask)."""
         raise self._lacks("mask decoder")
+
+
+def _instances(rgb: np.ndarray, masks: list, classes: list, scores: list):
+    h, w = rgb.shape[:2]
+    stacked = np.stack(masks).astype(bool) if masks else np.zeros((0, h, w), bool)
+    return stacked, np.asarray(classes, np.int64), np.asarray(scores, np.float64)
+
+
+def _named_masks(records: List[dict], probs: np.ndarray, n_names: int):
+    """Generator records and their (M, names + background) probabilities -> the masks named as a class."""
+    keep = [(r, int(k), float(p[k])) for r, p in zip(records, probs) for k in [int(np.argmax(p))] if k < n_names]
+    return ([r["segmentation"] for r, _, _ in keep], [k for _, k, _ in keep],
+            [float(instance_score(r["predicted_iou"], pk)) for r, _, pk in keep])
 
 
 def zero_shot_classifier(model, tokenizer, names: Sequence[str], templates: str, device) -> torch.Tensor:
@@ -163,6 +196,21 @@ class MergedModel(EvalModel):
                                                templates=templates).label_map
 
     @torch.no_grad()
+    def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32,
+                        text_params=None, everything_params=None):
+        names, extra = list(names), [b for b in background if b not in names]
+        if prompts == "text":
+            recs = self.predictor.segment_text(rgb, names, background=tuple(background), templates=templates,
+                                               **(text_params or {}))
+            return _instances(rgb, [r["segmentation"] for r in recs], [names.index(r["phrase"]) for r in recs],
+                              [r["score"] for r in recs])
+        recs = self.predictor.generate(rgb, labels=names + extra, templates=templates, points_per_side=points_per_side,
+                                       **(everything_params or {}))
+        probs = np.array([[r["label_probs"][n] for n in names + extra] for r in recs], np.float64).reshape(
+            len(recs), len(names + extra))
+        return _instances(rgb, *_named_masks(recs, probs, len(names)))
+
+    @torch.no_grad()
     def box_masks(self, rgb, boxes):
         self.predictor.set_image(rgb)
         masks, _, _ = self.predictor.segment(boxes=np.asarray(boxes, np.float64), multimask_output=False)
@@ -236,6 +284,49 @@ class SAMTeacherModel(EvalModel):
         return masks[:, 0].cpu().numpy()
 
 
+class SAMThenCLIPModel(EvalModel):
+    """Both teachers as people pair them: ``SamAutomaticMaskGenerator`` (its defaults but the grid) on the
+    image, then the CLIP teacher on every mask's box crop (CLIP's eval geometry), each mask named by
+    the softmax of ``logit_scale * cos`` over the class names and the background prompts."""
+
+    kind = "SAM and CLIP teachers"
+    tasks = ("instances",)
+
+    def __init__(self, sam: SAMTeacherModel, clip: CLIPTeacherModel) -> None:
+        super().__init__(sam.device)
+        self.sam, self.clip = sam, clip
+        self._generators: Dict[tuple, SamAutomaticMaskGenerator] = {}
+        self.native_size = sam.native_size
+        self.info.update({"sam": sam.info, "clip": clip.info})
+        self._text: Dict[tuple, torch.Tensor] = {}
+
+    def default_resolution(self, task: str) -> int:
+        return self.native_size
+
+    @torch.no_grad()
+    def named_instances(self, rgb, names, prompts, background, templates="openai", points_per_side=32,
+                        text_params=None, everything_params=None):
+        texts = tuple(names) + tuple(b for b in background if b not in names)
+        if (texts, templates) not in self._text:
+            self._text = {(texts, templates): self.clip.class_embeddings(list(texts), templates)}
+        key = (points_per_side, json.dumps(everything_params or {}, sort_keys=True))
+        if key not in self._generators:
+            self._generators[key] = SamAutomaticMaskGenerator(self.sam.sam, points_per_side=points_per_side,
+                                                              **(everything_params or {}))
+        recs = self._generators[key].generate(rgb)
+        if not recs:
+            return _instances(rgb, [], [], [])
+        h, w = rgb.shape[:2]
+        crops = []
+        for r in recs:
+            x, y, bw, bh = (int(round(v)) for v in r["bbox"])
+            x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+            crops.append(np.ascontiguousarray(rgb[y:y + max(bh, 1), x:x + max(bw, 1)]))
+        emb = self.clip.image_embeddings(crops, self.clip.teacher.image_size)
+        probs = (self.clip.logit_scale() * emb @ self._text[(texts, templates)].T).softmax(-1).cpu().numpy()
+        return _instances(rgb, *_named_masks(recs, probs, len(names)))
+
+
 def build_model(args, device: torch.device) -> EvalModel:
     """From the command's flags: --checkpoint (merged) or --teacher sam|clip with the teacher flags."""
     if args.checkpoint and args.teacher:
@@ -254,5 +345,11 @@ def build_model(args, device: torch.device) -> EvalModel:
             raise EvalInputError(None, "--teacher sam needs --sam-checkpoint (an official SAM .pth)")
         if not os.path.isfile(args.sam_checkpoint):
             raise EvalInputError(args.sam_checkpoint, "SAM checkpoint not found")
-        return SAMTeacherModel(args.sam_checkpoint, args.sam_type, device)
+        sam = SAMTeacherModel(args.sam_checkpoint, args.sam_type, device)
+        if getattr(args, "prompts", "boxes") == "everything":  # named masks: SAM's generator, CLIP on the crops
+            if not args.clip_model:
+                raise EvalInputError(None, "--teacher sam --prompts everything names SAM's masks with the CLIP "
+                                           "teacher: give --clip-model (an open_clip name or local-dir:FOLDER)")
+            return SAMThenCLIPModel(sam, CLIPTeacherModel(args.clip_model, args.clip_pretrained, device))
+        return sam
     raise EvalInputError(None, "give --checkpoint MERGED.safetensors, or --teacher sam|clip with the teacher flags")

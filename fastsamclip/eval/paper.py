@@ -54,10 +54,10 @@ PAPER: Tuple[PaperRow, ...] = (
     PaperRow("retrieval", "flickr30k", SAMCLIP, {"R@1": 79.2}, notes=(_RETRIEVAL,)),
     PaperRow("retrieval", "coco", SAMCLIP, {"R@1": 49.3}, notes=(_RETRIEVAL,)),
     # Box-prompted instance segmentation (mask AP, %), ViTDet-B boxes as prompts.
-    PaperRow("instances", "coco", SAMCLIP, {"AP": 40.9}, notes=(_GT_BOXES,)),
-    PaperRow("instances", "coco", SAM_REF, {"AP": 41.2}),
-    PaperRow("instances", "lvis", SAMCLIP, {"AP": 35.0}, notes=(_GT_BOXES,)),
-    PaperRow("instances", "lvis", SAM_REF, {"AP": 36.8}),
+    PaperRow("instances", "coco", SAMCLIP, {"AP": 40.9}, {"prompts": "boxes"}, notes=(_GT_BOXES,)),
+    PaperRow("instances", "coco", SAM_REF, {"AP": 41.2}, {"prompts": "boxes"}),
+    PaperRow("instances", "lvis", SAMCLIP, {"AP": 35.0}, {"prompts": "boxes"}, notes=(_GT_BOXES,)),
+    PaperRow("instances", "lvis", SAM_REF, {"AP": 36.8}, {"prompts": "boxes"}),
     # Zero-shot semantic segmentation (mIoU, %): CLIP head at 448 px; both heads on VOC.
     PaperRow("semantic", "voc", SAMCLIP, {"mIoU": 60.6}, {"mode": "clip", "resolution": 448}),
     PaperRow("semantic", "pascal-context", SAMCLIP, {"mIoU": 29.2}, {"mode": "clip", "resolution": 448}),

@@ -87,6 +87,11 @@ UPSCALE_BYTES = 1 << 30
 RENDER_BYTES = 256 << 20
 
 
+def unknown_fields(cls, params: Dict[str, Any]) -> List[str]:
+    """The names in ``params`` that are not fields of the dataclass ``cls``, sorted."""
+    return sorted(set(params) - {f.name for f in fields(cls)})
+
+
 @dataclass(frozen=True)
 class EverythingParams:
     """``SamAutomaticMaskGenerator``'s parameters, with its defaults and meanings."""
@@ -107,10 +112,10 @@ class EverythingParams:
 
     @classmethod
     def from_kwargs(cls, params: Dict[str, Any]) -> "EverythingParams":
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(known))
+        unknown = unknown_fields(cls, params)
         if unknown:
-            raise TypeError(f"generate() got unknown parameters {unknown}; known: {', '.join(known)}")
+            raise TypeError(f"generate() got unknown parameters {unknown}; known: "
+                            f"{', '.join(f.name for f in fields(cls))}")
         return cls(**params)
 
     def grids(self) -> List[np.ndarray]:

@@ -6,6 +6,7 @@
     probs = predictor.classify([image], ["cat", "dog"])
     result = predictor.semantic_segment(image, ["cat", "dog", "grass"], mode="composed")
     records = predictor.generate(image, labels=["cat", "dog", "grass"])  # every mask, named
+    found = predictor.segment_text(image, ["a cat", "a dog"])  # every instance of each phrase
 
 The predictor is also a ``segment_anything.SamPredictor`` (``predict``, ``predict_torch``,
 ``get_image_embedding``, ``transform``, ``set_torch_image``: :mod:`fastsamclip.predictor.sam_api`),
@@ -44,6 +45,8 @@ from fastsamclip.checkpoint import load_merged
 from fastsamclip.errors import InputError, check_range
 from fastsamclip.kernels import preprocess as gpu_preprocess_op
 from fastsamclip.modeling import SAMCLIP
+from fastsamclip.predictor.concepts import ConceptParams, check_texts
+from fastsamclip.predictor.concepts import segment_text as segment_concepts
 from fastsamclip.predictor.engine import Forward, check_device, check_finite_outputs
 from fastsamclip.predictor.prompts import check_boxes, check_inside, check_point_labels
 from fastsamclip.predictor.everything import EverythingParams
@@ -296,6 +299,30 @@ class SAMCLIPPredictor(SamPredictorInterface):
             self._require_image()
         return generate_everything(self, None if image is None else to_rgb_uint8(image), cfg, labels,
                                    label_threshold, templates)
+
+    # ---------------------------------------------------------------- segment by text
+    @torch.no_grad()
+    def segment_text(self, image: Optional[ImageLike], phrases: Union[str, Sequence[str]], **params) -> List[dict]:
+        """Every instance of each phrase ("a cat", "a red car"), from one backbone pass.
+
+        image: as ``set_image``, which runs it (it becomes the current image, so further prompts
+        reuse the pass); None: the current image. phrases: one string or a list of at most 256;
+        several phrases share the pass and the decoder batches, and their text embeddings are
+        cached across calls. params (defaults): ``threshold=0.5``, ``score_threshold=0.5``,
+        ``nms_thresh=0.5``, ``max_peaks=32``, ``box_prompts=True``, ``points_per_batch=64``,
+        ``background=("background",)``, ``templates="openai"``, ``output_mode="binary_mask"``
+        (or "uncompressed_rle", "coco_rle"): see :class:`~fastsamclip.predictor.concepts.ConceptParams`
+        and the method in :mod:`fastsamclip.predictor.concepts`. Returns one record per instance:
+        ``phrase``, ``segmentation``, ``area``, ``bbox`` (XYWH), ``score``, ``predicted_iou``,
+        ``phrase_score``, ``similarity``, ``prompt``; by phrase as given, then by score; none for a
+        phrase absent from the image. Bad phrases or parameters raise one ValueError.
+        """
+        phrases = check_texts(phrases)
+        cfg = ConceptParams.from_kwargs(params)
+        if image is not None:
+            self.set_image(image)
+        self._require_image()
+        return segment_concepts(self, phrases, cfg)
 
     # ---------------------------------------------------------------- text side
     def logit_scale(self) -> float:

@@ -24,6 +24,7 @@ Routes (JSON bodies, or multipart with ``image`` as a file; errors are ``{"error
     POST /v1/segment      {"image", "points"/"boxes", ...}  -> masks (COCO RLE), scores
     POST /v1/semantic     {"image", "labels": [...], "mode"} -> per-class masks (COCO RLE)
     POST /v1/everything   {"image", "labels"?, generator parameters} -> every mask (COCO RLE), named
+    POST /v1/concepts     {"image", "phrases": [...], segment_text's parameters} -> every instance of each phrase
 
 Every answer carries ``timings_ms`` (decode, queue, backbone, head, total) and ``batch``
 (``requests`` in the worker's batch, ``backbone_batch`` images in this request's backbone pass).
@@ -218,6 +219,9 @@ class Endpoints(_LitSpec):
 
     async def post_everything(self, request: Request) -> "JSONResponse":
         return await self.handle(request, "everything")
+
+    async def post_concepts(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "concepts")
 
     async def handle(self, request: "Request", task_name: str) -> "JSONResponse":
         t0 = time.monotonic()

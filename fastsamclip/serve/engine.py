@@ -14,7 +14,8 @@ that pass, through the predictor's public methods so that its answer is the pred
   the functions of ``fastsamclip.predictor.semantic`` on the pass's per-patch rows;
 * ``everything``: as ``segment`` (plus the original image, which the generator crops), then
   ``SAMCLIPPredictor.generate(None, ...)``: the batched pass serves the full-image crop, crop
-  layers (when asked) run their own passes.
+  layers (when asked) run their own passes;
+* ``concepts``: as ``segment``, then ``SAMCLIPPredictor.segment_text(None, phrases, ...)``.
 
 A task whose parameters the model refuses (a prompt outside the image: the predictor's
 ValueError) gets a 422 for itself alone; the rest of the batch is answered. With ``compile=True``
@@ -212,6 +213,16 @@ class Engine:
             finally:
                 p.reset_image()
             return {"size": list(task["original_size"]), "count": len(records), "masks": finite_or_none(records)}
+        if name == "concepts":
+            self._set_image_state(task, out, j)
+            try:
+                records = p.segment_text(None, params["phrases"], output_mode="coco_rle",
+                                         **{k: v for k, v in params.items() if k != "phrases"})
+            finally:
+                p.reset_image()
+            return {"size": list(task["original_size"]), "phrases": list(params["phrases"]),
+                    "counts": {ph: sum(r["phrase"] == ph for r in records) for ph in params["phrases"]},
+                    "count": len(records), "instances": finite_or_none(records)}
         raise ValueError(f"unknown task {name!r}")
 
     def _semantic_clip(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> SemanticResult:

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from fastsamclip.errors import InputError
+from fastsamclip.predictor.concepts import ConceptParams, check_texts
 from fastsamclip.predictor.prompts import check_boxes, check_inside, check_point_labels
 from fastsamclip.predictor.text import check_labels, templates_for
 from fastsamclip.transforms import DECODE_ERRORS, clip_pixels, sam_pixels, to_rgb_uint8
@@ -83,11 +84,15 @@ TASK_FIELDS: Dict[str, Dict[str, Any]] = {
                    "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
                    "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "crop_n_layers": 0, "crop_nms_thresh": 0.7,
                    "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0},
+    # SAMCLIPPredictor.segment_text (ConceptParams' defaults); phrases required.
+    "concepts": {"phrases": None, **{k: v for k, v in ConceptParams().__dict__.items() if k != "output_mode"}},
 }
 # Bounds of the generator's integer parameters on this server (each multiplies a request's work).
 EVERYTHING_INTS = {"points_per_side": (1, 64), "points_per_batch": (1, 1024), "crop_n_layers": (0, 2),
                    "crop_n_points_downscale_factor": (1, 8), "min_mask_region_area": (0, 10**8)}
-REQUIRED = {"classify": ("labels",), "semantic": ("labels",)}
+# Bounds of segment_text's integer parameters on this server (each multiplies a request's work).
+CONCEPT_INTS = {"max_peaks": (1, 256), "points_per_batch": (1, 1024)}
+REQUIRED = {"classify": ("labels",), "semantic": ("labels",), "concepts": ("phrases",)}
 JSON_TYPE, MULTIPART_TYPE = "application/json", "multipart/form-data"
 
 
@@ -276,6 +281,25 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
                 p[name] = _int(name, p[name], *EVERYTHING_INTS[name])
             elif name not in ("labels", "templates"):
                 p[name] = _float(name, p[name])
+    elif task == "concepts":
+        try:
+            p["phrases"] = check_texts(p["phrases"], "field 'phrases'")
+        except ValueError as e:
+            raise RequestError(422, str(e)) from None
+        if len(p["phrases"]) > limits.max_labels:
+            raise RequestError(422, f"field 'phrases' has {len(p['phrases'])} phrases; this server takes at most "
+                                    f"{limits.max_labels}")
+        for name, bounds in CONCEPT_INTS.items():
+            p[name] = _int(name, p[name], *bounds)
+        for name in ("threshold", "score_threshold", "nms_thresh"):
+            p[name] = _float(name, p[name])
+            if not 0.0 <= p[name] <= 1.0:
+                raise RequestError(422, f"field '{name}' must be in [0, 1], got {p[name]:g}")
+        p["templates"] = _templates(p["templates"])
+        try:
+            ConceptParams.from_kwargs({k: v for k, v in p.items() if k != "phrases"})
+        except ValueError as e:
+            raise RequestError(422, f"field {e}") from None
     elif task == "semantic":
         if p["mode"] not in ("clip", "composed"):
             raise RequestError(422, f"field 'mode' must be 'clip' or 'composed', got {p['mode']!r}")

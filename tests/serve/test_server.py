@@ -171,6 +171,21 @@ def test_everything_equals_the_predictors_generate(client, server):
         assert got["label_probs"] == pytest.approx(want["label_probs"], abs=1e-5)
 
 
+def test_concepts_equals_the_predictors_segment_text(client, server):
+    p, image = server["predictor"], _image(server, 1)
+    params = dict(threshold=0.0, score_threshold=0.0, max_peaks=4)
+    r = client.post("/v1/concepts", json={"image": _b64(_png(image)), "phrases": ["a cat", "grass"], **params})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = p.segment_text(image, ["a cat", "grass"], output_mode="coco_rle", **params)
+    assert body["count"] == len(ref) > 0 and body["size"] == list(image.shape[:2])
+    for got, want in zip(body["instances"], ref):
+        assert got["phrase"] == want["phrase"] and got["bbox"] == want["bbox"]
+        assert (decode_rle(got["segmentation"]) != decode_rle(want["segmentation"])).mean() < 1e-3
+    r = client.post("/v1/concepts", json={"image": _b64(_png(image)), "phrases": ["a cat", ""]})
+    assert r.status_code == 422 and "is empty" in r.json()["error"]
+
+
 def test_concurrent_requests_share_one_backbone_pass(server):
     """Four requests at once, inside one batching window: answered from a shared pass (the batch
     size is in every answer), each still equal to the predictor's own answer."""
