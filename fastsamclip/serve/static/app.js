@@ -162,18 +162,20 @@ function draw() {
   state.masks.forEach((m, i) => RLE.paint(m.rle, img.data, [...PALETTE[i % PALETTE.length], ALPHA]));
   if (state.hover) RLE.paint(state.hover.rle, img.data, HOVER_COLOR);
   ctx.putImageData(img, 0, 0);
-  const px = Math.max(12, Math.round(over.width / 60));
-  ctx.font = `600 ${px}px system-ui, sans-serif`;
-  ctx.textAlign = "center";
+  // Names, points and the box in screen pixels, whatever the picture's size on screen.
+  // Points and the box in screen pixels, whatever the picture's size on screen.
+  const px = 14 * over.width / (over.getBoundingClientRect().width || over.width);
+  // Names as page text over the picture (crisp at any zoom), at the centre of each mask's box.
+  const names = $("names");
+  names.replaceChildren();
   for (const m of state.masks) {
     if (!m.label) continue;
     const [x, y, w, h] = m.bbox;
-    const text = m.score === undefined ? m.label : `${m.label} ${(100 * m.score).toFixed(0)}%`;
-    ctx.lineWidth = Math.max(2, px / 5);
-    ctx.strokeStyle = "rgba(0, 0, 0, 0.8)";
-    ctx.strokeText(text, x + w / 2, y + h / 2);
-    ctx.fillStyle = "#fff";
-    ctx.fillText(text, x + w / 2, y + h / 2);
+    const tag = document.createElement("span");
+    tag.textContent = m.score === undefined ? m.label : `${m.label} ${(100 * m.score).toFixed(0)}%`;
+    tag.style.left = `${100 * (x + w / 2) / over.width}%`;
+    tag.style.top = `${100 * (y + h / 2) / over.height}%`;
+    names.append(tag);
   }
   for (const p of state.points) {
     ctx.beginPath();
