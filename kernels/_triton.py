@@ -28,11 +28,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable(interpret: bool = INTERPRET, import_error: Optional[str] = IMPORT_ERROR) -> Optional[str]:
-    """Why no Triton kernel can run on this install (None: they can)."""
+    """Why no Triton kernel can run on this install (None: they can). The interpreter is the
+    tests' switch, never a way to run: the reasons people read (``fastsamclip info``, ``-v``)
+    do not offer it."""
     if import_error is not None:
         return import_error
     if not interpret and not torch.cuda.is_available():
-        return "no CUDA GPU and TRITON_INTERPRET=1 is not set"
+        return "no CUDA GPU"
     return None
 
 
@@ -47,7 +49,7 @@ def device_refusals(device: torch.device, interpret: bool = INTERPRET) -> List[s
     """Why a Triton kernel cannot take tensors on ``device``: CUDA, or CPU in the interpreter."""
     if device.type == "cuda" or (device.type == "cpu" and interpret):
         return []
-    return [f"device {device.type} (needs cuda, or cpu with TRITON_INTERPRET=1 set before triton is imported)"]
+    return [f"device {device.type} (Triton kernels run on CUDA GPUs)"]
 
 
 def tensor_refusals(*tensors) -> List[str]:

@@ -12,9 +12,10 @@ can take. Per call, ``op.select(*inputs)`` returns the first backend that can ru
   should see (fp32 on TF32 tensor cores or in exact fp32); ``fastsamclip info`` prints them.
 
 A preferred backend that refuses is never a silent fallback: the first call that falls back
-for a given (op, chosen backend, refusals) logs them once on the ``fastsamclip.kernels``
-logger, and nothing is logged while ``torch.compile`` traces. When no backend can run the
-inputs, the error lists every backend with its reasons.
+for a given (op, chosen backend, refusals) logs them once per process, at INFO, on the
+``fastsamclip.kernels`` logger (``fastsamclip -v`` shows it: on a machine without a GPU every
+command falls back, which is no news at WARNING), and nothing is logged while ``torch.compile``
+traces. When no backend can run the inputs, the error lists every backend with its reasons.
 
 Forcing a backend, strongest first:
 
@@ -27,7 +28,11 @@ Forcing a backend, strongest first:
 
 The two environment variables are read once, when ``fastsamclip.kernels`` is imported (after
 every op has registered its backends); a value no op knows raises there, naming the valid ones.
-A forced backend that cannot take an input raises with its reasons.
+A forced backend that cannot take an input raises with its reasons. A backend the environment
+names that cannot run on this machine at all (``is_available``: no GPU, no Triton) is a WARNING
+there, naming the variable and the reason, and the op chooses automatically: the variable is
+the person's request, often set for another machine, and the one backend-choice message at
+WARNING is the one that says a request was not met.
 
 Every op has a backend named ``"reference"``: plain torch, the arithmetic the others must equal.
 """
@@ -37,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -205,7 +210,7 @@ class Op:
         if key in self._logged:
             return
         self._logged.add(key)
-        log.warning("%s: using %r (%s); preferred backends refused: %s", self.name, chosen.name,
+        log.info("%s: using %r (%s); preferred backends refused: %s", self.name, chosen.name,
                     chosen.description, " | ".join(f"{n}: {'; '.join(w)}" for n, w in refused))
 
     # ------------------------------------------------------------------------------- report
@@ -295,11 +300,19 @@ def _apply_environment(environ: Mapping[str, str]) -> None:
     if everywhere is not None and everywhere not in _known_names():
         raise ValueError(f"{ENV_ALL}={everywhere!r}: no op has a backend of that name; known: "
                          f"{', '.join(_known_names())}")
+    unable: Dict[Tuple[str, str, str], List[str]] = {}  # (variable, backend, why) -> ops
     for var, op in by_var.items():
-        name = environ.get(var) or None
+        name, source = environ.get(var) or None, var
         if name is not None and name not in op:
             raise ValueError(f"{var}={name!r}: {op._unknown(name)}")
         if name is None and everywhere in op:
-            name = everywhere
+            name, source = everywhere, ENV_ALL
+        why = op[name].is_available() if name is not None else None
+        if why is not None:  # asked for, but it cannot run here at all: said below, not forced
+            unable.setdefault((source, name, why), []).append(op.name)
+            name = None
         op._forced[0] = name
+    for (var, name, why), ops in unable.items():
+        log.warning("%s=%s: backend %r cannot run here (%s); %s automatically", var, name, name, why,
+                    f"{ops[0]} chooses its backend" if len(ops) == 1 else f"{', '.join(ops)} choose their backends")
 

@@ -4,6 +4,7 @@ Layers and, inside the application, the order of its packages (a module imports 
 package or from packages of a lower rank):
 
     0  fastsamclip.kernels                     ops: torch and triton only
+  0.1  fastsamclip.logs                        how log messages look and where they go
  0.25  fastsamclip.errors                      the errors a person can act on
   0.5  fastsamclip.files                       safe file writes (their errors are the person's)
     1  fastsamclip.transforms                  image geometry and pixel statistics
@@ -17,8 +18,15 @@ package or from packages of a lower rank):
  6.75  fastsamclip.demo                        the README's main job, on the miniature world
     7  fastsamclip.cli, fastsamclip.bench      the commands and the benchmarks, on the public API
 
-Also: no import of the package's own modules inside a function, and the benchmarks use only the
-public API (``fastsamclip.kernels``' top-level names, no ``_private`` names anywhere).
+Also: no import of the package's own modules inside a function (an ``import`` statement or
+``importlib.import_module``) but at the declared lazy points (``LAZY``), and the benchmarks use only
+the public API (``fastsamclip.kernels``' top-level names, no ``_private`` names anywhere).
+
+The lazy points: the command line's dispatch imports the module of the one command that runs, so
+that parsing (and every ``--help``) costs no torch, open_clip or segment_anything; the benchmark
+command imports the one benchmark it runs; the package and ``fastsamclip.train`` import their
+names on first use. Each may import only below its own prefix, and the modules the command line
+imports before it dispatches may not reach a heavy package at all (``PARSER_MODULES``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = {"fastsamclip": "fastsamclip", "fastsamclip.kernels": "kernels", "fastsamclip.bench": "bench"}
 RANKS = {
     "fastsamclip": -1,  # the package itself: its version, nothing else
-    "fastsamclip.kernels": 0,
+    "fastsamclip.kernels": 0, "fastsamclip.logs": 0.1,
     "fastsamclip.errors": 0.25, "fastsamclip.files": 0.5,
     "fastsamclip.transforms": 1,
     "fastsamclip.modeling": 2,
@@ -48,6 +56,19 @@ RANKS = {
     "fastsamclip.__main__": 8,
 }
 
+# (module, function) -> the prefix of what it may import lazily (importlib.import_module).
+LAZY = {
+    ("fastsamclip.cli", "load_command"): "fastsamclip.cli.",  # the command that runs, once parsed
+    ("fastsamclip.cli.bench", "cmd_bench"): "fastsamclip.bench.",  # the benchmark that runs
+    ("fastsamclip", "__getattr__"): "fastsamclip.",  # subpackages on first use
+    ("fastsamclip.train", "__getattr__"): "fastsamclip.train.",  # names on first use
+}
+# What the command line imports before it dispatches (the parser, the logging, the errors), and
+# the packages none of them may reach through the imports at their top (nor through the
+# ``__init__`` of a package they import from).
+PARSER_MODULES = ("fastsamclip.cli", "fastsamclip.cli.parsers")
+HEAVY = ("torch", "triton", "torchvision", "open_clip", "segment_anything", "numpy", "PIL", "litserve")
+
 
 @dataclass
 class Import:
@@ -56,7 +77,8 @@ class Import:
     base: str  # the module named in the statement (`a` in `from a import b`)
     names: Tuple[str, ...]  # names taken with `from ... import`
     line: int
-    in_function: bool
+    in_function: Optional[str]  # the enclosing function's name, None at module level
+    lazy: bool = False  # importlib.import_module(...) (target: the literal prefix of its argument)
 
 
 def modules(sources: Dict[str, str], root: str) -> Dict[str, str]:
@@ -83,15 +105,33 @@ def _resolve(module: str, is_pkg: bool, level: int, target: Optional[str]) -> st
     return ".".join(base + ([target] if target else []))
 
 
+def _literal_prefix(arg: ast.expr, module: str) -> Optional[str]:
+    """The constant start of an import_module argument ("fastsamclip.cli." of
+    f"fastsamclip.cli.{name}", ``__name__`` read as the module's name), or None."""
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if not isinstance(arg, ast.JoinedStr):
+        return None
+    prefix = ""
+    for part in arg.values:
+        if isinstance(part, ast.Constant):
+            prefix += part.value
+        elif isinstance(part.value, ast.Name) and part.value.id == "__name__":
+            prefix += module
+        else:
+            break
+    return prefix
+
+
 def imports(mods: Dict[str, str]) -> List[Import]:
     out = []
     for name, path in mods.items():
         tree = ast.parse(open(path).read(), path)
         is_pkg = path.endswith("__init__.py")
         funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
-        inner = {id(n) for f in funcs for n in ast.walk(f) if n is not f}
+        inner = {id(n): getattr(f, "name", "<lambda>") for f in funcs for n in ast.walk(f) if n is not f}
         for node in ast.walk(tree):
-            nested = id(node) in inner
+            nested = inner.get(id(node))
             if isinstance(node, ast.Import):
                 for a in node.names:
                     out.append(Import(name, a.name, a.name, (), node.lineno, nested))
@@ -101,6 +141,10 @@ def imports(mods: Dict[str, str]) -> List[Import]:
                     sub = f"{base}.{a.name}"
                     target = sub if sub in mods else base
                     out.append(Import(name, target, base, (a.name,), node.lineno, nested))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
+                  and node.func.attr == "import_module"):
+                target = _literal_prefix(node.args[0], name) or "?"
+                out.append(Import(name, target, target, (), node.lineno, nested, lazy=True))
     return out
 
 
@@ -116,8 +160,13 @@ def violations(mods: Dict[str, str], imps: List[Import]) -> List[str]:
         if not (i.target == "fastsamclip" or i.target.startswith("fastsamclip.")):
             continue
         where = f"{i.module}:{i.line} imports {i.target}"
-        if i.in_function:
-            bad.append(f"{where} inside a function (imports of the package's own modules go at the top)")
+        allowed = LAZY.get((i.module, i.in_function))
+        if i.in_function and not (i.lazy and allowed and i.target.startswith(allowed)):
+            bad.append(f"{where} inside a function (imports of the package's own modules go at the top"
+                       + (f"; {i.in_function} may import lazily only below {allowed})" if allowed else
+                          ", but at the lazy points: LAZY)"))
+        if i.lazy:
+            continue  # a prefix, not a module: its layer is LAZY's
         src, dst = rank(i.module), rank(i.target)
         if src is None or dst is None:
             bad.append(f"{where}: a module outside the declared layers")
@@ -136,7 +185,7 @@ def cycles(mods: Dict[str, str], imps: List[Import]) -> List[List[str]]:
     """Strongly connected components (Tarjan) of the module-level import graph with a cycle."""
     graph: Dict[str, Set[str]] = {m: set() for m in mods}
     for i in imps:
-        if not i.in_function and i.target in graph and i.target != i.module:
+        if not i.in_function and not i.lazy and i.target in graph and i.target != i.module:
             graph[i.module].add(i.target)
     index: Dict[str, int] = {}
     low: Dict[str, int] = {}
@@ -171,10 +220,33 @@ def cycles(mods: Dict[str, str], imps: List[Import]) -> List[List[str]]:
     return found
 
 
+def heavy_reach(mods: Dict[str, str], imps: List[Import], start=PARSER_MODULES, heavy=HEAVY) -> List[str]:
+    """The chains by which ``start`` reaches a ``heavy`` package through module-level imports
+    (importing ``a.b.c`` runs ``a`` and ``a.b`` first)."""
+    top: Dict[str, List[str]] = {m: [] for m in mods}
+    for i in imps:
+        if not i.in_function and not i.lazy:
+            top[i.module].append(i.target)
+    chains, seen, todo = [], set(), [(m, (m,)) for m in start]
+    while todo:
+        module, chain = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        for target in top.get(module, []) + [".".join(parts[:k]) for k in range(1, len(parts))]:
+            if target.split(".")[0] in heavy:
+                chains.append(" -> ".join(chain + (target,)))
+            elif target in mods:
+                todo.append((target, chain + (target,)))
+    return chains
+
+
 def check(sources: Dict[str, str], root: str) -> List[str]:
     mods = modules(sources, root)
     imps = imports(mods)
-    return violations(mods, imps) + [f"import cycle: {' -> '.join(c)}" for c in cycles(mods, imps)]
+    return (violations(mods, imps) + [f"import cycle: {' -> '.join(c)}" for c in cycles(mods, imps)]
+            + [f"the command line's parser imports a heavy package: {c}" for c in heavy_reach(mods, imps)])
 
 
 def test_the_package_imports_one_way_without_cycles():
@@ -201,6 +273,14 @@ def test_kernels_import_torch_and_triton_only():
       "fastsamclip/data/b.py": "from fastsamclip.data import a\n"}, "import cycle"),
     ({"bench/b.py": "from fastsamclip.kernels.relpos_attention import _select\n"}, "not its modules"),
     ({"fastsamclip/zzz.py": "from fastsamclip.transforms import t\n"}, "outside the declared layers"),
+    ({"fastsamclip/data/a.py": "import importlib\ndef f(n):\n    return importlib.import_module(f'fastsamclip.{n}')\n"},
+     "inside a function"),
+    ({"fastsamclip/cli/__init__.py": "import importlib\ndef load_command(n):\n"
+                                     "    return importlib.import_module(f'fastsamclip.train.{n}')\n"},
+     "load_command may import lazily only below fastsamclip.cli."),
+    ({"fastsamclip/cli/parsers.py": "from fastsamclip.data.names import thing\n",
+      "fastsamclip/data/names.py": "", "fastsamclip/data/__init__.py": "import torch\n"},
+     "parser imports a heavy package: fastsamclip.cli.parsers -> fastsamclip.data.names -> fastsamclip.data -> torch"),
 ])
 def test_the_checker_catches_each_kind_of_violation(tmp_path, case, expect):
     for rel, text in {"fastsamclip/__init__.py": "", "fastsamclip/transforms.py": "", "kernels/__init__.py": "",

@@ -8,24 +8,12 @@ one runs.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from fastsamclip.cli.common import require
+from fastsamclip.cli.parsers import BENCH_ALL
 
-BENCHMARKS = {
-    "e2e": "the merged model against SAM + CLIP run separately, end to end (img/s, latency, memory, energy)",
-    "train": "one training step of each distillation stage: plain torch vs fused vs fused + compiled",
-    "attention": "the relative-position attention kernels against every alternative",
-    "losses": "the fused distillation losses against eager and compiled torch",
-    "inference": "single-request latency and time to first result, cold and warm",
-    "everything": "segment everything + name every mask: SAM's generator + CLIP on box crops vs one merged pass",
-    "report": "the latest e2e run as Markdown, with the product's claims checked",
-    "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
-    "gpu": "the measurements that matter on a freshly lent GPU in at most 6 minutes, compiles included: --out DIR "
-           "(CSVs, summary.md, one archive of every file); --dry-run prints the plan",
-}
 # The modules of fastsamclip.bench that run each name, in order.
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
@@ -33,8 +21,6 @@ MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relp
            "serve": ("bench_serve",), "gpu": ("gpu",)}
 # Optional packages a benchmark cannot start without (missing: one line naming the extra).
 REQUIRES = {"serve": ("litserve", "httpx")}
-# `bench all`: every benchmark that needs no input, in this order.
-BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e")
 
 
 def cmd_bench(args) -> int:
@@ -54,16 +40,3 @@ def cmd_bench(args) -> int:
             rc = importlib.import_module(f"fastsamclip.bench.{module}").main(list(args.args))
             worst = max(worst, rc if isinstance(rc, int) else 0)
     return worst
-
-
-def register(sub) -> None:
-    s = sub.add_parser("bench", help="benchmarks: results appended to bench/results/*.csv, with plots",
-                       description="Run a benchmark; arguments after its name go to it (e.g. `fastsamclip bench "
-                                   "e2e --quick`, `fastsamclip bench train --help`).\n\n"
-                                   + "\n".join(f"  {k:10s} {v}" for k, v in BENCHMARKS.items())
-                                   + "\n  all        " + ", ".join(BENCH_ALL) + " in turn (optionally --quick)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("benchmark", nargs="?", default="e2e", choices=list(BENCHMARKS) + ["all"],
-                   help="which one (default e2e)")
-    s.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
-    s.set_defaults(fn=cmd_bench)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Optional, Tuple, Type
@@ -67,26 +66,3 @@ def one_line_errors(name: str, errors: Tuple[Type[BaseException], ...] = INPUT_E
 
     return wrap
 
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record is emitted (not when it was made)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-def log_to_stderr(level: int = logging.INFO) -> None:
-    """This package's messages at ``level`` on stderr; other libraries' (open_clip logs every
-    model it builds at INFO) stay at WARNING."""
-    log = logging.getLogger("fastsamclip")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False

@@ -23,16 +23,3 @@ def cmd_demo(args) -> int:
               "keeping its point mIoU within 0.03 of the SAM teacher's (see the table)", file=sys.stderr)
         return 1
     return 0
-
-
-def register(sub) -> None:
-    s = sub.add_parser("demo", help="the paper's recipe on the miniature world's shipped teachers (all three stages, "
-                                    "a few minutes on a CPU) and the table of held-out skills; --merge-only: merge "
-                                    "small random teachers, save, reload, run")
-    s.add_argument("--out", default=None, help="output folder (default ./fastsamclip-demo)")
-    s.add_argument("--sam-type", default="vit_tiny", help="--merge-only: the random SAM teacher's config")
-    s.add_argument("--overwrite", action="store_true", help="run again in an --out that holds an earlier demo run "
-                                                            "(its world is kept when it has the same settings)")
-    s.add_argument("--merge-only", action="store_true",
-                   help="only merge small teachers, save, reload and run on a sample picture (no training)")
-    s.set_defaults(fn=cmd_demo)

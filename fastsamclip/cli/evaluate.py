@@ -12,18 +12,13 @@ Bad input exits 2 with one line naming the file and what is wrong.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import List, Optional
 
+from fastsamclip.cli.parsers import EVAL_DEFAULT_SPLIT
 from fastsamclip.eval import classify, instances, retrieval, semantic
 from fastsamclip.eval.common import EvalInputError, check_out_path
-from fastsamclip.eval.datasets import (
-    SEMANTIC_DATASETS,
-    open_classify,
-    open_retrieval,
-    open_semantic,
-)
+from fastsamclip.eval.datasets import open_classify, open_retrieval, open_semantic
 from fastsamclip.eval.models import build_model
 from fastsamclip.eval.runner import (
     Timer,
@@ -35,101 +30,6 @@ from fastsamclip.eval.runner import (
 from fastsamclip.errors import InputError, check_range
 from fastsamclip.files import write_json
 from fastsamclip.modeling import CheckpointError
-from fastsamclip.predictor.engine import DTYPES
-
-TASKS = {
-    "classify": "zero-shot classification: top-1/top-5 on ImageNet, ImageNet-v2, Places365, an image folder or a CSV",
-    "semantic": "zero-shot semantic segmentation: mIoU on VOC, Pascal Context, ADE20K, COCO-Stuff, COCO-Panoptic",
-    "instances": "box-prompted instance segmentation: COCOeval mask AP on COCO or LVIS",
-    "retrieval": "image-text retrieval: recall@1/5/10 on the Karpathy splits of Flickr30k and COCO",
-}
-DATASETS = {
-    "classify": ("imagenet", "imagenet-v2", "places365", "folder", "csv"),
-    "semantic": tuple(SEMANTIC_DATASETS),
-    "instances": ("coco", "lvis"),
-    "retrieval": ("flickr30k", "coco"),
-}
-DEFAULT_SPLIT = {"classify": "val", "semantic": "val", "instances": "val", "retrieval": "test"}
-
-
-def _common(p: argparse.ArgumentParser, task: str) -> None:
-    m = p.add_argument_group("model (one of --checkpoint or --teacher)")
-    m.add_argument("--checkpoint", default=None, help="merged .safetensors (from `fastsamclip merge` or `distill`)")
-    m.add_argument("--teacher", choices=("sam", "clip"), default=None, help="evaluate a teacher through the same code")
-    m.add_argument("--sam-checkpoint", default=None, help="official SAM .pth (--teacher sam)")
-    m.add_argument("--sam-type", default="vit_b", help="vit_b | vit_l | vit_h (--teacher sam)")
-    m.add_argument("--clip-model", default=None, help="open_clip model name, or local-dir:/folder (--teacher clip)")
-    m.add_argument("--clip-pretrained", default=None, help="open_clip tag or a local checkpoint file (--teacher clip)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data-root", required=True, help="the dataset's folder, as downloaded")
-    d.add_argument("--dataset", required=True, choices=DATASETS[task])
-    d.add_argument("--split", default=None, help=f"default {DEFAULT_SPLIT[task]}")
-    d.add_argument("--limit", type=int, default=None, help="evaluate the first N images of the split only")
-    o = p.add_argument_group("run and output")
-    o.add_argument("--out", default=None, help="results JSON to write (model, checkpoint hash, dataset, metrics)")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    o.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    o.add_argument("--workers", type=int, default=2, help="image-decoding worker processes per rank")
-    o.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
-    o.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="merged model's backbone and CLIP head precision (recorded in the results); auto: bf16 on "
-                        "CUDA and on a CPU with native bf16, else fp32")
-    o.add_argument("--clip-token-pool", type=int, default=1, metavar="K",
-                   help="merged model: the CLIP head on the backbone's tokens pooled K x K; 1: all tokens")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``eval`` with its four tasks on the main command's subparsers."""
-    p = subparsers.add_parser("eval", help="the paper's evaluations on the datasets' own layouts (results JSON + "
-                                           "Markdown table with the paper's numbers)",
-                              description="Evaluate a merged checkpoint or a teacher; " + "; ".join(
-                                  f"{k}: {v}" for k, v in TASKS.items()))
-    sub = p.add_subparsers(dest="eval_task", required=True)
-
-    s = sub.add_parser("classify", help=TASKS["classify"])
-    _common(s, "classify")
-    s.add_argument("--resolution", type=int, default=None,
-                   help="input side (224, 336, 448, 1024; default 224, a CLIP teacher's own size)")
-    s.add_argument("--templates", choices=("openai", "simple"), default="openai",
-                   help="prompt templates: the CLIP paper's 80 (default) or open_clip's 7")
-    s.add_argument("--class-names", default=None, help="file of class names, one per line (line i = class i)")
-    s.add_argument("--csv", default=None, help="--dataset csv: the file,label CSV (default <data-root>/<split>.csv)")
-    s.add_argument("--save-predictions", default=None, metavar="DIR", help="write a CSV of file, label, prediction")
-    s.set_defaults(fn=cmd_eval)
-
-    s = sub.add_parser("semantic", help=TASKS["semantic"])
-    _common(s, "semantic")
-    s.add_argument("--mode", choices=("clip", "composed"), default="clip",
-                   help="clip: the CLIP head at --resolution (paper: 448); composed: both heads at the native size")
-    s.add_argument("--resolution", type=int, default=None, help="CLIP-head input side (default 448)")
-    s.add_argument("--templates", choices=("openai", "simple"), default="openai")
-    s.add_argument("--threshold", type=float, default=0.5, help="composed: class score that prompts the SAM head")
-    s.add_argument("--background-threshold", type=float, default=None,
-                   help="voc, clip mode: prompt the 20 objects only; background where the best probability is below this")
-    s.add_argument("--class-names", default=None,
-                   help="voc layout with classes of its own: a file naming label values 0 (background), 1, 2, ...")
-    s.add_argument("--save-predictions", default=None, metavar="DIR",
-                   help="one label PNG per image, named after it, in the dataset's own label encoding")
-    s.set_defaults(fn=cmd_eval)
-
-    s = sub.add_parser("instances", help=TASKS["instances"])
-    _common(s, "instances")
-    s.add_argument("--detections", default=None,
-                   help="COCO results json of boxes to prompt with (the paper: ViTDet-B's); default the ground-truth boxes")
-    s.add_argument("--annotations", default=None,
-                   help="instances json (default annotations/instances_<split>2017.json, or lvis_v1_<split>.json)")
-    s.add_argument("--save-predictions", default=None, metavar="DIR", help="write the masks as a COCO results json")
-    s.set_defaults(fn=cmd_eval)
-
-    s = sub.add_parser("retrieval", help=TASKS["retrieval"])
-    _common(s, "retrieval")
-    s.add_argument("--resolution", type=int, default=None, help="image side (default 224, a CLIP teacher's own size)")
-    s.add_argument("--karpathy", default=None, help="Karpathy-split json (default <data-root>/dataset_<name>.json)")
-    s.add_argument("--images", default=None, help="image folder (default flickr30k-images/, or <data-root> for COCO)")
-    s.add_argument("--captions-per-image", type=int, default=5, help="first N captions of each image (0: all)")
-    s.set_defaults(fn=cmd_eval)
-    return p
 
 
 def _one_line(e: BaseException) -> str:
@@ -169,7 +69,7 @@ def _setup(task: str, args, device):
             check_range(flag, value, lo, hi, integer=isinstance(value, int))
         except InputError as e:
             raise EvalInputError(None, str(e)) from None
-    split = args.split or DEFAULT_SPLIT[task]
+    split = args.split or EVAL_DEFAULT_SPLIT[task]
     if task == "classify":
         ds = open_classify(args.dataset, args.data_root, split, args.class_names, args.csv)
     elif task == "semantic":
@@ -268,7 +168,3 @@ def _run(task: str, args, d, device, argv) -> int:
         write_json(args.out, report)
         print(f"results written to {args.out}")
     return 0
-
-
-def register(sub) -> None:
-    add_parser(sub)

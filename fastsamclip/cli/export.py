@@ -170,24 +170,3 @@ def cmd_export(args) -> int:
         update_metadata(stage, "files", files)
     print(f"metadata: {os.path.join(out, METADATA_FILE)}")
     return 0
-
-
-def register(sub) -> None:
-    s = sub.add_parser("export", help="ONNX / AOTInductor exports and label embeddings for deployment",
-                       description=__doc__.split("\n\n")[0])
-    s.add_argument("--checkpoint", required=True, help="merged .safetensors checkpoint")
-    s.add_argument("--format", choices=("onnx", "aoti"), help="onnx: encoder.onnx + decoder.onnx; aoti: "
-                   "encoder_<R>.pt2 per resolution (compiled for this machine's device)")
-    s.add_argument("--resolution", type=int, nargs="+", help="input side(s), multiples of 16 (default: the model's "
-                   "native size, 1024 for ViT-B; onnx takes one)")
-    s.add_argument("--out", required=True, help="output folder: new, empty, or an export of the same checkpoint "
-                   "that lacks these files (see --overwrite)")
-    s.add_argument("--overwrite", action="store_true", help="replace the --out folder whole")
-    s.add_argument("--labels", help="comma-separated class names: their text embeddings to text_embeddings.npz")
-    s.add_argument("--templates", default="openai", choices=("openai", "simple"),
-                   help="prompt templates for --labels (openai: the 80 of the CLIP paper)")
-    s.add_argument("--device", help="aoti: the device to compile for (default: cuda when available); onnx: cpu")
-    s.add_argument("--multimask", action="store_true",
-                   help="onnx decoder returns all 4 masks (default: one, chosen as SAM's ONNX export does)")
-    s.add_argument("--no-check", action="store_true", help="skip running the exports against the torch model")
-    s.set_defaults(fn=cmd_export)

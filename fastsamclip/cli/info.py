@@ -20,7 +20,7 @@ PACKAGES = ("torch", "triton", "torchvision", "open_clip_torch", "segment-anythi
 
 def cmd_kernels(args) -> int:
     """The ahead-of-time build table; exit 1 when a build has a finding (as the CI test)."""
-    targets = [t for t in args.targets.split(",") if t]
+    targets = [t for t in (args.targets or ",".join(aot.TARGETS)).split(",") if t]
     dtypes = [d for d in args.dtypes.split(",") if d]
     for t in targets:
         if t not in aot.TARGETS:
@@ -65,7 +65,7 @@ def cmd_info(args) -> int:
     rows = op_table(device) + [dict(r, op="relpos_attention") for r in
                                OPS["relpos_attention"].table(device, head_dim=args.head_dim)
                                if args.head_dim != 64]
-    print("\nops and their backends (priority order; the first able one runs, a fallback is logged once):")
+    print("\nops and their backends (priority order; the first able one runs; a fallback is logged once, shown with -v):")
     shown = set()
     for r in rows:
         key = (r["op"], r["probe"])
@@ -77,17 +77,3 @@ def cmd_info(args) -> int:
         if r.get("notes") and r["forced_ok"]:
             print(f"    {'':10s} ({r['notes']})")
     return 0
-
-
-def register(sub) -> None:
-    s = sub.add_parser("info", help="versions, device and every op's backends")
-    s.add_argument("--head-dim", type=int, default=64, help="also probe attention at this head dim (ViT-H: 80)")
-    s.add_argument("--kernels", action="store_true",
-                   help="compile every Triton kernel for GPU targets here (no GPU needed) and print registers, "
-                        "spills, shared memory and MMA kind per config; exit 1 on a finding")
-    s.add_argument("--targets", default=",".join(aot.TARGETS), help="with --kernels: GPU targets (sm_90a, sm_80)")
-    s.add_argument("--dtypes", default="fp16,bf16",
-                   help="with --kernels: fp16, bf16, fp32 (TF32), fp32-ieee (exact fp32 attention)")
-    s.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="with --kernels: compile processes")
-    s.set_defaults(fn=cmd_info)

@@ -64,15 +64,16 @@ def cmd_world(args) -> int:
 
 @one_line_errors("miniature teachers")
 def cmd_teachers(args) -> int:
-    for name in ("clip_steps", "sam_steps", "clip_batch", "sam_batch"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    given = {k: getattr(args, k) for k in ("clip_steps", "sam_steps", "clip_batch", "sam_batch")
+             if getattr(args, k) is not None}  # the others: TeacherConfig's defaults
+    for name, value in given.items():
+        _positive(name.replace("_", "-"), value)
     world = _world(args) if args.world else None  # checked before hours of training, not after
     if os.path.exists(os.path.join(args.out, "training.json")) and not args.overwrite:
         raise ConfigError(f"--out {args.out} holds trained teachers already: pass --overwrite to train them again")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TeacherConfig(seed=args.seed, clip_steps=args.clip_steps, sam_steps=args.sam_steps,
-                        clip_batch=args.clip_batch, sam_batch=args.sam_batch)
+    cfg = TeacherConfig(seed=args.seed, **given)
     info = train_teachers(args.out, cfg, log=print)
     print(f"teachers written: {info['paths']['clip']} and {info['paths']['sam']}")
     if world:
@@ -111,47 +112,3 @@ def cmd_ablations(args) -> int:
     limits = _limits(args.limit)
     run_ablations(world, args.out, seeds, base, limits, teachers=_teachers(args.teachers))
     return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("miniature", help="SAM-CLIP in miniature: a world where both teachers have real skills, the "
-                                         "teachers, their skills, and the paper's ablations on them")
-    m = p.add_subparsers(dest="miniature_command", required=True)
-
-    s = m.add_parser("world", help="write the miniature world in the real layouts (deterministic)")
-    s.add_argument("out")
-    s.add_argument("--train", type=int, default=4000, help="training canvases (D_CLIP shards, SA-1B)")
-    s.add_argument("--heldout", type=int, default=300, help="held-out canvases (crops folder, VOC, COCO, retrieval)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true", help="replace a world of other settings in OUT")
-    s.set_defaults(fn=cmd_world)
-
-    s = m.add_parser("teachers", help="train the CLIP and SAM teachers of the world (official formats)")
-    s.add_argument("--out", required=True, help="folder for clip/ (open_clip model folder) and sam_vit_mini.pth")
-    s.add_argument("--clip-steps", type=int, default=TeacherConfig.clip_steps)
-    s.add_argument("--sam-steps", type=int, default=TeacherConfig.sam_steps)
-    s.add_argument("--clip-batch", type=int, default=TeacherConfig.clip_batch, help="object crops per CLIP step")
-    s.add_argument("--sam-batch", type=int, default=TeacherConfig.sam_batch, help="canvases per SAM step")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); results depend on it")
-    s.add_argument("--world", default=None, help="a written world: measure the teachers on its held-out split after")
-    s.add_argument("--overwrite", action="store_true", help="train again into an --out that holds teachers")
-    s.set_defaults(fn=cmd_teachers)
-
-    s = m.add_parser("skills", help="held-out skills of the teachers (default: the shipped ones) or a merged model")
-    s.add_argument("--world", required=True, help="a folder written by `fastsamclip miniature world`")
-    s.add_argument("--teachers", default=None, help="a folder written by `fastsamclip miniature teachers`")
-    s.add_argument("--checkpoint", default=None, help="a merged .safetensors: the student's skills instead")
-    s.add_argument("--limit", type=int, default=None, help="the first N held-out canvases (VOC, COCO); the crops are all used")
-    s.set_defaults(fn=cmd_skills)
-
-    s = m.add_parser("ablations", help="the paper's findings over seeds (resumes; writes ablations.md/.json)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--world", default=None, help="a written world (default: OUT/world, written first)")
-    s.add_argument("--train", type=int, default=1500, help="training canvases of the world written into OUT")
-    s.add_argument("--heldout", type=int, default=150, help="held-out canvases of the world written into OUT")
-    s.add_argument("--seeds", default="0,1,2")
-    s.add_argument("--teachers", default=None, help="teachers folder (default: the shipped ones)")
-    s.add_argument("--limit", type=int, default=None, help="the first N held-out canvases (VOC, COCO); the crops are all used")
-    s.add_argument("--quick", action="store_true", help="two steps a stage: checks every path, measures nothing")
-    s.set_defaults(fn=cmd_ablations)

@@ -29,7 +29,6 @@ from fastsamclip.draw import draw_named_masks, draw_overlay
 from fastsamclip.errors import check_range
 from fastsamclip.files import check_output_dir, staged_dir, writable_dir, write_json
 from fastsamclip.predictor import SAMCLIPPredictor, to_rgb_uint8
-from fastsamclip.predictor.engine import DTYPES
 from fastsamclip.predictor.everything import EverythingParams, coco_rle
 
 
@@ -102,11 +101,14 @@ def _segment_prompts(predictor: SAMCLIPPredictor, prompts: List[Tuple[str, int, 
     return out
 
 
+# The options of SamAutomaticMaskGenerator's parameters; absent ones keep EverythingParams' defaults.
+EVERYTHING_OPTIONS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+                      "box_nms_thresh", "crop_n_layers", "min_mask_region_area")
+
+
 def _everything_params(args) -> EverythingParams:
-    return EverythingParams(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-                            box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers,
-                            min_mask_region_area=args.min_mask_region_area, output_mode="uncompressed_rle")
+    given = {k: getattr(args, k) for k in EVERYTHING_OPTIONS if getattr(args, k) is not None}
+    return EverythingParams(output_mode="uncompressed_rle", **given)
 
 
 def _predict_one(predictor: SAMCLIPPredictor, path: str, stem: str, args, prompts, labels, params, load_ms,
@@ -257,45 +259,3 @@ def cmd_predict(args) -> int:
         print(f"predict: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}".splitlines()[0],
               file=sys.stderr)
     return 2 if failed else 0
-
-
-def register(sub) -> None:
-    d = EverythingParams()
-    s = sub.add_parser("predict", help="masks for point/box prompts, every mask with its name, zero-shot labels "
-                                       "and semantic maps with a merged checkpoint")
-    s.add_argument("images", nargs="+", metavar="IMAGE")
-    s.add_argument("--checkpoint", required=True, help="merged .safetensors (from `fastsamclip merge` or distill)")
-    s.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,dog,grass"; with '
-                   "--everything they name every mask, else zero-shot classification and a semantic map")
-    s.add_argument("--points", nargs="*", default=None, metavar="X,Y[,L][;X,Y[,L]...]",
-                   help="each value is one prompt of one or more points in image pixels, label L 1 foreground "
-                        "(default) or 0 background, e.g. \"120,80,1;200,90,0\"")
-    s.add_argument("--boxes", nargs="*", default=None, metavar="X0,Y0,X1,Y1[;X,Y,L...]",
-                   help="each value is one prompt: a box in image pixels, optionally with points of the same "
-                        "prompt, e.g. \"10,10,200,150;120,80,1\"")
-    s.add_argument("--mode", choices=("clip", "composed"), default="clip",
-                   help="semantic segmentation: CLIP head only, or CLIP maps prompting the SAM head")
-    s.add_argument("--resolution", type=int, default=448, help="CLIP-head resolution of --mode clip")
-    s.add_argument("--threshold", type=float, default=0.5, help="class score that prompts the SAM head (composed)")
-    e = s.add_argument_group("segment everything (SAM's automatic mask generator; masks as COCO RLE in the JSON)")
-    e.add_argument("--everything", action="store_true", help="every mask of the image, named with --labels")
-    e.add_argument("--points-per-side", type=int, default=d.points_per_side)
-    e.add_argument("--points-per-batch", type=int, default=d.points_per_batch)
-    e.add_argument("--pred-iou-thresh", type=float, default=d.pred_iou_thresh)
-    e.add_argument("--stability-score-thresh", type=float, default=d.stability_score_thresh)
-    e.add_argument("--box-nms-thresh", type=float, default=d.box_nms_thresh)
-    e.add_argument("--crop-n-layers", type=int, default=d.crop_n_layers)
-    e.add_argument("--min-mask-region-area", type=int, default=d.min_mask_region_area)
-    e.add_argument("--label-threshold", type=float, default=0.0,
-                   help="a mask whose best label probability is below this stays unnamed (label null)")
-    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="precision of the backbone and CLIP head; auto: bf16 on CUDA and on a CPU with native "
-                        "bf16 (AMX-BF16, AVX512-BF16, Arm BF16; `fastsamclip info` says), else fp32")
-    s.add_argument("--clip-token-pool", type=int, default=1, metavar="K",
-                   help="run the CLIP head on the backbone's tokens pooled K x K (2: a fifth less work at 1024 px, "
-                        "trained in stage 3); 1: all tokens, the paper's path")
-    s.add_argument("--out", required=True, help="output folder (new or empty; see --overwrite)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace an --out folder of earlier predictions whole (never a mix of two runs)")
-    s.set_defaults(fn=cmd_predict)

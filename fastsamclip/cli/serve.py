@@ -61,36 +61,3 @@ def cmd_serve(args) -> int:
           compile=args.compile, limits=limits, timeout=args.timeout, api_key=key, devices=args.devices,
           workers_per_device=args.workers_per_device, image_cache=args.image_cache)
     return 0
-
-
-def register(sub) -> None:
-    s = sub.add_parser("serve", help="HTTP API with dynamic batching: embeddings, labels, masks, semantic maps, segment everything",
-                       description=__doc__.split("\n\n")[0])
-    s.add_argument("--checkpoint", required=True, help="merged .safetensors checkpoint")
-    s.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),
-                   help="address to listen on (default 127.0.0.1: this machine only; others need an API key)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None,
-                   help="require this key in every request's X-API-Key header (default: $FASTSAMCLIP_API_KEY, "
-                        "then $LIT_SERVER_API_KEY; the variable keeps the key out of the process list)")
-    s.add_argument("--insecure", action="store_true",
-                   help="allow --host 0.0.0.0 / :: without an API key (anyone on the network may call the model)")
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
-    s.add_argument("--devices", type=int, default=1,
-                   help="GPUs to serve on (0..N-1), each with --workers-per-device model workers (default 1)")
-    s.add_argument("--workers-per-device", type=int, default=1,
-                   help="model workers per device, each its own model copy and batches (default 1; on the CPU "
-                        "they share the cores)")
-    s.add_argument("--image-cache", type=int, default=16,
-                   help="images each worker keeps after POST /v1/image, for the page (default 16)")
-    s.add_argument("--max-batch-size", type=int, default=8, help="requests that may share one batch (default 8)")
-    s.add_argument("--batch-timeout-ms", type=float, default=10.0,
-                   help="how long the worker waits to fill a batch (default 10 ms)")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone per shape (batches padded to powers of two, all compiled at start)")
-    s.add_argument("--max-request-mb", type=int, default=64, help="largest request body (MiB)")
-    s.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image (megapixels)")
-    s.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds a request may wait for its answer before a 504 (default 60)")
-    s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
-    s.set_defaults(fn=cmd_serve)

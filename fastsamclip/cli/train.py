@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-import re
 import sys
 
+from fastsamclip import logs
 from fastsamclip.checkpoint import save_merged
-from fastsamclip.cli.common import log_to_stderr, one_line_errors
+from fastsamclip.cli.common import one_line_errors
 from fastsamclip.errors import OutputError, check_range
 from fastsamclip.files import writable_dir
 from fastsamclip.modeling import (
@@ -32,34 +31,6 @@ from fastsamclip.train import (
 )
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-# Switches given without a value (the other options take one, e.g. --tensorboard false).
-FLAGS = ("resume", "overwrite", "random_teachers")
-
-
-def _field_comments() -> dict:
-    """The comment after each TrainConfig field, for --help."""
-    out = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
-
-
-def add_train_options(s) -> None:
-    """One option per TrainConfig field; absent options keep the config file's or the default value."""
-    comments = _field_comments()
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")
-        if f.name in FLAGS:
-            s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=True,
-                           default=None, help=help_text)
-            continue
-        s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                       help=help_text)
-    s.add_argument("--config", default=None, help="JSON or YAML file of the same options (command line wins)")
 
 
 def train_config_from_args(args) -> TrainConfig:
@@ -71,10 +42,10 @@ def train_config_from_args(args) -> TrainConfig:
 
 @one_line_errors("distill")
 def cmd_distill(args) -> int:
-    log_to_stderr()
     cfg = train_config_from_args(args)
     try:
-        report = train(cfg)
+        with logs.showing("fastsamclip.train"):  # the run's progress
+            report = train(cfg)
     except TrainingStopped as e:
         print(f"distill: {e}", file=sys.stderr)
         return 2
@@ -90,9 +61,9 @@ def cmd_distill(args) -> int:
 
 @one_line_errors("cache-teachers")
 def cmd_cache_teachers(args) -> int:
-    log_to_stderr()
     cfg = train_config_from_args(args)
-    path = cache_teachers(cfg, out=args.cache_out, batch_size=args.batch_size)
+    with logs.showing("fastsamclip.train"):  # the run's progress
+        path = cache_teachers(cfg, out=args.cache_out, batch_size=args.batch_size)
     print(f"teacher cache written to {path}; train with --teacher-cache {path}")
     return 0
 
@@ -120,28 +91,3 @@ def cmd_merge(args) -> int:
           f"(backbone {model.num_parameters('image_encoder') / 1e6:.1f}M, CLIP head "
           f"{model.num_parameters('clip_head') / 1e6:.1f}M, text {model.num_parameters('text') / 1e6:.1f}M)")
     return 0
-
-
-def register(sub) -> None:
-    s = sub.add_parser("merge", help="initialise the merged model from a SAM and a CLIP teacher")
-    s.add_argument("--sam-checkpoint", required=True, help="official SAM .pth (e.g. sam_vit_b_01ec64.pth)")
-    s.add_argument("--sam-type", default="vit_b", help="vit_b | vit_l | vit_h")
-    s.add_argument("--clip-model", required=True, help="open_clip model name, or local-dir:/folder")
-    s.add_argument("--clip-pretrained", default=None, help="open_clip tag or a local checkpoint file")
-    s.add_argument("--head-hidden", type=int, default=None, help="CLIP head MLP width (default: backbone width)")
-    s.add_argument("--random-teachers", action="store_true",
-                   help="allow a CLIP model without weights (a randomly initialised tower): smoke tests only")
-    s.add_argument("--out", required=True, help="merged .safetensors file to write")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    s.set_defaults(fn=cmd_merge)
-
-    s = sub.add_parser("distill", help="train the merged model: the paper's three stages (torchrun for many GPUs)")
-    add_train_options(s)
-    s.set_defaults(fn=cmd_distill)
-
-    s = sub.add_parser("cache-teachers", help="run the teachers once over the data and store their outputs "
-                                              "(train with --teacher-cache FOLDER)")
-    add_train_options(s)
-    s.add_argument("--cache-out", default=None, help="cache folder (default: --teacher-cache, else OUT/teacher-cache)")
-    s.add_argument("--batch-size", type=int, default=32, help="images per teacher forward pass")
-    s.set_defaults(fn=cmd_cache_teachers)

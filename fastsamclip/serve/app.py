@@ -65,6 +65,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from fastsamclip import logs
 from fastsamclip.checkpoint import read_merged_config
 from fastsamclip.errors import InputError
 from fastsamclip.predictor import SAMCLIPPredictor
@@ -299,6 +300,7 @@ class SAMCLIPAPI(_LitAPI):
         self.checkpoint, self.compile = checkpoint, compile
         self.api_key, self.setup_error_path = api_key, setup_error_path
         self.workers, self.shared_cache = workers, shared_cache
+        self.log_level = logging.getLogger(logs.PACKAGE).getEffectiveLevel()  # the command's -v, for the worker
 
     def authorize(self, request: Request) -> None:
         """LitServe's auth hook, a dependency of every route: the API key in ``X-API-Key``."""
@@ -311,6 +313,7 @@ class SAMCLIPAPI(_LitAPI):
 
     def setup(self, device) -> None:
         child_of_server()  # SIGINT is the main process's to handle; exit with it
+        logs.configure(self.log_level)  # a spawned process: the command's logging, set up again
         if str(device) == "cpu" and self.workers > 1:
             # Workers that share the cores each take their part: threads beyond it spin against each
             # other (measured on 2 shared cores: SAM's mask decoder at 1024 px, 2 threads 810 ms, 1 thread 279 ms).

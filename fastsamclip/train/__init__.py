@@ -7,31 +7,35 @@
 - :mod:`~fastsamclip.train.checkpoints`: exact-resume checkpoints.
 - :mod:`~fastsamclip.train.teacher_cache`: the teachers run once over the data and stored.
 - :mod:`~fastsamclip.train.agreement`: held-out agreement with the teachers (the report).
+
+Each name below is imported from its module on first use: ``from fastsamclip.train import
+TrainConfig`` imports the configuration alone (no torch), which the command line's parser reads
+to offer one option per field.
 """
 
-from fastsamclip.train.agreement import evaluate_agreement
-from fastsamclip.train.config import (
-    STAGES,
-    TrainConfig,
-    config_from_dict,
-    load_config_file,
-)
-from fastsamclip.train.distiller import Distiller, TrainingStopped, train
-from fastsamclip.train.distributed import Dist, setup_distributed
-from fastsamclip.train.optim import (
-    lr_lambda,
-    param_groups,
-    set_trainable,
-    stage_trainable,
-)
-from fastsamclip.train.teacher_cache import (
-    TeacherCache,
-    TeacherCacheWriter,
-    cache_teachers,
-)
+import importlib
 
-__all__ = [
-    "STAGES", "Dist", "Distiller", "TeacherCache", "TeacherCacheWriter", "TrainConfig", "TrainingStopped",
-    "cache_teachers", "config_from_dict", "evaluate_agreement", "load_config_file", "lr_lambda", "param_groups",
-    "set_trainable", "setup_distributed", "stage_trainable", "train",
-]
+# name -> the module of this package that defines it
+_HOMES = {
+    "evaluate_agreement": "agreement",
+    "STAGES": "config", "TrainConfig": "config", "config_from_dict": "config", "load_config_file": "config",
+    "Distiller": "distiller", "TrainingStopped": "distiller", "train": "distiller",
+    "Dist": "distributed", "setup_distributed": "distributed",
+    "lr_lambda": "optim", "param_groups": "optim", "set_trainable": "optim", "stage_trainable": "optim",
+    "TeacherCache": "teacher_cache", "TeacherCacheWriter": "teacher_cache", "cache_teachers": "teacher_cache",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_HOMES))

@@ -3,7 +3,8 @@ the merged one finds the generator's masks, and the benchmark is part of `fastsa
 
 from fastsamclip.bench import bench_everything
 from fastsamclip.bench.harness import parse_extra, read_csv
-from fastsamclip.cli.bench import BENCH_ALL, BENCHMARKS, MODULES
+from fastsamclip.cli.bench import MODULES
+from fastsamclip.cli.parsers import BENCH_ALL, BENCHMARKS
 
 
 def test_quick_run_writes_a_row_per_pipeline_with_speed_memory_and_agreement(tmp_path, capsys):

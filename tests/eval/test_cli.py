@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from fastsamclip.cli import main
-from fastsamclip.cli.evaluate import DATASETS
+from fastsamclip.cli.parsers import EVAL_DATASETS as DATASETS
 from fastsamclip.eval.datasets import SEMANTIC_DATASETS
 
 FAST = ["--workers", "0", "--no-progress"]

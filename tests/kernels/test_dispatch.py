@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from fastsamclip.kernels import OPS, Backend, Op, dispatch, op_table, use_backend
+import fastsamclip
+from fastsamclip.kernels import OPS, Backend, Op, _triton, dispatch, op_table, use_backend
 
 KERNELS_DIR = os.path.dirname(os.path.abspath(dispatch.__file__))
 
@@ -72,17 +73,18 @@ def test_no_able_backend_lists_every_backend_with_its_reasons(toy):
 
 
 def test_fallback_logged_once_per_distinct_reasons(toy, caplog):
-    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+    with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
         for _ in range(3):
             toy.select(F64)
         toy.select(F32)  # no fallback: nothing to say
         toy.select(F64.half().double())  # same refusals: said already
     assert len(caplog.records) == 1, caplog.text
+    assert caplog.records[0].levelno == logging.INFO  # no news on a machine without a GPU: shown with -v
     msg = caplog.records[0].getMessage()
     assert msg.startswith("toy: using 'reference' (plain torch); preferred backends refused: ")
     assert "fast: dtype torch.float64 | slow: cpu: would be slow" in msg
     toy.register(Backend("fast", fn=None, description="d", check=lambda x: ["another reason"]), priority=0)
-    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+    with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
         toy.select(F64)
         toy.select(F64)
     assert len(caplog.records) == 2 and "another reason" in caplog.records[1].getMessage()
@@ -90,11 +92,11 @@ def test_fallback_logged_once_per_distinct_reasons(toy, caplog):
 
 def test_nothing_is_logged_while_compiling(toy, caplog, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+    with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
         assert toy.select(F64).name == "reference"
     assert not caplog.records
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+    with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
         toy.select(F64)
     assert len(caplog.records) == 1  # not remembered as said while compiling
 
@@ -161,6 +163,56 @@ def test_environment_forces_every_op_or_one(toy, backend_environment):
 def test_environment_bad_values_raise_with_the_valid_ones(toy, backend_environment, environ, match):
     with pytest.raises(ValueError, match=match):
         backend_environment(environ)
+
+
+def test_environment_naming_a_backend_that_cannot_run_here_warns_once_and_chooses_automatically(
+        toy, backend_environment, caplog):
+    """The variable is the person's request (often set for another machine): unmet, it is the one
+    backend message at WARNING, one line per variable and reason naming the ops; the ops choose
+    as if unset. A backend that can run but refuses an input still raises (above)."""
+    toy.register(Backend("absent", fn=None, description="d", is_available=lambda: "no CUDA GPU"), priority=0)
+    other = toy_op("toy2")
+    other.register(Backend("absent", fn=None, description="d", is_available=lambda: "no CUDA GPU"), priority=0)
+    OPS[other.name] = other
+    try:
+        with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
+            backend_environment({"FASTSAMCLIP_BACKEND": "absent"})
+        assert [r.levelno for r in caplog.records] == [logging.WARNING], caplog.text
+        assert caplog.records[0].getMessage() == ("FASTSAMCLIP_BACKEND=absent: backend 'absent' cannot run here (no "
+                                                  "CUDA GPU); toy, toy2 choose their backends automatically")
+        assert toy.forced is None and toy.select(F32).name == "fast" and other.forced is None
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
+            backend_environment({"FASTSAMCLIP_BACKEND_TOY": "absent", "FASTSAMCLIP_BACKEND_TOY2": "slow"})
+        assert [r.getMessage() for r in caplog.records] == [
+            "FASTSAMCLIP_BACKEND_TOY=absent: backend 'absent' cannot run here (no CUDA GPU); toy chooses its "
+            "backend automatically"]
+        assert toy.forced is None and other.forced == "slow"
+    finally:
+        del OPS[other.name]
+
+
+def test_no_message_offers_a_test_only_switch(monkeypatch):
+    """The Triton interpreter is the tests' way to run kernels on a CPU, never the person's: no
+    string of the package but the variable's own name mentions it (docstrings aside), and the
+    reasons shown on a machine without a GPU say so plainly."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _triton.unavailable(interpret=False, import_error=None) == "no CUDA GPU"
+    assert _triton.device_refusals(torch.device("cpu"), interpret=False) == ["device cpu (Triton kernels run on CUDA "
+                                                                             "GPUs)"]
+    package = os.path.dirname(os.path.abspath(fastsamclip.__file__))
+    offers = []
+    for folder in (KERNELS_DIR, package):
+        for d, _, files in os.walk(folder):
+            for f in (f for f in files if f.endswith(".py")):
+                path = os.path.join(d, f)
+                tree = ast.parse(open(path).read())
+                docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
+                    n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)}
+                offers += [f"{path}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                           and isinstance(n.value, str) and "TRITON_INTERPRET" in n.value
+                           and n.value != "TRITON_INTERPRET" and id(n) not in docs]
+    assert not offers, offers
 
 
 def test_retired_variables_are_not_silently_ignored(toy, backend_environment, caplog):

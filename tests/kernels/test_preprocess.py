@@ -161,7 +161,7 @@ def test_unloadable_library_falls_back_with_the_reason(tmp_path, monkeypatch, ca
         monkeypatch.setattr(OP, "_logged", set())
         assert match in OP["cuda"].is_available()
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+        with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
             for _ in range(2):
                 sam, clip = preprocess(img, **args(img, sam_side=16, clip_side=8))
         assert torch.equal(sam, preprocess_reference(img, **args(img, sam_side=16, clip_side=8))[0])
@@ -223,7 +223,7 @@ def test_a_launch_that_fails_falls_back_to_torch_logged_once(failing_library, mo
     img = rand_image(40, 30).cuda()
     kw = args(img, sam_side=64, clip_side=32)
     low = torch.randn(1, 3, 16, 16, device="cuda")
-    with caplog.at_level(logging.WARNING, logger="fastsamclip.kernels"):
+    with caplog.at_level(logging.INFO, logger="fastsamclip.kernels"):
         for _ in range(3):
             sam, clip = preprocess(img, **kw)
             logits, masks = postprocess_masks(low, (12, 16), 64, (30, 40))

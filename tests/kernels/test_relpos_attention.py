@@ -146,7 +146,7 @@ def test_refusals_are_listed_and_fallback_logged(caplog, monkeypatch):
     OP.register(Backend(name="picky", fn=relpos_attention_reference, description="test backend", check=refuse),
                 priority=0)
     try:
-        with caplog.at_level("WARNING", logger="fastsamclip.kernels"):
+        with caplog.at_level("INFO", logger="fastsamclip.kernels"):
             be = OP.select(*inputs)
         assert be.name != "picky"
         assert "picky: refuses everything" in caplog.text
@@ -173,7 +173,7 @@ def test_forced_backend_that_refuses_raises_with_reason():
 def test_fallback_logs_and_error_lists_every_backend(monkeypatch, caplog):
     inputs = make_inputs(1, 1, 4, 5, 16, torch.float64, requires_grad=False)
     monkeypatch.setattr(OP, "_logged", set())
-    with caplog.at_level("WARNING", logger="fastsamclip.kernels"):
+    with caplog.at_level("INFO", logger="fastsamclip.kernels"):
         assert OP.select(*inputs).name == "sdpa"
     assert "triton" in caplog.text and "float64" in caplog.text
     for name in ("sdpa", "reference"):
