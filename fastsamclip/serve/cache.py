@@ -8,7 +8,7 @@ passes in memory (least recently used out first). With several workers (``--work
 ``--devices``) a request may reach any of them, so each pass is also written to a folder the
 workers share (``shared``: created and removed by the server's main process, in ``/dev/shm``
 where there is one): a worker that misses in memory reads it from there, once. The folder
-holds at most ``size`` passes too (oldest written out first). Files are written whole (a
+holds at most ``size`` passes too (the least recently kept out first). Files are written whole (a
 temporary file renamed into place), so no worker ever reads half a pass.
 
 A pass is what ``SAMCLIPPredictor.set_pass`` takes: ``sam`` (1, C, g, g), ``clip`` (1, E),
@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
@@ -33,6 +34,14 @@ from fastsamclip.files import atomic_write
 
 PASS_KEYS = ("sam", "clip", "clip_patches")
 SUFFIX = ".safetensors"
+
+
+def _written(path: str) -> Tuple[int, str]:
+    """(when the file was written, in ns, or 0 when another worker removed it meanwhile, path)."""
+    try:
+        return os.stat(path).st_mtime_ns, path
+    except FileNotFoundError:
+        return 0, path
 
 
 class ImagePass:
@@ -64,14 +73,20 @@ class PassCache:
 
     def put(self, image_id: str, item: ImagePass) -> None:
         self._remember(image_id, item)
-        if self.shared is None or os.path.exists(self._path(image_id)):
+        if self.shared is None:
             return
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in item.out.items()}
-        tensors["image"] = torch.from_numpy(np.ascontiguousarray(item.image))
-        meta = {"original_size": json.dumps(item.original_size), "input_size": json.dumps(item.input_size)}
-        atomic_write(self._path(image_id), lambda tmp: save_file(tensors, tmp, metadata=meta))
-        files = sorted(glob.glob(os.path.join(self.shared, "*" + SUFFIX)), key=os.path.getmtime)
-        for old in files[:max(0, len(files) - self.size)]:
+        if not os.path.exists(self._path(image_id)):  # else kept already: only its time moves, below
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in item.out.items()}
+            tensors["image"] = torch.from_numpy(np.ascontiguousarray(item.image))
+            meta = {"original_size": json.dumps(item.original_size), "input_size": json.dumps(item.input_size)}
+            atomic_write(self._path(image_id), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        try:  # the eviction's order: the clock's nanoseconds (a file system may stamp coarser than writes follow)
+            now = time.time_ns()
+            os.utime(self._path(image_id), ns=(now, now))
+        except FileNotFoundError:  # evicted by another worker meanwhile
+            return
+        files = sorted((t, f) for t, f in map(_written, glob.glob(os.path.join(self.shared, "*" + SUFFIX))) if t)
+        for _, old in files[:max(0, len(files) - self.size)]:
             try:
                 os.remove(old)
             except FileNotFoundError:  # another worker removed it first

@@ -26,22 +26,25 @@ import torch
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
+import fastsamclip.cli.serve as cli_serve
+from fastsamclip.cli import main
 from fastsamclip.data.samples import sample_image
 from fastsamclip.miniature.recipe import merge_teachers
 from fastsamclip.miniature.world import CLASSES, WorldConfig, render_canvas
 from fastsamclip.predictor import SAMCLIPPredictor
-from fastsamclip.serve import ServerProcess
+from fastsamclip.serve import ServerProcess, app
+from fastsamclip.serve.cache import ImagePass, PassCache
 from fastsamclip.serve.engine import name_low_res
 
 httpx = pytest.importorskip("httpx", reason="the HTTP client of these tests (extra 'serve'); CI installs it")
 pytest.importorskip("litserve", reason="the server needs litserve (extra 'serve'); CI installs it")
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (extra 'test'); CI installs it")
 mask_util = pytest.importorskip("pycocotools.mask", reason="pycocotools (extra 'test')")
+try:
+    from playwright import sync_api
+except ImportError:  # the page's tests skip, saying why; the workers' tests run
+    sync_api = None
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)",
-                allow_module_level=True)
 # As root, in a sandbox whose network reaches nothing: no sandbox, no GPU, no background connections.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -88,6 +91,10 @@ def predictor(world):
 @pytest.fixture(scope="module")
 def browser(server, world):
     """The page, its key entered after the server asked for it (401), the canvas uploaded."""
+    if sync_api is None:
+        pytest.skip("Playwright is not installed (extra 'test': pip install -e '.[test]')")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium chromium-driver)")
     with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         # bypass_csp: Playwright's waits evaluate strings, which the page's own policy forbids.
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS,
@@ -126,6 +133,12 @@ def to_screen(page, x: float, y: float, size):
     return box["x"] + x * box["width"] / w, box["y"] + y * box["height"] / h
 
 
+def screen_pixel(page, size) -> float:
+    """One screen pixel in image pixels (the pointer's positions are whole screen pixels)."""
+    box = page.locator("#overlay").bounding_box()
+    return max(size[1] / box["width"], size[0] / box["height"])
+
+
 def hover_at(page, x, y, size):
     """Moves the pointer to image pixel (x, y): the hover the page drew for it, and the point it sent
     (the pointer's position is in whole screen pixels)."""
@@ -133,8 +146,12 @@ def hover_at(page, x, y, size):
     with page.expect_request("**/v1/segment") as req:
         page.mouse.move(*to_screen(page, x, y, size))
     page.wait_for_function(f"window.fastsamclip.hoverTimes.length > {n}", timeout=WAIT_MS)
-    (point,), = req.value.post_data_json["points"]
-    assert np.abs(np.subtract(point, (x, y))).max() < 0.6  # a screen pixel
+    body = req.value.post_data_json
+    # The picture's kept pass, not the picture: a hover costs the mask decoder and the pooling alone.
+    assert body["image_id"] == page.evaluate("window.fastsamclip.imageId") and "image" not in body
+    assert req.value.response().json()["batch"]["pass"] == "kept"
+    (point,), = body["points"]
+    assert np.abs(np.subtract(point, (x, y))).max() <= screen_pixel(page, size)
     return page.evaluate("window.fastsamclip.hover"), point
 
 
@@ -171,6 +188,22 @@ def test_the_page_is_public_and_the_api_needs_the_key(server, browser):
     assert httpx.get(server.url + "/info").status_code == 401
     assert httpx.post(server.url + "/v1/image", files={"image": ("x.png", b"x")}).status_code == 401
     assert browser["page"].evaluate("window.fastsamclip.imageId")
+
+
+def test_an_image_id_the_server_does_not_keep_is_a_404_saying_what_to_do(server, world):
+    """Answered by the HTTP process (no ``batch``): ids it never gave, malformed ones, both fields."""
+    with open(world["photo"], "rb") as f:
+        data = f.read()
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=WAIT_MS / 1000) as client:
+        kept = client.post("/v1/image", files={"image": ("c.png", data, "image/png")}).json()["image_id"]
+        cases = [("/v1/segment", {"image_id": "0" * len(kept), "points": [[5, 5]]}, 404, "upload the image again"),
+                 ("/v1/everything", {"image_id": "../server.log"}, 422, "as POST /v1/image returns it"),
+                 ("/v1/segment", {"image_id": kept, "image": "aGk=", "points": [[5, 5]]}, 422, "not both"),
+                 ("/v1/semantic", {"image_id": kept, "labels": ["x"], "mode": "clip"}, 422, "send 'image'"),
+                 ("/v1/segment", {"image_id": kept, "points": [[500, 5]]}, 422, "outside the image")]
+        for path, body, status, match in cases:
+            r = client.post(path, json=body)
+            assert r.status_code == status and match in r.json()["error"] and "batch" not in r.json(), (body, r.text)
 
 
 @pytest.mark.skipif(BENCH_CHECKPOINT is not None, reason="the world's objects are on the miniature model")
@@ -234,7 +267,7 @@ def test_clicks_and_a_box_prompt_the_mask(browser, world, predictor):
     assert first.value.post_data_json["point_labels"] == [[1]]
     body = second.value.post_data_json
     assert body["point_labels"] == [[1, 0]] and body["multimask_output"] is False
-    np.testing.assert_allclose(body["points"], [[[x, y], [bx, by]]], atol=0.6)  # a screen pixel
+    np.testing.assert_allclose(body["points"], [[[x, y], [bx, by]]], atol=screen_pixel(page, size))
     page.wait_for_function("document.querySelector('#count').textContent.startsWith('1 mask')", timeout=WAIT_MS)
     got = decode(second.value.response().json()["masks"][0][0])
     logits, name, _ = expected(predictor, canvas.image, points=np.array(body["points"]),
@@ -254,7 +287,7 @@ def test_clicks_and_a_box_prompt_the_mask(browser, world, predictor):
         page.mouse.move(*to_screen(page, x1, y1, size), steps=4)
         page.mouse.up()
     box = req.value.post_data_json["boxes"]
-    np.testing.assert_allclose(box, [[x0, y0, x1, y1]], atol=0.6)
+    np.testing.assert_allclose(box, [[x0, y0, x1, y1]], atol=screen_pixel(page, size))
     assert "points" not in req.value.post_data_json
     got = decode(req.value.response().json()["masks"][0][0])
     logits, _, _ = expected(predictor, canvas.image, boxes=np.array(box))
@@ -367,3 +400,49 @@ def test_two_workers_answer_alike_and_share_the_kept_images(server, world, predi
     logits, _, _ = expected(predictor, image, points=[[x, y]])
     for _, got in masks:
         assert_masks_equal(got, logits)
+
+
+def test_kept_passes_are_bounded_and_shared(tmp_path):
+    """A worker keeps its last ``size`` passes; another worker finds them in the shared folder,
+    which keeps the last ``size`` too; an evicted pass is gone for both."""
+    def item(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = {"sam": torch.randn(1, 4, 2, 2, generator=g), "clip": torch.randn(1, 3, generator=g),
+               "clip_patches": torch.randn(1, 2, 2, 3, generator=g)}
+        return ImagePass(out, (5, 7), (4, 6), np.full((5, 7, 3), seed, np.uint8))
+
+    one, two = PassCache(2, torch.device("cpu"), str(tmp_path)), PassCache(2, torch.device("cpu"), str(tmp_path))
+    for i in range(3):
+        one.put(f"{i:x}", item(i))
+    assert one.get("0") is None and two.get("0") is None  # the oldest, out of memory and of the folder
+    got = two.get("2")
+    for k, v in item(2).out.items():
+        torch.testing.assert_close(got.out[k], v, rtol=0, atol=0)
+    assert (got.original_size, got.input_size) == ((5, 7), (4, 6)) and (got.image == 2).all()
+    one.put("1", item(1))  # kept again: the most recent now, so the next one evicts "2"
+    one.put("3", item(3))
+    fresh = PassCache(2, torch.device("cpu"), str(tmp_path))
+    assert fresh.get("2") is None and fresh.get("1") is not None and fresh.get("3") is not None
+    alone = PassCache(1, torch.device("cpu"))
+    alone.put("a", item(0))
+    alone.put("b", item(1))
+    assert alone.get("a") is None and alone.get("b") is not None
+
+
+# ------------------------------------------------------------------------------------ serve's options
+def test_workers_and_devices_reach_the_server_and_bad_counts_are_refused(monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(cli_serve, "serve", lambda *a, **k: started.append(k))
+    assert main(["serve", "--checkpoint", "m.safetensors", "--workers-per-device", "3", "--devices", "2",
+                 "--image-cache", "5"]) == 0
+    assert [(k["devices"], k["workers_per_device"], k["image_cache"]) for k in started] == [(2, 3, 5)]
+    for flag in ("--devices", "--workers-per-device", "--image-cache"):
+        assert main(["serve", "--checkpoint", "m.safetensors", flag, "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"serve: {flag} 0: must be an integer") and err.count("\n") == 1, err
+    # Several devices on the CPU: refused before anything is built, saying what to give instead.
+    monkeypatch.setattr(cli_serve, "serve", app.serve)
+    monkeypatch.setattr(app, "build_server", lambda *a, **k: pytest.fail("the server was built"))
+    assert main(["serve", "--checkpoint", "m.safetensors", "--device", "cpu", "--devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve: --devices 2 counts GPUs") and "--workers-per-device" in err, err
