@@ -247,8 +247,9 @@ async function hover(move) {
       tip.hidden = false;
       requestAnimationFrame(() => {
         state.hoverTimes.push(performance.now() - move.t);
-        const t = [...state.hoverTimes].sort((a, b) => a - b);
-        $("latency").textContent = `hover to mask: p50 ${t[t.length >> 1].toFixed(0)} ms over ${t.length} moves`;
+        const t = [...state.hoverTimes].sort((a, b) => a - b), m = t.length >> 1;
+        const p50 = t.length % 2 ? t[m] : (t[m - 1] + t[m]) / 2;
+        $("latency").textContent = `hover to mask: p50 ${p50.toFixed(0)} ms over ${t.length} moves`;
       });
     }
     clearError();
