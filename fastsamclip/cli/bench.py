@@ -18,9 +18,11 @@ from fastsamclip.cli.parsers import BENCH_ALL
 MODULES = {"e2e": ("e2e",), "train": ("bench_train",), "attention": ("bench_relpos_attention",),
            "losses": ("bench_cosine_distill", "bench_linear_cosine_distill", "bench_focal_dice"),
            "inference": ("bench_inference",), "everything": ("bench_everything",), "report": ("report",),
-           "serve": ("bench_serve",), "gpu": ("gpu",)}
+           "serve": ("bench_serve",), "gpu": ("gpu",), "data": ("bench_data",),
+           "cache": ("bench_cache",)}
 # Optional packages a benchmark cannot start without (missing: one line naming the extra).
-REQUIRES = {"serve": ("litserve", "httpx")}
+REQUIRES = {"serve": ("litserve", "httpx"), "data": ("webdataset", "pycocotools"),
+            "cache": ("webdataset", "pycocotools")}
 
 
 def cmd_bench(args) -> int:

@@ -22,7 +22,7 @@ EXTRAS = {"onnx": "export", "onnxruntime": "export", "onnxscript": "export", "li
           "webdataset": "train", "braceexpand": "train", "tensorboard": "train", "matplotlib": "bench",
           "pynvml": "bench", "pycocotools": None}
 # pycocotools is in two extras: the evaluation's, and training's (the SA-1B reader).
-COMMAND_EXTRAS = {"eval": "eval", "demo": "train", "distill": "train", "cache-teachers": "train"}
+COMMAND_EXTRAS = {"eval": "eval", "demo": "train", "distill": "train", "cache-teachers": "train", "bench": "bench"}
 
 
 def missing_extra(e: ImportError, command: str) -> Optional[str]:

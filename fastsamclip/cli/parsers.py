@@ -126,10 +126,15 @@ def train(sub) -> None:
 
     s = add_command(sub, "cache-teachers", "train:cmd_cache_teachers",
                     help="run the teachers once over the data and store their outputs (train with --teacher-cache "
-                         "FOLDER)")
+                         "FOLDER); torchrun splits the work over GPUs and nodes, a rerun continues an interrupted "
+                         "build",
+                    description="Run the teachers once over the data and store their outputs. Under torchrun the "
+                                "pieces (one per shard) are split over the ranks; each is written when complete, so "
+                                "a rerun with the same settings continues where a killed build stopped. --overwrite "
+                                "replaces a cache built with other settings.")
     add_train_options(s)
     s.add_argument("--cache-out", default=None, help="cache folder (default: --teacher-cache, else OUT/teacher-cache)")
-    s.add_argument("--batch-size", type=int, default=32, help="images per teacher forward pass")
+    s.add_argument("--batch-size", type=int, default=32, help="images per teacher forward pass (>= 1)")
 
 
 # ------------------------------------------------------------------------------------- predict
@@ -334,9 +339,11 @@ BENCHMARKS = {
     "serve": "the HTTP server under concurrent load against the predictor in-process (throughput, p50/p99)",
     "gpu": "the measurements that matter on a freshly lent GPU in at most 6 minutes, compiles included: --out DIR "
            "(CSVs, summary.md, one archive of every file); --dry-run prints the plan",
+    "data": "the input pipeline: D_CLIP and SA-1B img/s per worker count, and the share of a step spent waiting",
+    "cache": "the teacher cache at scale: build, resume and a rank's memory at 10k / 100k / 1M entries",
 }
 # `bench all`: every benchmark that needs no input, in this order.
-BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e")
+BENCH_ALL = ("attention", "losses", "train", "inference", "everything", "serve", "e2e", "data")
 
 
 def bench(sub) -> None:

@@ -26,6 +26,7 @@ from fastsamclip.train import (
     TrainingStopped,
     cache_teachers,
     config_from_dict,
+    dist_from_env,
     load_config_file,
     train,
 )
@@ -64,7 +65,8 @@ def cmd_cache_teachers(args) -> int:
     cfg = train_config_from_args(args)
     with logs.showing("fastsamclip.train"):  # the run's progress
         path = cache_teachers(cfg, out=args.cache_out, batch_size=args.batch_size)
-    print(f"teacher cache written to {path}; train with --teacher-cache {path}")
+    if dist_from_env().main:
+        print(f"teacher cache written to {path}; train with --teacher-cache {path}")
     return 0
 
 

@@ -16,10 +16,12 @@ import tarfile
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from fastsamclip.data.common import SkipCounter, _worker, logger
+from fastsamclip.data.decode import decode_view
 from fastsamclip.data.holdout import check_split, in_split
 from fastsamclip.errors import DataError
 from fastsamclip.transforms import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb
@@ -80,9 +82,10 @@ class ClipImageFolder(Dataset):
     without extension (``photos/a/b`` for ``/data/photos/a/b.jpg``). ``split`` keeps the "train" or "held_out" files of a hash split at
     ``holdout`` (:mod:`fastsamclip.data.holdout`), or "all" of them. ``dataset[i]`` returns ``None``
     for an unreadable file (counted in ``skipped``); :func:`collate_clip` drops those.
-    ``dataset[(i, r)]`` returns ``(key, image, r)``: the form :class:`MultiResolutionBatchSampler`
-    asks for, so the collate knows the batch's resolution; an unreadable file then gives
-    ``(key, None, r)``, so that even a batch of only unreadable files still names its resolution.
+    ``dataset[(i, r)]`` returns ``(key, view, r)``, the CLIP view uint8 (3, r, r) decoded for
+    that side (:meth:`view`): the form :class:`MultiResolutionBatchSampler` asks for, so the
+    collate knows the batch's resolution; an unreadable file then gives ``(key, None, r)``, so
+    that even a batch of only unreadable files still names its resolution.
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
@@ -126,13 +129,22 @@ class ClipImageFolder(Dataset):
             skipped.record("decode_error", path, repr(e))
             return None
 
+    def view(self, index: int, resolution: int, skipped: SkipCounter | None = None) -> torch.Tensor | None:
+        """File ``index`` as a CLIP view uint8 (3, r, r) (:func:`~fastsamclip.data.decode.decode_view`:
+        JPEG draft mode where it applies), or None when unreadable (counted)."""
+        skipped = self.skipped if skipped is None else skipped
+        path = self.files[index]
+        try:
+            return decode_view(path, resolution)
+        except DECODE_ERRORS as e:
+            skipped.record("decode_error", path, repr(e))
+            return None
+
     def __getitem__(self, index):
-        res = None
         if isinstance(index, tuple):
             index, res = index
+            return self.key(index), self.view(index, res), res
         image = self.load(index)
-        if res is not None:
-            return self.key(index), image, res
         return None if image is None else (self.key(index), image)
 
     def validate(self, probe_samples: int = 8) -> int:
@@ -218,10 +230,12 @@ class ClipWebDataset(IterableDataset):
         url = sample.get("__url__", "?")
         return f"{self.names.get(url, url)}/{sample.get('__key__', '?')}"
 
-    def _raw_samples(self, shards: list[str], skipped: SkipCounter) -> Iterator[dict]:
-        """The records of ``shards`` in this reader's split, undecoded; a key seen twice in one
-        shard is a DataError (its two samples would share one identity, and one target)."""
+    def _raw_samples(self, shards: list[str], skipped: SkipCounter, split: str | None = None) -> Iterator[dict]:
+        """The records of ``shards`` in this reader's split (or ``split``), undecoded; a key seen
+        twice in one shard is a DataError (its two samples would share one identity, and one target)."""
         from webdataset import tarfile_samples  # optional dependency (extra "train")
+
+        split = self.split if split is None else split
 
         def handler(exn: Exception) -> bool:  # a broken tar stream: count it, go to the next shard
             skipped.record("tar_error", str(exn.args[-1]) if exn.args else "?", repr(exn)[:200])
@@ -237,7 +251,7 @@ class ClipWebDataset(IterableDataset):
                 raise DataError(f"shard {url} holds two samples with the key {key!r}; every sample of a shard "
                                 "needs its own key (img2dataset numbers them), rewrite or drop the shard")
             seen.add(key)
-            if in_split(self.identity(sample), self.split, self.holdout):
+            if in_split(self.identity(sample), split, self.holdout):
                 yield sample
 
     def _shuffled(self, samples: Iterator[dict], worker: int, pass_index: int) -> Iterator[dict]:
@@ -258,28 +272,47 @@ class ClipWebDataset(IterableDataset):
         for j in order:
             yield buf[j]
 
-    def _decode(self, sample: dict, skipped: SkipCounter) -> Image.Image | None:
-        key = sample.get("__key__", "?")
-        where = f"{sample.get('__url__', '?')}:{key}"
+    def _image_bytes(self, sample: dict, skipped: SkipCounter) -> bytes | None:
+        """The record's encoded image (the first member of ``WDS_IMAGE_SUFFIXES``), or None (counted)."""
         suffix = next((s for s in WDS_IMAGE_SUFFIXES if s in sample), None)
         if suffix is None:
             members = sorted(k for k in sample if not k.startswith("__"))
+            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             skipped.record("missing_image", where, f"members: {members}")
             return None
+        return sample[suffix]
+
+    def _decode(self, sample: dict, skipped: SkipCounter) -> Image.Image | None:
+        data = self._image_bytes(sample, skipped)
+        return None if data is None else self.decode(data, self.identity(sample), skipped)
+
+    def decode(self, data: bytes, where: str, skipped: SkipCounter | None = None) -> Image.Image | None:
+        """Encoded bytes -> PIL RGB image at full size, or None when unreadable (counted)."""
         try:
-            return decode_rgb(sample[suffix])
+            return decode_rgb(data)
         except DECODE_ERRORS as e:
-            skipped.record("decode_error", where, repr(e))
+            (self.skipped if skipped is None else skipped).record("decode_error", where, repr(e))
+            return None
+
+    def view(self, data: bytes, resolution: int, where: str, skipped: SkipCounter | None = None
+             ) -> torch.Tensor | None:
+        """Encoded bytes -> CLIP view uint8 (3, r, r) (:func:`~fastsamclip.data.decode.decode_view`:
+        JPEG draft mode where it applies), or None when unreadable (counted)."""
+        try:
+            return decode_view(data, resolution)
+        except DECODE_ERRORS as e:
+            (self.skipped if skipped is None else skipped).record("decode_error", where, repr(e))
             return None
 
     def records(self, start: int = 0, skipped: SkipCounter | None = None, repeat: bool = False,
-                worker: tuple[int, int] | None = None) -> Iterator[tuple[str, Image.Image | None]]:
+                worker: tuple[int, int] | None = None, raw: bool = False) -> Iterator[tuple[str, object]]:
         """Every record of this process's stream for the epoch, from record ``start`` on.
 
-        ``repeat``: after the last record start another pass over the same shards (shuffle
-        buffer reseeded per pass), endlessly; ``start`` then counts across passes. A process
-        whose shards hold no record at all ends after one pass even so. ``worker``: as in
-        :meth:`shards_for_process`.
+        Yields ``(identity, PIL image or None)``, or with ``raw`` ``(identity, encoded bytes or
+        None)`` without decoding (the caller decodes: :meth:`view`, or on a GPU). ``repeat``:
+        after the last record start another pass over the same shards (shuffle buffer reseeded
+        per pass), endlessly; ``start`` then counts across passes. A process whose shards hold no
+        record at all ends after one pass even so. ``worker``: as in :meth:`shards_for_process`.
         """
         skipped = self.skipped if skipped is None else skipped
         worker = _worker() if worker is None else worker
@@ -291,9 +324,28 @@ class ClipWebDataset(IterableDataset):
                 i += 1
                 if i <= start:  # resume: skip without decoding
                     continue
-                yield self.identity(sample), self._decode(sample, skipped)
+                yield self.identity(sample), (self._image_bytes(sample, skipped) if raw
+                                              else self._decode(sample, skipped))
             if not repeat or in_pass == 0:
                 return
+
+    def shard_records(self, shard: str, skipped: SkipCounter | None = None) -> Iterator[tuple[str, bytes | None]]:
+        """``(identity, encoded bytes or None)`` of every record of one shard, in file order, of
+        every split (what the teacher cache stores)."""
+        skipped = self.skipped if skipped is None else skipped
+        for sample in self._raw_samples([shard], skipped, split="all"):
+            yield self.identity(sample), self._image_bytes(sample, skipped)
+
+    def sample_bytes(self, n: int) -> list[bytes]:
+        """The encoded images of the first ``n`` readable-looking records of this rank's shards
+        (what a start-up measurement decodes)."""
+        out = []
+        for _, data in self.records(skipped=SkipCounter(quiet=True), worker=(0, 1), raw=True):
+            if data is not None:
+                out.append(data)
+            if len(out) == n:
+                break
+        return out
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
         for key, image in self.records():

@@ -8,6 +8,7 @@ silently. With DataLoader workers each worker process holds its own copy of the 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 
 import torch
@@ -50,3 +51,27 @@ def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
+
+
+# The most DataLoader workers "auto" gives one rank: past ~16 decoding processes per GPU the tar
+# reads and the collation in the training process become the limit, not the decoding.
+MAX_AUTO_WORKERS = 16
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_workers(device_type: str, local_ranks: int = 1, cpus: int | None = None) -> int:
+    """DataLoader workers per rank when not given (``--num-workers -1``).
+
+    On CUDA: the rank's share of the machine's CPUs (``cpus // local_ranks``) less one for the
+    training process itself (its Python loop, kernel launches and pinning thread), at least 1, at
+    most ``MAX_AUTO_WORKERS``. On the CPU: 0 (the step itself uses every core, and a worker would
+    take them from it).
+    """
+    if device_type != "cuda":
+        return 0
+    per_rank = (cpu_count() if cpus is None else cpus) // max(1, local_ranks)
+    return max(1, min(MAX_AUTO_WORKERS, per_rank - 1))

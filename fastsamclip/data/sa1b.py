@@ -152,34 +152,59 @@ class SA1BDataset(Dataset):
     def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
 
+    def _meta(self, index: int, skipped: SkipCounter) -> tuple[str, dict] | None:
+        """(json path, content) of sample ``index``; None when unreadable (counted as bad_json)."""
+        jpath = os.path.join(self.root, self.stems[index] + ".json")
+        try:
+            with open(jpath, "rb") as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError("the json is not an object")
+            if not isinstance(meta.get("annotations") or [], list):
+                raise ValueError("'annotations' is not a list")
+        except (OSError, ValueError) as e:
+            skipped.record("bad_json", jpath, repr(e)[:200])
+            return None
+        return jpath, meta
+
+    def _image(self, index: int, meta: dict, skipped: SkipCounter) -> np.ndarray | None:
+        """The picture named by the json's ``file_name`` (default ``sa_N.jpg``); None when missing
+        or undecodable (counted)."""
+        info = meta.get("image") if isinstance(meta.get("image"), dict) else {}
+        ipath = os.path.join(self.root, info.get("file_name") or self.stems[index] + ".jpg")
+        if not os.path.isfile(ipath):
+            skipped.record("missing_image", ipath, "no image file next to the json")
+            return None
+        try:
+            return np.asarray(decode_rgb(ipath))
+        except DECODE_ERRORS as e:
+            skipped.record("decode_error", ipath, repr(e))
+            return None
+
+    def load_image(self, index: int, skipped: SkipCounter | None = None) -> np.ndarray | None:
+        """Image ``index`` alone, uint8 (H, W, 3) as :meth:`load_raw` reads it, without decoding a
+        mask; None when the json or the image is unreadable (counted). What the teacher cache runs
+        the SAM teacher on."""
+        skipped = self.skipped if skipped is None else skipped
+        got = self._meta(index, skipped)
+        return None if got is None else self._image(index, got[1], skipped)
+
     def load_raw(self, index: int, skipped: SkipCounter | None = None, epoch: int | None = None
                  ) -> SamRawSample | None:
         """The draw of ``epoch`` (default: the dataset's current one); a fixed ``epoch`` gives the
         same masks and prompts whatever the training stream has reached (held-out evaluation)."""
         skipped = self.skipped if skipped is None else skipped
         stem = self.stems[index]
-        jpath = os.path.join(self.root, stem + ".json")
-        try:
-            with open(jpath, "rb") as f:
-                meta = json.load(f)
-            anns = meta.get("annotations") or []
-            if not isinstance(anns, list):
-                raise ValueError("'annotations' is not a list")
-        except (OSError, ValueError, AttributeError) as e:
-            skipped.record("bad_json", jpath, repr(e)[:200])
+        got = self._meta(index, skipped)
+        if got is None:
             return None
+        jpath, meta = got
+        anns = meta.get("annotations") or []
         if not anns:
             skipped.record("no_masks", jpath, "no annotations")
             return None
-        info = meta.get("image") if isinstance(meta.get("image"), dict) else {}
-        ipath = os.path.join(self.root, info.get("file_name") or stem + ".jpg")
-        if not os.path.isfile(ipath):
-            skipped.record("missing_image", ipath, "no image file next to the json")
-            return None
-        try:
-            image = np.asarray(decode_rgb(ipath))
-        except DECODE_ERRORS as e:
-            skipped.record("decode_error", ipath, repr(e))
+        image = self._image(index, meta, skipped)
+        if image is None:
             return None
         shape = image.shape[:2]
         rng = self.rng(index, epoch)

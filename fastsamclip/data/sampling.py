@@ -6,6 +6,7 @@ which worker produced it, and a resumed run reproduces the batches of an uninter
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -154,6 +155,12 @@ class ClipBatch:
     num_workers: int = 1  # DataLoader workers sharing this rank's stream (1 in-process)
     records_end: int = 0  # records of that stream read once this batch was taken
     worker_batches: int = 0  # batch indices that stream had used once this batch was taken
+    encoded: list[torch.Tensor] | None = None  # decode "none": the B encoded images (uint8), images is empty
+
+    def pin_memory(self) -> "ClipBatch":
+        """Page-locked copies of the tensors (what a DataLoader's ``pin_memory=True`` calls)."""
+        return dataclasses.replace(self, images=self.images.pin_memory(),
+                                   encoded=None if self.encoded is None else [t.pin_memory() for t in self.encoded])
 
 
 class MultiResolutionBatcher(IterableDataset):
@@ -190,10 +197,15 @@ class MultiResolutionBatcher(IterableDataset):
     """
 
     def __init__(self, source: ClipWebDataset, config: MultiResolutionConfig | None = None,
-                 batches_per_epoch: int | None = None):
+                 batches_per_epoch: int | None = None, decode: str = "cpu"):
         if batches_per_epoch is not None and batches_per_epoch <= 0:
             raise ValueError(f"batches_per_epoch must be positive or None, got {batches_per_epoch}")
+        if decode not in ("cpu", "none"):
+            raise ValueError(f"decode must be 'cpu' or 'none', got {decode!r}")
         self.source = source
+        # "cpu": views made here, in the worker (PIL, JPEG draft mode); "none": the encoded images
+        # are passed on (ClipBatch.encoded) for the consumer to decode, e.g. on a GPU.
+        self.decode = decode
         self.config = config or MultiResolutionConfig()
         # Exact batches per rank and epoch (None: until the stream ends).
         self.batches_per_epoch = batches_per_epoch
@@ -245,7 +257,7 @@ class MultiResolutionBatcher(IterableDataset):
                 f"rank {self.source.rank}, DataLoader worker {w} of {num_workers} has no shard "
                 f"of {len(self.source.shards)} to read, so it cannot make its share of the "
                 f"{self.batches_per_epoch} batches; use fewer workers or more, smaller shards")
-        stream = self.source.records(start=consumed, repeat=repeat, worker=(w, num_workers))
+        stream = self.source.records(start=consumed, repeat=repeat, worker=(w, num_workers), raw=True)
         while limit is None or local < limit:
             k = local * num_workers + w  # global batch index (round-robin over workers)
             res = self.config.draw_resolution(self.epoch, k)
@@ -262,11 +274,17 @@ class MultiResolutionBatcher(IterableDataset):
             self._advance(w, num_workers, consumed, local)
             # Yielded even when every record was unreadable (B = 0): a DataLoader's round-robin
             # over workers stays in batch-index order only if every index yields once.
-            good = [(key, im) for key, im in got if im is not None]
-            yield ClipBatch(images=collate_clip(good, res),
-                            keys=[key for key, _ in good], resolution=res, batch_index=k,
-                            worker=w, num_workers=num_workers, records_end=consumed,
-                            worker_batches=local)
+            encoded = None
+            if self.decode == "cpu":
+                got = [(key, self.source.view(data, res, key)) for key, data in got if data is not None]
+                good = [(key, v) for key, v in got if v is not None]
+            else:
+                good = [(key, torch.frombuffer(bytearray(data), dtype=torch.uint8)) for key, data in got
+                        if data is not None]
+                encoded, good = [t for _, t in good], [(key, None) for key, _ in good]
+            yield ClipBatch(images=collate_clip(good, res), keys=[key for key, _ in good], resolution=res,
+                            batch_index=k, worker=w, num_workers=num_workers, records_end=consumed,
+                            worker_batches=local, encoded=encoded)
 
     def mark_consumed(self, batch: ClipBatch) -> None:
         """Record that the training loop finished ``batch``: the position :meth:`state_dict` saves.
@@ -293,7 +311,8 @@ class MultiResolutionBatcher(IterableDataset):
 
 def collate_clip(samples: Sequence, resolution: int | None = None) -> torch.Tensor:
     """List of ``(key, image)`` or ``(key, image, r)`` -> (B, 3, r, r) uint8 in CLIP's geometry
-    (:func:`fastsamclip.transforms.clip_pixels`; each model normalises it).
+    (:func:`fastsamclip.transforms.clip_pixels`; each model normalises it). An image that is
+    already a view (a uint8 (3, r, r) tensor, what the readers decode for a side) is taken as is.
 
     A sample that is ``None`` or has image ``None`` was unreadable and is dropped, so B counts
     the readable samples only; it is 0 when a whole batch was unreadable (the training loop
@@ -309,5 +328,10 @@ def collate_clip(samples: Sequence, resolution: int | None = None) -> torch.Tens
     good = [s for s in samples if s is not None and s[1] is not None]
     if not good:
         return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
-    return torch.stack([clip_pixels(s[1], resolution) for s in good])
+    return torch.stack([s[1] if _is_view(s[1], resolution) else clip_pixels(s[1], resolution) for s in good])
+
+
+def _is_view(image, resolution: int) -> bool:
+    return isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and tuple(image.shape) == (
+        3, resolution, resolution)
 

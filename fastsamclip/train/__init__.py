@@ -5,7 +5,8 @@
 - :mod:`~fastsamclip.train.targets`: the teachers' outputs, live or cached, and the shared prompts.
 - :mod:`~fastsamclip.train.optim`: trainable groups, learning rates, schedule.
 - :mod:`~fastsamclip.train.checkpoints`: exact-resume checkpoints.
-- :mod:`~fastsamclip.train.teacher_cache`: the teachers run once over the data and stored.
+- :mod:`~fastsamclip.train.teacher_cache`: the teachers' outputs stored, read back by pieces.
+- :mod:`~fastsamclip.train.cache_build`: the cache built over GPUs and nodes, resumable.
 - :mod:`~fastsamclip.train.agreement`: held-out agreement with the teachers (the report).
 
 Each name below is imported from its module on first use: ``from fastsamclip.train import
@@ -20,9 +21,9 @@ _HOMES = {
     "evaluate_agreement": "agreement",
     "STAGES": "config", "TrainConfig": "config", "config_from_dict": "config", "load_config_file": "config",
     "Distiller": "distiller", "TrainingStopped": "distiller", "train": "distiller",
-    "Dist": "distributed", "setup_distributed": "distributed",
+    "Dist": "distributed", "dist_from_env": "distributed", "setup_distributed": "distributed",
     "lr_lambda": "optim", "param_groups": "optim", "set_trainable": "optim", "stage_trainable": "optim",
-    "TeacherCache": "teacher_cache", "TeacherCacheWriter": "teacher_cache", "cache_teachers": "teacher_cache",
+    "TeacherCache": "teacher_cache", "TeacherCacheWriter": "teacher_cache", "cache_teachers": "cache_build",
 }
 
 __all__ = sorted(_HOMES)

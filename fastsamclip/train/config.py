@@ -15,6 +15,10 @@ from typing import Optional, Tuple
 
 from fastsamclip.errors import ConfigError, check_range
 
+# fastsamclip.data.decode.DECODERS, written out so that the configuration (which the command line's
+# parser reads) imports no torch; tests/data/test_decode.py checks the two agree.
+DECODERS = ("auto", "cpu", "cuda")
+
 STAGES = (1, 2, 3)
 
 
@@ -75,7 +79,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the image encoder and CLIP head (per-resolution graphs)
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" to debug a compiled run)
     activation_checkpointing: bool = False  # recompute backbone blocks in backward (1024 px batches)
-    num_workers: int = 0  # DataLoader workers for image folders and SA-1B (0: in-process)
+    num_workers: int = -1  # DataLoader workers per rank decoding D_CLIP (shards or folder) and SA-1B; 0: in-process; -1: auto (on CUDA the rank's share of the CPUs less one, on the CPU 0)
     checkpoint_every: int = 1000  # write out/checkpoints/last.pt every K optimizer steps (and at stage ends)
     keep_stage_checkpoints: bool = True  # also keep stage{N}.pt at the end of each stage
     resume: bool = False  # continue from out/checkpoints/last.pt
@@ -88,6 +92,8 @@ class TrainConfig:
     eval_images: int = 0  # held-out SA-1B images for the report's mask agreement; 0: 1% (at least 1)
     eval_resolutions: Tuple[int, ...] = ()  # CLIP cosine reported at these sides; (): stage-3 ones
     eval_masks_per_image: int = 8  # prompts per held-out image for the mask IoU
+    prefetch_batches: int = 2  # batches each DataLoader worker prepares ahead (pinned memory on CUDA)
+    clip_decode: str = "auto"  # D_CLIP JPEG decoding: cpu (PIL, draft mode, in the workers) | cuda (nvJPEG, shards) | auto (on CUDA the faster of the two on the run's own images, measured at start; a teacher cache's own choice when one is given)
 
     def validate(self) -> None:
         """Every number range-checked (a NaN learning rate, a negative step count, a weight that
@@ -113,6 +119,8 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"stage3_token_pools {tuple(self.stage3_token_pools)}: each factor pools k x k tokens and "
                               "must be >= 2 (the full-token path is always trained); () trains the paper's path only")
+        if self.clip_decode not in DECODERS:
+            raise ConfigError(f"clip_decode must be one of {', '.join(DECODERS)}, got {self.clip_decode!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite starts it over: give one of them")
 
@@ -151,11 +159,11 @@ RANGES = {
     "warmup_fraction": (0, 1, False, True), "min_lr_ratio": (0, 1, False, False), "grad_clip": (0, None, False, False),
     "sam_loss_weight": (0, None, False, False), "focal_weight": (0, None, False, False),
     "dice_weight": (0, None, False, False), "focal_alpha": (0, 1, False, False), "focal_gamma": (0, None, False, False),
-    "seed": (0, 2**32 - 1, False, False), "num_workers": (0, None, False, False),
+    "seed": (0, 2**32 - 1, False, False), "num_workers": (-1, None, False, False),  # -1: auto
     "checkpoint_every": (0, None, False, False), "max_nan_skips": (0, None, False, False),
     "log_every": (1, None, False, False), "clip_holdout": (0, 0.5, True, True),
     "eval_clip_images": (0, None, False, False), "eval_images": (0, None, False, False),
-    "eval_masks_per_image": (1, None, False, False),
+    "eval_masks_per_image": (1, None, False, False), "prefetch_batches": (1, None, False, False),
     "clip_resolutions[]": (1, None, False, False), "stage3_resolutions[]": (1, None, False, False),
     "eval_resolutions[]": (1, None, False, False), "betas[]": (0, 1, False, True),
 }

@@ -46,12 +46,16 @@ from tqdm.auto import tqdm
 
 from fastsamclip.checkpoint import load_merged, save_merged
 from fastsamclip.data import (
+    PATHS,
     ClipStream,
     MultiResolutionConfig,
     PromptConfig,
     SA1BDataset,
     SamStream,
+    auto_workers,
     held_out_images,
+    log_choice,
+    select_decoder,
 )
 from fastsamclip.errors import ConfigError
 from fastsamclip.files import writable_dir, write_json
@@ -73,7 +77,7 @@ from fastsamclip.train.checkpoints import (
     save_training_checkpoint,
 )
 from fastsamclip.train.config import STAGES, TrainConfig
-from fastsamclip.train.distributed import all_reduce_mean_, all_reduce_sum_, setup_distributed
+from fastsamclip.train.distributed import all_reduce_mean_, all_reduce_sum_, broadcast_index, setup_distributed
 from fastsamclip.train.metrics import MetricsLog
 from fastsamclip.train.optim import lr_lambda, param_groups, set_trainable
 from fastsamclip.train.targets import TeacherTargets, split_prompts, student_masks
@@ -131,6 +135,15 @@ class Distiller:
         if not cfg.sam_data:
             raise ConfigError("no D_SAM data: pass --sam-data (an SA-1B folder of sa_N.jpg + sa_N.json)")
         self._clip_streams: Dict[int, ClipStream] = {}
+        # The cache's index is read now (its teachers are checked once they load): its decode path
+        # is the one "auto" follows.
+        self.cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
+        choice = select_decoder(cfg.clip_decode, cfg.clip_data, self.device, cfg.num_workers, cfg.clip_base_res,
+                                self.d.rank, self.d.world_size, self.d.local_world_size,
+                                cached=self.cache.meta.get("clip_decode") if self.cache else None)
+        self.clip_decoder = PATHS[broadcast_index(PATHS.index(choice.name), self.d, self.device)]  # rank 0's
+        if self.d.main:
+            log_choice(choice, self.device)
         self._clip_stream(1)  # opens and validates D_CLIP now
         if not held_out_images(cfg.clip_data, cfg.clip_holdout, limit=1):
             raise ConfigError(f"no readable D_CLIP image falls in the held-out {cfg.clip_holdout:.0%} of "
@@ -149,7 +162,8 @@ class Distiller:
             raise ConfigError(f"sam_batch {cfg.sam_batch} does not split over {self.d.world_size} ranks; give a "
                               "multiple of the number of processes")
         self.sam_stream = SamStream(self.sam_data, range(n - n_eval), per_rank, cfg.seed, self.d.rank,
-                                    self.d.world_size, cfg.num_workers)
+                                    self.d.world_size, self._workers(), self.device.type == "cuda",
+                                    cfg.prefetch_batches)
 
         # Teachers (frozen).
         self.sam = sam_teacher if sam_teacher is not None else load_sam_teacher(cfg.sam_checkpoint, cfg.sam_type)
@@ -164,11 +178,9 @@ class Distiller:
         self.student = self._build_student().to(self.device)
 
         # Teacher targets, from the cache (checked against these teachers and sizes) when given.
-        cache = None
-        if cfg.teacher_cache:
-            cache = TeacherCache(cfg.teacher_cache)
-            cache.check_compatible(cache_meta(self.sam, self.clip, self.sam_size))
-        self.targets = TeacherTargets(self.sam, self.clip, cache, self._autocast, sam_size=self.sam_size)
+        if self.cache is not None:
+            self.cache.check_compatible(cache_meta(self.sam, self.clip, self.sam_size))
+        self.targets = TeacherTargets(self.sam, self.clip, self.cache, self._autocast, sam_size=self.sam_size)
 
         self.stage_steps = {s: self._steps_for(s) for s in STAGES}
         self._apply_engineering()
@@ -240,9 +252,16 @@ class Distiller:
             # The global batch: ranks split it (rank_share), so N ranks see what one process would.
             mr = MultiResolutionConfig(resolutions=tuple(res), base_batch=cfg.clip_batch,
                                        base_res=cfg.clip_base_res, seed=cfg.seed * 10 + stage)
-            self._clip_streams = {stage: ClipStream(cfg.clip_data, mr, self.d.rank, self.d.world_size,
-                                                    cfg.num_workers, holdout=cfg.clip_holdout)}
+            self._clip_streams = {stage: ClipStream(
+                cfg.clip_data, mr, self.d.rank, self.d.world_size, cfg.num_workers, holdout=cfg.clip_holdout,
+                pin_memory=self.device.type == "cuda", prefetch=cfg.prefetch_batches, decoder=self.clip_decoder,
+                device=self.device, local_ranks=self.d.local_world_size)}
         return self._clip_streams[stage]
+
+    def _workers(self) -> int:
+        """DataLoader workers per rank (``num_workers``; -1: :func:`~fastsamclip.data.auto_workers`)."""
+        n = self.cfg.num_workers
+        return auto_workers(self.device.type, self.d.local_world_size) if n < 0 else n
 
     def _steps_for(self, stage: int) -> int:
         cfg = self.cfg

@@ -21,6 +21,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this node (they share its CPUs)
 
     @property
     def main(self) -> bool:
@@ -32,12 +33,13 @@ class Dist:
 
 
 def setup_distributed(device_pref: str = "auto") -> Tuple[Dist, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; with WORLD_SIZE > 1 join the process group.
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/LOCAL_WORLD_SIZE; with WORLD_SIZE > 1 join the
+    process group (its rendezvous: MASTER_ADDR/MASTER_PORT, set by torchrun on every node).
 
-    The same command runs on one process (no env) or under ``torchrun --nproc-per-node N``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    The same command runs on one process (no env), under ``torchrun --nproc-per-node N``, or on
+    several nodes (``torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT``)."""
+    d = dist_from_env()
+    world, local = d.world_size, d.local_rank
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu") if device_pref in ("auto", "cuda") else torch.device(device_pref)
     if device.type == "cuda":
@@ -45,7 +47,30 @@ def setup_distributed(device_pref: str = "auto") -> Tuple[Dist, torch.device]:
     if world > 1:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local), device
+    return d, device
+
+
+def dist_from_env() -> Dist:
+    """This process's place among torchrun's processes (one process without torchrun), without
+    joining a process group."""
+    env = os.environ
+    return Dist(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")),
+                int(env.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def barrier(d: Dist) -> None:
+    """Wait for every rank; a no-op on one process (or without a process group)."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_index(value: int, d: Dist, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (a choice all ranks must share); ``value`` on one process."""
+    if not d.enabled or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
 
 
 def all_reduce_sum_(tensors: List[torch.Tensor], d: Dist) -> None:

@@ -1,13 +1,14 @@
 """The recipe pinned by independent computations: what one stage-2 step minimises (L_CLIP +
 lambda * L_SAM, lambda = 10), what the SAM teacher is asked (the student's prompts, in the same
 frame, checked against segment_anything's own predictor), what L_SAM is at initialisation, that
-the teachers stay frozen, and that N processes train exactly as one process over the same
-global batch."""
+the teachers stay frozen, and that N processes, on one node or on two, train exactly as one
+process over the same global batch."""
 
 import copy
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -161,9 +162,30 @@ def test_teachers_stay_frozen_and_in_eval_mode_all_through_training(env, tmp_pat
         assert not m.training and all(not p.requires_grad and p.grad is None for p in m.parameters())
 
 
-def test_two_processes_train_exactly_as_one_over_the_same_global_batch(env, tmp_path):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(script: str, config: str, env: dict) -> None:
+    """``torchrun --nnodes 2`` twice on this machine, one process each, meeting through a c10d
+    rendezvous on localhost: what two machines of one process each run."""
+    port, rdzv_id = free_port(), f"nodes-{os.getpid()}"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+              "--local-addr", "127.0.0.1", script, config]
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    for n, (_, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+
+
+def test_two_processes_and_two_nodes_train_exactly_as_one_over_the_same_global_batch(env, tmp_path):
     """torchrun with 2 gloo ranks on an image folder (the same global batches as one process, each
-    rank holding a share) and two CLIP resolutions: the same final weights, on both ranks."""
+    rank holding a share) and two CLIP resolutions: the same final weights, on both ranks; and the
+    same on two nodes of one process each (two torchrun launches, a c10d rendezvous)."""
     folder = tmp_path / "clip_folder"
     pics = list(samples.load_sample_images(max_side=64).values())
     samples.write_image_folder(folder, pics + [p[::-1].copy() for p in pics])  # 24 images
@@ -173,7 +195,7 @@ def test_two_processes_train_exactly_as_one_over_the_same_global_batch(env, tmp_
     cfg.pop("out")
     script = os.path.join(os.path.dirname(__file__), "torchrun_train.py")
     run_env = dict(os.environ, OMP_NUM_THREADS="1")
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, nodes = tmp_path / "one", tmp_path / "two", tmp_path / "nodes"
     r = subprocess.run([sys.executable, script, json.dumps({**cfg, "out": str(one)})], capture_output=True, text=True,
                        timeout=600, env=run_env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -181,10 +203,16 @@ def test_two_processes_train_exactly_as_one_over_the_same_global_batch(env, tmp_
                         script, json.dumps({**cfg, "out": str(two)})], capture_output=True, text=True, timeout=600,
                        env=run_env)
     assert r.returncode == 0, r.stderr[-3000:]
+    two_nodes(script, json.dumps({**cfg, "out": str(nodes)}), run_env)
     ref = torch.load(one / "rank0.pt")
-    ranks = [torch.load(two / f"rank{i}.pt") for i in range(2)]
     h1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    h2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    for run in (two, nodes):
+        assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 2
+        same_run(ref, h1, [torch.load(run / f"rank{i}.pt") for i in range(2)],
+                 [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()])
+
+
+def same_run(ref, h1, ranks, h2):
     assert [x["resolution"] for x in h1] == [x["resolution"] for x in h2] and len({x["resolution"] for x in h1}) > 1
     assert [x["images"] for x in h1] == [x["images"] for x in h2]
     for a, b in zip(h1, h2):

@@ -57,8 +57,7 @@ def test_cache_keeps_one_target_per_image_across_sources_with_colliding_keys(env
     rc = main(["cache-teachers", *base_args(env, tmp_path / "run"), "--clip-data", spec, "--cache-out", str(out)])
     assert rc == 0, capsys.readouterr().err
     cache = TeacherCache(str(out))
-    entries = cache.entries["clip"]
-    assert len(entries) == 8 and {k.rsplit("@", 1)[0] for k in entries} == set(keys)  # 8 images, 1 resolution
+    assert sorted(cache.names("clip")) == sorted(keys) and len(cache) == 8 + 6  # 8 images at 1 resolution, 6 SA-1B
     # Each entry is its own image's teacher embedding (the live teacher on the same view).
     t = make_cfg(env, tmp_path / "t", clip_data=spec, clip_holdout=0.3, clip_resolutions=(64,), clip_batch=4,
                  teacher_cache=str(out))
@@ -97,10 +96,12 @@ def test_a_cache_of_the_old_format_is_refused_with_the_reason(env, tmp_path):
     out = cache_teachers(make_cfg(env, tmp_path), out=str(tmp_path / "cache"), sam_teacher=env["sam"],
                          clip_teacher=env["clip"])
     index = json.loads(open(os.path.join(out, "index.json")).read())
-    index["version"] = 1
-    open(os.path.join(out, "index.json"), "w").write(json.dumps(index))
-    with pytest.raises(ConfigError, match="version 1, whose CLIP entries were keyed without their source"):
-        trainer(env, tmp_path / "run", teacher_cache=out)
+    for version, reason in ((1, "version 1, whose CLIP entries were keyed without their source"),
+                            (3, "version 3; this fastsamclip reads version 4 (pieces with a range index")):
+        index["version"] = version
+        open(os.path.join(out, "index.json"), "w").write(json.dumps(index))
+        with pytest.raises(ConfigError, match=reason.replace("(", r"\(")):
+            trainer(env, tmp_path / "run", teacher_cache=out)
 
 
 # ------------------------------------------------------------------------------- reruns
