@@ -78,7 +78,9 @@ setup(
                  "fastsamclip.bench": "bench"},
     # The miniature world's teachers (fastsamclip miniature teachers), used by fastsamclip demo.
     package_data={"fastsamclip.kernels": ["lib/*.so", "csrc/*.cu", "csrc/*.h"],
-                  "fastsamclip.miniature": ["teachers/*.pth", "teachers/*.json", "teachers/clip/*"]},
+                  "fastsamclip.miniature": ["teachers/*.pth", "teachers/*.json", "teachers/clip/*"],
+                  # The page of `fastsamclip serve` (plain HTML, CSS and JavaScript; nothing fetched elsewhere).
+                  "fastsamclip.serve": ["static/*"]},
     install_requires=[
         "torch>=2.5",
         "torchvision",
@@ -101,6 +103,8 @@ setup(
                  # the export and serve tests (the two extras below, and the tests' HTTP client)
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3", "litserve>=0.2.10", "python-multipart",
                  "httpx",
+                 # the page's test drives Debian's chromium (never a browser download: .ci/run installs it)
+                 "playwright",
                  # clip_benchmark's zero-shot metrics (clip-benchmark itself: pip install --no-deps)
                  "scikit-learn"],
         # `fastsamclip export --format onnx`: torch's dynamo exporter needs onnxscript; onnxruntime

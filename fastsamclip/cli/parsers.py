@@ -337,6 +337,13 @@ def serve(sub) -> None:
     s.add_argument("--insecure", action="store_true",
                    help="allow --host 0.0.0.0 / :: without an API key (anyone on the network may call the model)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    s.add_argument("--devices", type=int, default=1,
+                   help="GPUs to serve on (0..N-1), each with --workers-per-device model workers (default 1)")
+    s.add_argument("--workers-per-device", type=int, default=1,
+                   help="model workers per device, each its own model copy and batches (default 1; on the CPU "
+                        "they share the cores)")
+    s.add_argument("--image-cache", type=int, default=16,
+                   help="images each worker keeps after POST /v1/image, for the page (default 16)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests that may share one batch (default 8)")
     s.add_argument("--batch-timeout-ms", type=float, default=10.0,
                    help="how long the worker waits to fill a batch (default 10 ms)")

@@ -3,7 +3,9 @@
     fastsamclip serve --checkpoint merged.safetensors --host 127.0.0.1 --port 8000
     FASTSAMCLIP_API_KEY=... fastsamclip serve --checkpoint merged.safetensors --host 0.0.0.0
 
-Routes, bodies and answers: :mod:`fastsamclip.serve.app` and the README's "Serve" section.
+Routes, bodies and answers: :mod:`fastsamclip.serve.app` and the README's "Serve" section; the
+page at ``/`` (open http://127.0.0.1:8000/ in a browser). ``--devices N --workers-per-device K``:
+N x K model workers, each with its own copy of the model and its own batches.
 Listening beyond this machine (``--host 0.0.0.0`` or ``::``) lets anyone on the network call the
 model: it needs an API key (``--api-key``, or the environment's ``FASTSAMCLIP_API_KEY`` or
 LitServe's ``LIT_SERVER_API_KEY``; the variable keeps it out of ``ps``), or ``--insecure`` to
@@ -41,6 +43,9 @@ def cmd_serve(args) -> int:
     check_range("--max-request-mb", args.max_request_mb, 1, integer=True)
     check_range("--max-image-mp", args.max_image_mp, 0.0, lo_open=True)
     check_range("--timeout", args.timeout, 0.0, lo_open=True)
+    check_range("--devices", args.devices, 1, integer=True)
+    check_range("--workers-per-device", args.workers_per_device, 1, integer=True)
+    check_range("--image-cache", args.image_cache, 1, integer=True)
     if args.device != "auto":
         check_device(args.device)
     key = api_key(args)
@@ -53,5 +58,6 @@ def cmd_serve(args) -> int:
           f"answers 200{' (with the X-API-Key header)' if key else ''}", flush=True)
     serve(args.checkpoint, host=args.host, port=args.port, log_level=args.log_level,
           max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_ms / 1e3, device=args.device,
-          compile=args.compile, limits=limits, timeout=args.timeout, api_key=key)
+          compile=args.compile, limits=limits, timeout=args.timeout, api_key=key, devices=args.devices,
+          workers_per_device=args.workers_per_device, image_cache=args.image_cache)
     return 0

@@ -16,6 +16,7 @@ model), prepare the pixels, queue the task, wait for the answer.
 
 Routes (JSON bodies, or multipart with ``image`` as a file; errors are ``{"error": message}``):
 
+    GET  /                the page (:mod:`fastsamclip.serve.static`; its files are public, they hold no data)
     GET  /health          liveness: {"status": "alive", "ready": bool}
     GET  /ready           LitServe's readiness: 200 "ok" once the model is loaded and warmed, else 503
     GET  /info            the model and the batching settings
@@ -25,6 +26,8 @@ Routes (JSON bodies, or multipart with ``image`` as a file; errors are ``{"error
     POST /v1/semantic     {"image", "labels": [...], "mode"} -> per-class masks (COCO RLE)
     POST /v1/everything   {"image", "labels"?, generator parameters} -> every mask (COCO RLE), named
     POST /v1/concepts     {"image", "phrases": [...], segment_text's parameters} -> every instance of each phrase
+    POST /v1/image        {"image", "labels"?}              -> image_id: its pass kept (segment, everything,
+                                                               concepts, composed semantic take image_id for image)
 
 Every answer carries ``timings_ms`` (decode, queue, backbone, head, total) and ``batch``
 (``requests`` in the worker's batch, ``backbone_batch`` images in this request's backbone pass).
@@ -41,24 +44,35 @@ Operations:
   (:class:`WaitingBatchedLoop`); LitServe's own batched loop polls every millisecond forever.
 - A checkpoint the worker cannot serve (damaged, answering NaN at warm-up) stops the start with
   one line naming why; the processes stop together (:mod:`fastsamclip.serve.processes`).
+- Several model workers (``devices`` x ``workers_per_device``, LitServe's own options): each loads
+  its own copy of the model and forms its own batches from the one queue; kept image passes are
+  shared through a folder (:mod:`fastsamclip.serve.cache`). CPU workers split the cores between them.
+- The model workers' OpenMP threads sleep between parallel regions (``OMP_WAIT_POLICY=PASSIVE``
+  unless the environment sets it, :data:`WORKER_ENV`): spinning ones cost a hover 3-4x on shared cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from queue import Empty
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
 
 from fastsamclip import logs
 from fastsamclip.checkpoint import read_merged_config
 from fastsamclip.errors import InputError
 from fastsamclip.predictor import SAMCLIPPredictor
+from fastsamclip.serve.cache import PassCache
 from fastsamclip.serve.engine import Engine
 from fastsamclip.serve.processes import child_of_server, stop_children, stopping_on_signals
 from fastsamclip.serve.requests import (
@@ -77,7 +91,8 @@ try:  # optional dependency (extra "serve"): the server needs it, the rest of fa
     import litserve as ls
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
     from litserve.loops.base import collate_requests
     from litserve.loops.simple_loops import BatchedLoop
     from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
@@ -103,6 +118,19 @@ READY_PATH = "/ready"
 API_KEY_HEADER = "X-API-Key"  # LitServe's own header for its API key
 IDLE_WAIT_S = 1.0  # the idle worker's blocking read of the queue (it wakes at once on a request)
 SHUTDOWN_GRACE_S = 2.0  # uvicorn's graceful shutdown (LitServe's default: 30 s)
+# The model workers' OpenMP threads sleep between parallel regions instead of spinning (libgomp's
+# default spins for a while). The cores are shared (the HTTP process, other workers, other
+# programs): a spinning thread takes the time slice the thread with the work needs, and every op
+# of the mask decoder is a short parallel region. Measured on 2 shared cores (load average ~5,
+# SAM's mask decoder at 1024 px, two threads): a hover 553-668 ms spinning, 153-168 ms passive
+# (one thread 165-173 ms); the ViT-B backbone pass 20.3 s spinning, 15.3 s passive. An
+# environment that sets the variable keeps its own value.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# The page loads nothing from elsewhere (the machines serving it may be offline) and runs no inline code.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                           "style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+                "Cache-Control": "no-cache"}
 
 
 def require_litserve() -> None:
@@ -182,10 +210,15 @@ class WaitingBatchedLoop(BatchedLoop):
 class Endpoints(_LitSpec):
     """The routes of the module docstring, all feeding one LitAPI's queue."""
 
-    def __init__(self, limits: Limits, geometry: Geometry, info: Dict[str, Any], timeout: float = 60.0) -> None:
+    def __init__(self, limits: Limits, geometry: Geometry, info: Dict[str, Any], timeout: float = 60.0,
+                 image_cache: int = 16) -> None:
         super().__init__()
         self.api_path = ROUTE_PREFIX  # the queue's name; the routes are added below
         self.limits, self.geometry, self.info, self.timeout = limits, geometry, info, timeout
+        # Ids of the images the workers keep -> (H, W), so a request naming one is checked here. A
+        # worker forgets the oldest first and so does this map; an id it forgot is the worker's 404.
+        self.images: "OrderedDict[str, Tuple[int, int]]" = OrderedDict()
+        self.image_cache = image_cache
 
     def pre_setup(self, lit_api) -> None:
         for task in TASKS:
@@ -222,12 +255,14 @@ class Endpoints(_LitSpec):
 
     async def post_concepts(self, request: Request) -> "JSONResponse":
         return await self.handle(request, "concepts")
+    async def post_image(self, request: Request) -> "JSONResponse":
+        return await self.handle(request, "image")
 
     async def handle(self, request: "Request", task_name: str) -> "JSONResponse":
         t0 = time.monotonic()
         try:
             fields = await read_fields(request, self.limits.max_request_bytes)
-            task = await run_in_threadpool(make_task, task_name, fields, self.limits, self.geometry)
+            task = await run_in_threadpool(make_task, task_name, fields, self.limits, self.geometry, self.images)
         except RequestError as e:
             return error_response(e.status, e.message)
         except ClientDisconnect:  # nobody to answer: one line in the log, not a traceback
@@ -258,6 +293,11 @@ class Endpoints(_LitSpec):
         if "error" in answer:
             return JSONResponse({"error": answer["error"], "timings_ms": timings, "batch": answer.get("batch")},
                                 status_code=answer.get("status", 500))
+        if task_name == "image":
+            self.images[answer["result"]["image_id"]] = tuple(answer["result"]["size"])
+            self.images.move_to_end(answer["result"]["image_id"])
+            while len(self.images) > self.image_cache:
+                self.images.popitem(last=False)
         return JSONResponse({**answer["result"], "timings_ms": timings, "batch": answer["batch"]})
 
 
@@ -266,11 +306,13 @@ class SAMCLIPAPI(_LitAPI):
     after), then answers each batch with :meth:`Engine.run`."""
 
     def __init__(self, checkpoint: str, spec: Endpoints, max_batch_size: int = 8, batch_timeout: float = 0.01,
-                 compile: bool = False, api_key: Optional[str] = None, setup_error_path: Optional[str] = None) -> None:
+                 compile: bool = False, api_key: Optional[str] = None, setup_error_path: Optional[str] = None,
+                 workers: int = 1, shared_cache: Optional[str] = None) -> None:
         loop = WaitingBatchedLoop() if max_batch_size > 1 else "auto"  # batch 1: LitServe's loop blocks already
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=loop)
         self.checkpoint, self.compile = checkpoint, compile
         self.api_key, self.setup_error_path = api_key, setup_error_path
+        self.workers, self.shared_cache = workers, shared_cache
         self.log_level = logging.getLogger(logs.PACKAGE).getEffectiveLevel()  # the command's -v, for the worker
 
     def authorize(self, request: Request) -> None:
@@ -285,9 +327,14 @@ class SAMCLIPAPI(_LitAPI):
     def setup(self, device) -> None:
         child_of_server()  # SIGINT is the main process's to handle; exit with it
         logs.configure(self.log_level)  # a spawned process: the command's logging, set up again
+        if str(device) == "cpu" and self.workers > 1:
+            # Workers that share the cores each take their part: threads beyond it spin against each
+            # other (measured on 2 shared cores: SAM's mask decoder at 1024 px, 2 threads 810 ms, 1 thread 279 ms).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
         try:
             predictor = SAMCLIPPredictor(self.checkpoint, device=device, compile=self.compile)
-            self.engine = Engine(predictor, max_batch=self.max_batch_size)
+            cache = PassCache(self.spec.image_cache, predictor.device, self.shared_cache)
+            self.engine = Engine(predictor, max_batch=self.max_batch_size, cache=cache)
             times = self.engine.warmup()
         except InputError as e:  # a checkpoint that cannot serve: the main process says why, in one line
             if self.setup_error_path:
@@ -330,32 +377,97 @@ def _json_errors(app) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
+def _page(app) -> None:
+    """The page at ``/`` and its files at ``/static/`` (instead of LitServe's "litserve running"),
+    public: they hold no data, and the page asks for the API key when the API answers 401."""
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
+
+    async def page(request: Request) -> "FileResponse":
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers=PAGE_HEADERS)
+
+    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def worker_devices(device: str, devices: int) -> Tuple[str, int]:
+    """LitServe's accelerator for ``device`` ("auto": CUDA when available) and the number of model
+    devices; more devices than the machine has, or several on the CPU, is an InputError."""
+    accelerator = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if accelerator == "cpu" and devices != 1:
+        raise InputError(f"--devices {devices} counts GPUs, and this server runs on the CPU: leave --devices at 1 "
+                         "and give --workers-per-device K for K model workers sharing the cores")
+    if accelerator == "cuda" and devices > torch.cuda.device_count():
+        raise InputError(f"--devices {devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return accelerator, devices
+
+
 def build_server(checkpoint: str, max_batch_size: int = 8, batch_timeout: float = 0.01, device: str = "auto",
                  compile: bool = False, limits: Limits = Limits(), timeout: float = 60.0,
-                 api_key: Optional[str] = None, setup_error_path: Optional[str] = None) -> "ls.LitServer":
+                 api_key: Optional[str] = None, setup_error_path: Optional[str] = None, devices: int = 1,
+                 workers_per_device: int = 1, image_cache: int = 16,
+                 shared_cache: Optional[str] = None) -> "ls.LitServer":
     """A LitServer for a merged checkpoint (not started: ``.run(host=, port=)``).
 
     max_batch_size / batch_timeout (seconds): how many requests may share a batch and how long
     the worker waits to fill one. device: "auto" (CUDA when available), "cpu" or "cuda".
     timeout: seconds a request may wait for its answer before a 504. api_key: required of every
     request (``X-API-Key``). setup_error_path: where the worker writes why it could not start.
+    devices x workers_per_device: model workers (LitServe's options; GPUs 0..devices-1, each
+    worker its own model copy and batches). image_cache: image passes each worker keeps;
+    shared_cache: the folder where several workers share them (required with more than one).
     """
     require_litserve()
     config = read_merged_config(checkpoint)  # fails here, naming the file, before any process starts
+    accelerator, devices = worker_devices(device, devices)
+    workers = devices * workers_per_device
+    if workers > 1 and shared_cache is None:
+        raise ValueError("several model workers share their kept images through a folder: give shared_cache")
     bb = config.sam.backbone
     geometry = Geometry(img_size=int(bb.img_size), patch_size=int(bb.patch_size))
     info = {"checkpoint": checkpoint, "img_size": geometry.img_size, "patch_size": geometry.patch_size,
             "max_batch_size": max_batch_size, "batch_timeout_s": batch_timeout, "compile": compile,
-            "limits": limits.__dict__, "endpoints": [f"{ROUTE_PREFIX}/{t}" for t in TASKS]}
+            "limits": limits.__dict__, "endpoints": [f"{ROUTE_PREFIX}/{t}" for t in TASKS],
+            "devices": devices, "workers_per_device": workers_per_device, "image_cache": image_cache}
     info["api_key"] = api_key is not None
-    spec = Endpoints(limits, geometry, info, timeout)
+    spec = Endpoints(limits, geometry, info, timeout, image_cache=image_cache)
     api = SAMCLIPAPI(checkpoint, spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout, compile=compile,
-                     api_key=api_key, setup_error_path=setup_error_path)
-    server = ls.LitServer(api, accelerator=device, devices=1, timeout=timeout, healthcheck_path=READY_PATH,
-                          model_metadata=info)
+                     api_key=api_key, setup_error_path=setup_error_path, workers=workers, shared_cache=shared_cache)
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device,
+                          timeout=timeout, healthcheck_path=READY_PATH, model_metadata=info)
     server.uvicorn_graceful_timeout = SHUTDOWN_GRACE_S  # stopping takes seconds, not LitServe's 30
     _json_errors(server.app)
+    _page(server.app)
     return server
+
+
+@contextlib.contextmanager
+def worker_environment() -> Iterator[Dict[str, str]]:
+    """The environment the model workers are spawned with (LitServe spawns them, and OpenMP reads
+    it when torch loads): :data:`WORKER_ENV` where the environment does not set its variables;
+    the environment as it was afterwards. Yields the variables it set."""
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield added
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def shared_folder(workers: int) -> Iterator[Optional[str]]:
+    """A folder for the workers' kept images (in memory, /dev/shm, where the machine has it),
+    removed afterwards; None for one worker."""
+    if workers <= 1:
+        yield None
+        return
+    shm = "/dev/shm"
+    path = tempfile.mkdtemp(prefix="fastsamclip-passes-",
+                            dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", **kwargs) -> None:
@@ -364,20 +476,23 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, log_level:
     ``InputError`` with its reason."""
     fd, error_path = tempfile.mkstemp(prefix="fastsamclip-serve-", suffix=".txt")
     os.close(fd)
+    _, devices = worker_devices(kwargs.get("device", "auto"), kwargs.get("devices", 1))
     try:
-        server = build_server(checkpoint, setup_error_path=error_path, **kwargs)
-        with stopping_on_signals():
-            try:
-                server.run(host=host, port=port, num_api_servers=1, log_level=log_level, generate_client_file=False)
-            except KeyboardInterrupt:  # a stop before the server was up (LitServe handles it after)
-                pass
-            except RuntimeError:
-                with open(error_path) as f:
-                    why = f.read().strip()
-                if why:
-                    raise InputError(f"the model worker could not start: {why}") from None
-                raise
-            finally:
-                stop_children()
+        with shared_folder(devices * kwargs.get("workers_per_device", 1)) as shared:
+            server = build_server(checkpoint, setup_error_path=error_path, shared_cache=shared, **kwargs)
+            with stopping_on_signals(), worker_environment():
+                try:
+                    server.run(host=host, port=port, num_api_servers=1, log_level=log_level,
+                               generate_client_file=False)
+                except KeyboardInterrupt:  # a stop before the server was up (LitServe handles it after)
+                    pass
+                except RuntimeError:
+                    with open(error_path) as f:
+                        why = f.read().strip()
+                    if why:
+                        raise InputError(f"the model worker could not start: {why}") from None
+                    raise
+                finally:
+                    stop_children()
     finally:
         os.remove(error_path)

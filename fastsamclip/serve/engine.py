@@ -15,7 +15,12 @@ that pass, through the predictor's public methods so that its answer is the pred
 * ``everything``: as ``segment`` (plus the original image, which the generator crops), then
   ``SAMCLIPPredictor.generate(None, ...)``: the batched pass serves the full-image crop, crop
   layers (when asked) run their own passes;
-* ``concepts``: as ``segment``, then ``SAMCLIPPredictor.segment_text(None, phrases, ...)``.
+* ``concepts``: as ``segment`` (``image_id`` too), then ``SAMCLIPPredictor.segment_text(None, phrases, ...)``.
+* ``image``: the pass is kept (:class:`~fastsamclip.serve.cache.PassCache`) under the image's id,
+  and the label texts' embeddings are computed; a later ``segment``, ``everything``, ``concepts``
+  or composed ``semantic`` task naming that ``image_id`` runs no pass: the predictor's image state
+  is set from the kept one (an id no longer kept: a 404). ``segment`` with ``labels`` names each mask as
+  ``generate`` does (:func:`name_low_res`).
 
 A task whose parameters the model refuses (a prompt outside the image: the predictor's
 ValueError) gets a 422 for itself alone; the rest of the batch is answered. With ``compile=True``
@@ -27,9 +32,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,13 +44,36 @@ import torch.nn.functional as F
 from fastsamclip.errors import NonFiniteOutputError
 from fastsamclip.files import finite_or_none
 from fastsamclip.predictor import SAMCLIPPredictor, SemanticResult
+from fastsamclip.predictor.everything import mask_patch_weights, name_masks
 from fastsamclip.predictor.semantic import clip_result
+from fastsamclip.serve.cache import ImagePass, PassCache
+from fastsamclip.serve.requests import unknown_image
 from fastsamclip.serve.rle import encode_rle
 
 log = logging.getLogger("fastsamclip.serve")
 
 # Errors that mean "this request's parameters do not fit the model or the image": a 422 for it.
 TASK_ERRORS = (ValueError, TypeError)
+CACHED = ("kept", 0)  # the group of tasks that run on a kept pass (no backbone pass)
+
+
+class NotKept(LookupError):
+    """A task names an image this worker's cache no longer has: a 404 for it."""
+
+
+def name_low_res(predictor: SAMCLIPPredictor, low_res: torch.Tensor, labels, templates) -> Tuple[list, list]:
+    """Names of masks given as low-res logits (P, K, 4gh, 4gw) of the current image: (P, K) best
+    labels and their probabilities, by ``generate``'s pooling of the per-patch CLIP embeddings
+    (:func:`fastsamclip.predictor.everything.name_masks`)."""
+    p, k = low_res.shape[:2]
+    patches = predictor.clip_patches[0]
+    lowres_px = predictor.img_size / low_res.shape[-1]  # input pixels per low-res cell
+    valid = tuple(int(np.ceil(s / lowres_px)) for s in predictor.input_size)
+    weights = mask_patch_weights(low_res.reshape(p * k, *low_res.shape[-2:]), tuple(patches.shape[:2]), valid)
+    probs, _ = name_masks(weights, patches, predictor.text_embeddings(labels, templates), predictor.logit_scale())
+    score, best = probs.max(-1)
+    names = [labels[i] for i in best.tolist()]
+    return ([names[r * k:(r + 1) * k] for r in range(p)], score.reshape(p, k).tolist())
 
 
 def padded_sizes(max_batch: int) -> Tuple[int, ...]:
@@ -77,10 +106,12 @@ def semantic_json(res: SemanticResult) -> Dict[str, Any]:
 class Engine:
     """Runs batches of tasks (dicts made by ``fastsamclip.serve.requests.make_task``)."""
 
-    def __init__(self, predictor: SAMCLIPPredictor, max_batch: int = 8) -> None:
+    def __init__(self, predictor: SAMCLIPPredictor, max_batch: int = 8, cache: Optional[PassCache] = None) -> None:
         self.predictor = predictor
         self.max_batch = max_batch
         self.batches = 0
+        self.cache = cache if cache is not None else PassCache(16, predictor.device)
+        self.worker = {"pid": os.getpid(), "device": str(predictor.device)}  # who answered (several workers)
 
     # ------------------------------------------------------------------ start-up
     def warmup(self, classify_resolution: int = 224, semantic_resolution: int = 448) -> Dict[str, float]:
@@ -123,12 +154,13 @@ class Engine:
         self.batches += 1
         groups: "OrderedDict[Tuple[str, int], List[int]]" = OrderedDict()
         for i, t in enumerate(tasks):
-            groups.setdefault(tuple(t["pass"]), []).append(i)
+            groups.setdefault(CACHED if t["pass"] is None else tuple(t["pass"]), []).append(i)
         answers: List[dict] = [{} for _ in tasks]
-        for (kind, side), idx in groups.items():
+        for key, idx in groups.items():
+            kind, side = key
             t0 = time.perf_counter()
             try:
-                out = self._pass(kind, side, [tasks[i] for i in idx])
+                out = {} if key == CACHED else self._pass(kind, side, [tasks[i] for i in idx])
                 if self.predictor.device.type == "cuda":
                     torch.cuda.synchronize(self.predictor.device)
                 failed = None
@@ -147,8 +179,9 @@ class Engine:
                     answer = self._answer(tasks[i], out, j)
                 answer["timings_ms"] = {"queue": max(0.0, (start - tasks[i].get("submitted", start)) * 1e3),
                                         "backbone": backbone_ms, "head": (time.perf_counter() - t1) * 1e3}
-                answer["batch"] = {"id": self.batches, "requests": len(tasks), "backbone_batch": len(idx),
-                                   "pass": f"{kind} {side}px"}
+                answer["batch"] = {"id": self.batches, "requests": len(tasks), "worker": self.worker,
+                                   "backbone_batch": 0 if key == CACHED else len(idx),
+                                   "pass": "kept" if key == CACHED else f"{kind} {side}px"}
                 answers[i] = answer
         return answers
 
@@ -158,6 +191,8 @@ class Engine:
         except NonFiniteOutputError as e:  # before TASK_ERRORS: an InputError, but of the model, not the request
             log.error("%s", e)
             return {"error": str(e), "status": 500}
+        except NotKept as e:
+            return {"error": str(e), "status": 404}
         except TASK_ERRORS as e:
             return {"error": str(e), "status": 422}
         except Exception as e:  # noqa: BLE001 -- a bug answers its own request with a 500, the server goes on
@@ -166,7 +201,13 @@ class Engine:
 
     # ------------------------------------------------------------------ heads
     def _set_image_state(self, task: dict, out: Dict[str, torch.Tensor], j: int) -> None:
-        """The predictor's current image: row ``j`` of the batched pass."""
+        """The predictor's current image: the kept pass the task names, or row ``j`` of the batched pass."""
+        if task["pass"] is None:
+            kept = self.cache.get(task["image_id"])
+            if kept is None:
+                raise NotKept(unknown_image(task["image_id"]))
+            self.predictor.set_pass(kept.out, kept.original_size, kept.input_size, image=kept.image)
+            return
         self.predictor.set_pass({k: out[k][j:j + 1] for k in ("sam", "clip", "clip_patches")},
                                 task["original_size"], task["input_size"], image=task.get("image"))
 
@@ -183,15 +224,27 @@ class Engine:
             img = F.normalize(out["clip"][j:j + 1].float(), dim=-1)
             probs = (p.logit_scale() * img @ text.T).softmax(-1)[0].cpu()
             return {"labels": list(labels), "probs": probs.tolist(), "label": labels[int(probs.argmax())]}
+        if name == "image":
+            kept = ImagePass({k: out[k][j:j + 1] for k in ("sam", "clip", "clip_patches")}, task["original_size"],
+                             task["input_size"], task["image"])
+            self.cache.put(task["image_id"], kept)
+            if params["labels"] is not None:
+                p.text_embeddings(params["labels"], params["templates"])
+            return {"image_id": task["image_id"], "size": list(task["original_size"]),
+                    "input_size": list(task["input_size"])}
         if name == "segment":
             self._set_image_state(task, out, j)
             try:
-                masks, scores, _ = p.segment(points=params["points"], point_labels=params["point_labels"],
-                                             boxes=params["boxes"], multimask_output=params["multimask_output"])
+                masks, scores, low_res = p.segment(points=params["points"], point_labels=params["point_labels"],
+                                                   boxes=params["boxes"], multimask_output=params["multimask_output"])
+                result = {"size": list(task["original_size"]), "scores": scores.tolist(),
+                          "masks": [[encode_rle(m) for m in prompt] for prompt in masks]}
+                if params["labels"] is not None:
+                    result["label"], result["label_score"] = name_low_res(p, torch.from_numpy(low_res).to(p.device),
+                                                                          params["labels"], params["templates"])
             finally:
                 p.reset_image()
-            return {"size": list(task["original_size"]), "scores": scores.tolist(),
-                    "masks": [[encode_rle(m) for m in prompt] for prompt in masks]}
+            return result
         if name == "semantic":
             if params["mode"] == "composed":
                 self._set_image_state(task, out, j)
@@ -206,7 +259,7 @@ class Engine:
             return semantic_json(res)
         if name == "everything":
             self._set_image_state(task, out, j)
-            generator = {k: v for k, v in params.items() if k not in ("labels", "label_threshold", "templates")}
+            generator = {k: v for k, v in params.items() if k not in ("labels", "label_threshold", "templates", "image_id")}
             try:
                 records = p.generate(None, labels=params["labels"], label_threshold=params["label_threshold"],
                                      templates=params["templates"], output_mode="coco_rle", **generator)
@@ -217,7 +270,7 @@ class Engine:
             self._set_image_state(task, out, j)
             try:
                 records = p.segment_text(None, params["phrases"], output_mode="coco_rle",
-                                         **{k: v for k, v in params.items() if k != "phrases"})
+                                         **{k: v for k, v in params.items() if k not in ("phrases", "image_id")})
             finally:
                 p.reset_image()
             return {"size": list(task["original_size"]), "phrases": list(params["phrases"]),

@@ -38,8 +38,10 @@ from PIL import Image
 
 from fastsamclip.errors import InputError
 from fastsamclip.predictor.concepts import ConceptParams, check_texts
+from fastsamclip.files import sha256_bytes
 from fastsamclip.predictor.prompts import check_boxes, check_inside, check_point_labels
 from fastsamclip.predictor.text import check_labels, templates_for
+from fastsamclip.serve.cache import is_image_id
 from fastsamclip.transforms import DECODE_ERRORS, clip_pixels, sam_pixels, to_rgb_uint8
 
 
@@ -73,19 +75,27 @@ class Geometry:
 
 
 # Fields of each task (besides "image") and their defaults: the predictor's own defaults.
+# ``image_id`` (an image kept by POST /v1/image, :mod:`fastsamclip.serve.cache`) stands for
+# ``image`` where the task runs on the SAM pass at the native size, which is then not run again.
 TASK_FIELDS: Dict[str, Dict[str, Any]] = {
     "embed": {"sam": False},
     "classify": {"labels": None, "resolution": 224, "templates": "openai"},
-    "segment": {"points": None, "point_labels": None, "boxes": None, "multimask_output": True},
-    "semantic": {"labels": None, "mode": "clip", "resolution": 448, "threshold": 0.5, "points_per_class": 3,
-                 "templates": "openai"},
+    # The pass kept under the image's id; labels: their text embeddings computed now, not at the first use.
+    "image": {"labels": None, "templates": "openai"},
+    # labels: each mask named (pooled per-patch CLIP, as generate names its masks).
+    "segment": {"image_id": None, "points": None, "point_labels": None, "boxes": None, "multimask_output": True,
+                "labels": None, "templates": "openai"},
+    "semantic": {"image_id": None, "labels": None, "mode": "clip", "resolution": 448, "threshold": 0.5,
+                 "points_per_class": 3, "templates": "openai"},
     # SAMCLIPPredictor.generate (SamAutomaticMaskGenerator's parameters); labels optional.
-    "everything": {"labels": None, "label_threshold": 0.0, "templates": "openai", "points_per_side": 32,
-                   "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
-                   "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "crop_n_layers": 0, "crop_nms_thresh": 0.7,
-                   "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0},
+    "everything": {"image_id": None, "labels": None, "label_threshold": 0.0, "templates": "openai",
+                   "points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
+                   "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
+                   "crop_n_layers": 0, "crop_nms_thresh": 0.7, "crop_overlap_ratio": 512 / 1500,
+                   "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0},
     # SAMCLIPPredictor.segment_text (ConceptParams' defaults); phrases required.
-    "concepts": {"phrases": None, **{k: v for k, v in ConceptParams().__dict__.items() if k != "output_mode"}},
+    "concepts": {"image_id": None, "phrases": None,
+                 **{k: v for k, v in ConceptParams().__dict__.items() if k != "output_mode"}},
 }
 # Bounds of the generator's integer parameters on this server (each multiplies a request's work).
 EVERYTHING_INTS = {"points_per_side": (1, 64), "points_per_batch": (1, 1024), "crop_n_layers": (0, 2),
@@ -93,6 +103,8 @@ EVERYTHING_INTS = {"points_per_side": (1, 64), "points_per_batch": (1, 1024), "c
 # Bounds of segment_text's integer parameters on this server (each multiplies a request's work).
 CONCEPT_INTS = {"max_peaks": (1, 256), "points_per_batch": (1, 1024)}
 REQUIRED = {"classify": ("labels",), "semantic": ("labels",), "concepts": ("phrases",)}
+OPTIONAL_LABELS = ("image", "segment", "everything")
+IMAGE_ID_CHARS = 32  # of the sha256 of the image's bytes, in hex
 JSON_TYPE, MULTIPART_TYPE = "application/json", "multipart/form-data"
 
 
@@ -240,7 +252,7 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
             raise RequestError(422, f"missing field '{name}'")
     p = {k: (fields[k] if fields.get(k) is not None else d) for k, d in spec.items()}
     if "labels" in p:
-        if p["labels"] is not None or task != "everything":
+        if p["labels"] is not None or task not in OPTIONAL_LABELS:
             p["labels"] = _labels(p["labels"], limits)
         p["templates"] = _templates(p["templates"])
     if "resolution" in p:
@@ -279,7 +291,7 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
         for name in p:
             if name in EVERYTHING_INTS:
                 p[name] = _int(name, p[name], *EVERYTHING_INTS[name])
-            elif name not in ("labels", "templates"):
+            elif name not in ("labels", "templates", "image_id"):
                 p[name] = _float(name, p[name])
     elif task == "concepts":
         try:
@@ -297,7 +309,7 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
                 raise RequestError(422, f"field '{name}' must be in [0, 1], got {p[name]:g}")
         p["templates"] = _templates(p["templates"])
         try:
-            ConceptParams.from_kwargs({k: v for k, v in p.items() if k != "phrases"})
+            ConceptParams.from_kwargs({k: v for k, v in p.items() if k not in ("phrases", "image_id")})
         except ValueError as e:
             raise RequestError(422, f"field {e}") from None
     elif task == "semantic":
@@ -305,6 +317,15 @@ def check_fields(task: str, fields: Dict[str, Any], limits: Limits, geometry: Ge
             raise RequestError(422, f"field 'mode' must be 'clip' or 'composed', got {p['mode']!r}")
         p["threshold"] = _float("threshold", p["threshold"])
         p["points_per_class"] = _int("points_per_class", p["points_per_class"], 1, 64)
+    if p.get("image_id") is not None:
+        if "image" in fields:
+            raise RequestError(422, "give 'image' or 'image_id', not both")
+        if not is_image_id(p["image_id"]):
+            raise RequestError(422, f"field 'image_id' must be an id as POST /v1/image returns it, got "
+                                    f"{str(p['image_id'])[:80]!r}")
+        if task == "semantic" and p["mode"] != "composed":
+            raise RequestError(422, "field 'image_id' serves mode 'composed' (the kept pass is at the native "
+                                    "size); mode 'clip' runs its own pass at its resolution: send 'image'")
     return p
 
 
@@ -336,11 +357,23 @@ def check_prompts(params: Dict[str, Any], original_size: Tuple[int, int]) -> Non
         raise RequestError(422, str(e)) from None
 
 
-def make_task(task: str, fields: Dict[str, Any], limits: Limits, geometry: Geometry) -> Dict[str, Any]:
+def make_task(task: str, fields: Dict[str, Any], limits: Limits, geometry: Geometry,
+              images: Optional[Dict[str, Tuple[int, int]]] = None) -> Dict[str, Any]:
     """Fields (``image`` as bytes or base64) -> what the worker runs: pixels prepared for the pass
-    (uint8 (3, R, R)), the image's sizes, and the validated parameters."""
+    (uint8 (3, R, R)), the image's sizes, and the validated parameters. With ``image_id`` instead of
+    ``image``: no pixels and no pass (``"pass": None``); ``images`` maps the ids this server has
+    kept to their (H, W) (a 404 for another id; its prompts are checked against that size)."""
     params = check_fields(task, fields, limits, geometry)
-    rgb = decode_image(image_bytes(fields.get("image")), limits)
+    image_id = params.get("image_id")
+    if image_id is not None:
+        if image_id not in (images or {}):
+            raise RequestError(404, unknown_image(image_id))
+        original_size = tuple(images[image_id])
+        if task == "segment":
+            check_prompts(params, original_size)
+        return {"task": task, "pass": None, "image_id": image_id, "original_size": original_size, "params": params}
+    data = image_bytes(fields.get("image"))
+    rgb = decode_image(data, limits)
     if task == "segment":
         check_prompts(params, rgb.shape[:2])
     kind, side = geometry_of(task, params, geometry)
@@ -353,6 +386,13 @@ def make_task(task: str, fields: Dict[str, Any], limits: Limits, geometry: Geome
             raise RequestError(422, str(e)) from None
     task_ = {"task": task, "pass": (kind, side), "pixels": pixels.numpy(), "input_size": tuple(hw),
              "original_size": tuple(rgb.shape[:2]), "params": params}
-    if task == "everything":  # the generator crops the original image (crop layers) and sizes masks by it
+    if task in ("everything", "image"):  # the generator crops the original image (crop layers) and sizes masks by it
         task_["image"] = rgb
+    if task == "image":
+        task_["image_id"] = sha256_bytes(data)[:IMAGE_ID_CHARS]
     return task_
+
+
+def unknown_image(image_id: str) -> str:
+    return (f"image_id {image_id!r} is not kept by this server (it keeps the last images uploaded to POST "
+            "/v1/image, and forgets them when it restarts): upload the image again")

@@ -45,6 +45,21 @@ def test_the_answer_is_segment_texts_from_the_shared_pass(setup):
         assert got["score"] == pytest.approx(ref["score"], abs=1e-4)
 
 
+def test_a_kept_image_answers_concepts_without_a_pass(setup):
+    """The page's "every instance of..." box sends the id POST /v1/image returned: the same answer
+    as with the image itself, from the kept pass."""
+    p, png, geo = setup["p"], setup["png"], setup["geometry"]
+    engine = Engine(p)
+    kept = engine.run([make_task("image", {"image": png}, Limits(), geo)])[0]["result"]
+    by_id = engine.run([make_task("concepts", {"image_id": kept["image_id"], "phrases": PHRASES, **OFF}, Limits(),
+                                  geo, {kept["image_id"]: tuple(kept["size"])})])[0]
+    by_image = engine.run([make_task("concepts", {"image": png, "phrases": PHRASES, **OFF}, Limits(), geo)])[0]
+    assert by_id["batch"]["pass"] == "kept" and by_id["result"]["count"] == by_image["result"]["count"] > 2
+    for got, ref in zip(by_id["result"]["instances"], by_image["result"]["instances"]):
+        assert got["phrase"] == ref["phrase"] and got["segmentation"] == ref["segmentation"]
+        assert got["score"] == pytest.approx(ref["score"], abs=1e-5)
+
+
 @pytest.mark.parametrize("fields, match", [
     ({}, "missing field 'phrases'"),
     ({"phrases": []}, "the list is empty"),

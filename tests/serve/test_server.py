@@ -5,6 +5,7 @@ share a backbone pass; bad requests are 4xx JSON; a bounded storm of good and ba
 import base64
 import io
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ from PIL import Image
 from fastsamclip.cli import main
 from fastsamclip.data.sa1b import rle_run_lengths
 from fastsamclip.predictor import SAMCLIPPredictor
-from fastsamclip.serve import ServerProcess
+from fastsamclip.serve import Engine, Geometry, Limits, ServerProcess, make_task
 
 httpx = pytest.importorskip("httpx", reason="the HTTP client of these tests (extra 'serve'); CI installs it")
 pytest.importorskip("litserve", reason="the server needs litserve (extra 'serve'); CI installs it")
@@ -134,6 +135,38 @@ def test_segment_equals_the_predictor(client, server, prompt):
     assert body["size"] == list(image.shape[:2])
     for k in range(len(masks)):
         _assert_masks_equal(body["masks"][k], masks[k], logits[k])
+
+
+def test_a_hover_runs_no_backbone_pass_and_no_text_tower(micro):
+    """What the page sends per pointer move (the kept image's id, one point, its labels) costs the
+    mask decoder and the pooling: no module of the backbone, the CLIP head or the text tower runs."""
+    p = SAMCLIPPredictor(micro["merged"], device="cpu")
+    engine, geometry, image = Engine(p, max_batch=1), Geometry(p.img_size, p.patch_size), micro["image"]
+    kept = engine.run([make_task("image", {"image": _png(image), "labels": LABELS, "templates": "simple"}, Limits(),
+                                 geometry)])[0]["result"]
+    calls = []
+    for part in (p.model.image_encoder, p.model.clip_head, p.model.text):
+        for module in part.modules():
+            module.register_forward_pre_hook(lambda m, args: calls.append(type(m).__name__))
+    hover = {"image_id": kept["image_id"], "points": [[[40.0, 30.0]]], "multimask_output": False, "labels": LABELS,
+             "templates": "simple"}
+    for _ in range(2):
+        answer = engine.run([make_task("segment", json.loads(json.dumps(hover)), Limits(), geometry,
+                                       {kept["image_id"]: tuple(kept["size"])})])[0]
+        assert answer["result"]["label"][0][0] in LABELS and answer["batch"]["pass"] == "kept"
+    assert not calls, f"a hover ran {sorted(set(calls))}"
+
+
+def test_the_model_worker_waits_for_work_asleep(client, server):
+    """Its OpenMP threads sleep between ops rather than spin (on shared cores spinning made a hover
+    3-4x slower), unless the environment says otherwise."""
+    worker = client.post("/v1/embed", json={"image": _b64(_png(_image(server)))}).json()["batch"]["worker"]
+    try:
+        with open(f"/proc/{worker['pid']}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except FileNotFoundError:
+        pytest.skip("reads the worker's environment in /proc (Linux)")
+    assert env.get(b"OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE").encode()
 
 
 @pytest.mark.parametrize("mode", ["clip", "composed"])
