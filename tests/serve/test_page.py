@@ -54,6 +54,7 @@ START_DEADLINE_S = 240
 WAIT_MS = 120_000  # for one answer of the model on a loaded 2-core machine
 HOVER_COLOR, HOVER_ALPHA = np.array([47, 111, 237]), 140 / 255  # app.js
 STABILITY = 0.8  # the page's "Everything" stability threshold in the test
+CONCEPTS_OFF = {"threshold": 0.0, "score_threshold": 0.0, "max_peaks": 4}  # segment_text scoring every peak
 SEMANTIC_THRESHOLD = 0.05  # and its semantic map's class threshold
 BENCH_CHECKPOINT = os.environ.get("FASTSAMCLIP_PAGE_CHECKPOINT")
 UPLOAD_WAIT_MS = WAIT_MS * (5 if BENCH_CHECKPOINT else 1)  # the upload's backbone pass (ViT-B at 1024: minutes here)
@@ -316,6 +317,33 @@ def test_everything_draws_every_mask_of_generate(browser, world, predictor):
     assert page.inner_text("#count") == f"{len(records)} masks"
     shown = sorted((m["label"], m["area"]) for m in page.evaluate("window.fastsamclip.masks"))
     assert shown == sorted((r["label"], r["area"]) for r in records)
+
+
+@pytest.mark.skipif(BENCH_CHECKPOINT is not None, reason="the world's objects are on the miniature model")
+def test_every_instance_of_a_phrase_is_drawn_from_the_kept_pass(browser, world, predictor):
+    page, canvas = browser["page"], world["canvas"]
+    first = canvas.classes[0]
+    phrase = first if isinstance(first, str) else CLASSES[first]
+    assert page.is_visible("#concepts-form")  # the server has POST /v1/concepts
+    sent = []
+
+    def every_peak(route):  # the merged-only model's names are chance: score every peak, so instances come back
+        sent.append(route.request.post_data_json)
+        route.continue_(post_data=json.dumps({**sent[-1], **CONCEPTS_OFF}))
+
+    page.route("**/v1/concepts", every_peak)
+    try:
+        page.fill("#concept", phrase)
+        page.click("#concepts-form button")
+        page.wait_for_function(f"document.querySelector('#count').textContent.endsWith('instances of {phrase}')",
+                               timeout=WAIT_MS)
+    finally:
+        page.unroute("**/v1/concepts")
+    assert sent[0]["phrases"] == [phrase] and "image" not in sent[0] and sent[0]["image_id"]  # the kept pass
+    records = predictor.segment_text(canvas.image, [phrase], **CONCEPTS_OFF)
+    assert page.inner_text("#count") == f"{len(records)} instances of {phrase}" and len(records) > 1
+    shown = sorted((m["label"], m["area"]) for m in page.evaluate("window.fastsamclip.masks"))
+    assert shown == sorted((r["phrase"], r["area"]) for r in records)
 
 
 @pytest.mark.skipif(BENCH_CHECKPOINT is not None, reason="the world's objects are on the miniature model")
