@@ -30,7 +30,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from typing import List, Optional, Sequence
 
@@ -40,7 +39,7 @@ from fastsamclip.train import cache_teachers as build_cache
 from fastsamclip.train.teacher_cache import FORMAT, FORMAT_VERSION
 
 from .bench_data import photo_like
-from .harness import RESULTS_DIR, Result, append_csv, format_extras
+from .harness import RESULTS_DIR, Result, append_csv, format_extras, scratch_dir
 
 SHARD = 1000  # images per shard: write_clip_shards' keys are then f"{shard:05d}{i:03d}"
 RESOLUTIONS = tuple(range(16, 89, 8))  # 10 sides: entries = images x 10
@@ -187,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"(whole shards at {len(RESOLUTIONS)} resolutions), at most images x {len(RESOLUTIONS)}")
     if args.readers_only and not args.data:
         p.error("--readers-only measures the caches of an earlier run: give its --data folder")
-    root = args.data or tempfile.mkdtemp(prefix="fastsamclip-bench-cache-")
+    root = args.data or scratch_dir("fastsamclip-bench-cache-")
     paths = write_data(root, images)
     rows: List[Result] = []
     for n in sizes:
@@ -210,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_extras(rows, [("s", "seconds"), ("img/s", "img_s"), ("entries/s", "entries_s"),
                                ("RSS open MB", "rss_open_mb"), ("RSS read MB", "rss_read_mb"),
                                ("batch ms", "batch_ms")]))
-    print(f"appended {len(rows)} rows to {path}; data in {root}")
+    print(f"appended {len(rows)} rows to {path}" + (f"; data in {root}" if args.data else ""))
     return 0
 
 

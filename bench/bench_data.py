@@ -38,7 +38,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -60,7 +59,7 @@ from fastsamclip.kernels import use_backend
 from fastsamclip.modeling import CLIPHeadConfig, build_sam, load_clip_teacher, samclip_from_teachers
 from fastsamclip.transforms import clip_pixels, decode_rgb
 
-from .harness import RESULTS_DIR, Result, append_csv, format_extras, read_csv
+from .harness import RESULTS_DIR, Result, append_csv, format_extras, read_csv, scratch_dir
 
 # GFLOP per image, counted with FlopCounterMode on the full-size models (``--count-flops``):
 # SAM ViT-B student's CLIP path (backbone + CLIP head), forward and backward, per side; the
@@ -263,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shard_size = max(8, args.images // 8)  # 8 shards: up to 8 workers each read their own
     if max(workers) > args.images // shard_size:
         p.error(f"--workers {max(workers)}: the D_CLIP written has {args.images // shard_size} shards")
-    root = args.data or tempfile.mkdtemp(prefix="fastsamclip-bench-data-")
+    root = args.data or scratch_dir("fastsamclip-bench-data-")
     spec, sam_dir = write_data(root, args.images, args.sam_images, shard_size, q)
     out_csv = args.out or os.path.join(RESULTS_DIR, "data.csv")
     rows: List[Result] = []
@@ -334,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(format_extras(rows, [("img/s", "img_s"), ("workers", "workers"), ("wait %", "wait_pct"),
                                ("step ms 224", "step_ms_224"), ("step ms 448", "step_ms_448")]))
-    print(f"appended {len(rows)} rows to {path}; data in {root}")
+    print(f"appended {len(rows)} rows to {path}" + (f"; data in {root}" if args.data else ""))
     return 0
 
 

@@ -40,7 +40,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -54,7 +53,8 @@ from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_fr
 from fastsamclip.predictor import SAMCLIPPredictor
 from fastsamclip.transforms import clip_pixels
 
-from .harness import LABELS, Result, append_csv, format_extras, format_table, full_size_device, percentile, sync
+from .harness import (LABELS, Result, append_csv, format_extras, format_table, full_size_device, percentile,
+                      scratch_dir, sync)
 
 IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "coins", "clock")
 
@@ -244,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   crop_n_layers=args.crop_n_layers)
     labels = LABELS[: args.labels]
 
-    tmp = tempfile.mkdtemp(prefix="fastsamclip-everything-")
+    tmp = scratch_dir("fastsamclip-everything-")
     sam, clip, predictor = build(args, device, tmp)
     images = list(samples.load_sample_images(IMAGES[:n_images], max_side=args.max_side).values())
     text = predictor.text_embeddings(labels)  # the teacher's text tower and templates, for both sides

@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import List, Optional
 
@@ -40,7 +39,7 @@ from fastsamclip.data import samples
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher, samclip_from_teachers
 from fastsamclip.predictor import SAMCLIPPredictor
 
-from .harness import LABELS, Result, append_csv, environment, format_table, percentile, sync, time_calls
+from .harness import LABELS, Result, append_csv, environment, format_table, percentile, scratch_dir, sync, time_calls
 
 
 def make_random_checkpoint(folder: str, sam_type: str = "vit_b", clip_model: str = "ViT-L-14") -> str:
@@ -139,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.ttfr_child:
         child_first_result(args)
         return 0
-    tmp = tempfile.mkdtemp(prefix="fastsamclip-bench-")
+    tmp = scratch_dir("fastsamclip-bench-")
     if args.quick:
         args.iters, args.warmup = min(args.iters, 5), 1
         args.checkpoint = args.checkpoint or make_quick_checkpoint(tmp)

@@ -28,7 +28,6 @@ import io
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from typing import Dict, List, Optional
@@ -42,7 +41,7 @@ from fastsamclip.predictor import SAMCLIPPredictor
 from fastsamclip.serve import ServerProcess
 
 from .bench_inference import make_quick_checkpoint, make_random_checkpoint
-from .harness import Result, append_csv, format_table, full_size_device, percentile
+from .harness import Result, append_csv, format_table, full_size_device, percentile, scratch_dir
 
 IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "hubble_deep_field")
 
@@ -153,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 1 <= args.images <= len(IMAGES) or args.concurrency < 1 or args.requests < 1:
         p.error(f"--images must be 1..{len(IMAGES)}, --concurrency and --requests at least 1")
     device = full_size_device(p, args.device, args.quick)
-    tmp = tempfile.mkdtemp(prefix="fastsamclip-bench-serve-")
+    tmp = scratch_dir("fastsamclip-bench-serve-")
     if args.quick:
         args.requests, args.warmup, args.concurrency = min(args.requests, 32), 2, min(args.concurrency, 4)
         args.checkpoint = args.checkpoint or make_quick_checkpoint(tmp)

@@ -56,7 +56,6 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import types
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -76,7 +75,7 @@ from fastsamclip.predictor.engine import resolve_dtype
 
 from .e2e_semantic import semantic_rows
 from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras, format_table,
-                      full_size_device, measure_batches, nbytes, percentile, pyplot, read_csv, sync)
+                      full_size_device, measure_batches, nbytes, percentile, pyplot, read_csv, scratch_dir, sync)
 from .report import markdown, pool_of, run_rows
 
 WORKLOADS = ("both", "sam", "clip")
@@ -495,7 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_csv = args.out or os.path.join(RESULTS_DIR, "e2e.csv")
     before = earlier_rows(args.compare, out_csv) if args.compare else None  # read before this run appends
 
-    tmp = tempfile.mkdtemp(prefix="fastsamclip-e2e-")
+    tmp = scratch_dir("fastsamclip-e2e-")
     models = build_models(args, device, tmp)
     g = torch.Generator(device="cpu").manual_seed(0)
     # Random pixels 0-255 at SAM's native size; every row of a batch size sees the same images.

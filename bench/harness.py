@@ -12,13 +12,16 @@ inputs are random, never zeros.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import datetime as _dt
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +34,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.environ.get("FASTSAMCLIP_RESULTS_DIR") or (
     os.path.join(_HERE, "results") if os.path.isfile(os.path.join(_HERE, "..", "setup.py"))
     else os.path.join(os.getcwd(), "fastsamclip-results"))
+
+
+def scratch_dir(prefix: str) -> str:
+    """A temporary folder for a benchmark's checkpoints and data, removed when the process exits
+    (a benchmark called in-process, by ``bench all`` or a test, leaves nothing behind either)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 # The 20 class names of the semantic workloads (e2e, inference): everyday things, COCO-like.
