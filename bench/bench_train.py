@@ -34,23 +34,22 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from fastsamclip import logs
 from fastsamclip.data import MultiResolutionConfig, samples
 from fastsamclip.kernels import OPS, use_backend
 from fastsamclip.modeling import load_clip_teacher, load_sam_teacher
 from fastsamclip.train import Distiller, TrainConfig
 from fastsamclip.transforms import clip_pixels
 
-from .harness import (RESULTS_DIR, Result, append_csv, compare, earlier_rows, environment, format_extras,
+from .harness import (RESULTS_DIR, Result, append_csv, compare, scratch_dir, earlier_rows, environment, format_extras,
                       format_table, full_size_device, percentile, plot_csv, time_calls)
 
 CONFIGS = ("plain", "fused", "fused-compile")
@@ -223,6 +222,7 @@ def _ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+@logs.quiet()  # backend fallbacks are in the rows
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny teachers on the CPU, few steps")
@@ -269,8 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_csv = args.out or os.path.join(RESULTS_DIR, "train.csv")
     before = earlier_rows(args.compare, out_csv) if args.compare else None
 
-    logging.getLogger("fastsamclip").setLevel(logging.ERROR)  # backend fallbacks are in the rows
-    tmp = tempfile.mkdtemp(prefix="fastsamclip-bench-train-")
+    tmp = scratch_dir("fastsamclip-bench-train-")
     teachers = load_teachers(args, tmp)
     if q:  # the tiny CLIP is a local folder: the config names it as the trainer would
         args.clip_model = "local-dir:" + os.path.join(tmp, "clip")

@@ -14,7 +14,6 @@ and ``--merge-only``: the whole merge path on small random teachers, on the CPU 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastsamclip import logs
 from fastsamclip.checkpoint import load_merged, save_merged
 from fastsamclip.data import samples
 from fastsamclip.draw import draw_overlay
@@ -175,6 +175,7 @@ def check_demo_out(out_dir: str, overwrite: bool) -> None:
                           "--overwrite to run the demo again there, or choose another --out")
 
 
+@logs.quiet()  # the table is the output; warnings would bury it
 def run_distill_demo(out_dir: Optional[str] = None, quiet: bool = False, overwrite: bool = False,
                      recipe: Recipe = Recipe(), world: Optional[dict] = None, limits: Limits = DEMO_LIMITS) -> dict:
     """The paper's recipe on the teachers shipped with the package (trained on the miniature
@@ -185,7 +186,6 @@ def run_distill_demo(out_dir: Optional[str] = None, quiet: bool = False, overwri
     out_dir = out_dir or os.path.join(os.getcwd(), "fastsamclip-demo")
     check_demo_out(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    logging.getLogger("fastsamclip").setLevel(logging.ERROR)  # the table is the output; warnings would bury it
     t0 = time.perf_counter()
     teachers = shipped_paths()
     sizes = world or DEMO_WORLD

@@ -98,3 +98,17 @@ def showing(name: str, level: int = logging.INFO) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def quiet(name: str = PACKAGE, level: int = logging.ERROR) -> Iterator[None]:
+    """Logger ``name``'s messages only from ``level`` within the block (or the decorated function:
+    where the output is itself the report, a table or benchmark rows), and what it showed before
+    afterwards, so a caller in the same process (a test, ``bench all``) keeps its own logging."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

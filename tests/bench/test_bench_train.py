@@ -1,6 +1,8 @@
 """CPU run of the training-step benchmark: a row per stage case and configuration, the backends
 each configuration really runs, first-step losses equal to plain torch's, and --compare."""
 
+import logging
+
 import pytest
 
 from fastsamclip.bench import bench_train
@@ -10,7 +12,10 @@ from fastsamclip.bench.harness import parse_extra, read_csv
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "train.csv"
+    package = logging.getLogger("fastsamclip")
+    level = package.level
     assert bench_train.main(["--quick", "--out", str(out)]) == 0
+    assert package.level == level  # quiet while it ran, the caller's logging as it was afterwards
     return out, read_csv(str(out))
 
 

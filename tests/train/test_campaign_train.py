@@ -102,9 +102,9 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_newest_intact_one(killed, t
     last.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(4096)}[damage])
     with caplog.at_level(logging.WARNING, logger="fastsamclip.train"):
         path, state = find_checkpoint(str(folder))
-    assert (state["stage"], state["step"]) == (2, 1) and os.path.basename(path) == "stage2.pt"  # the newest
-    os.remove(folder / "stage2.pt")
-    path, state = find_checkpoint(str(folder))
+        assert (state["stage"], state["step"]) == (2, 1) and os.path.basename(path) == "stage2.pt"  # the newest
+        os.remove(folder / "stage2.pt")
+        path, state = find_checkpoint(str(folder))
     assert (state["stage"], state["step"]) == (1, 1) and os.path.basename(path) in ("previous.pt", "stage1.pt")
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "last.pt" in said and os.path.basename(path) in said and "newest intact" in said
