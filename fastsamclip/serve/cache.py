@@ -2,8 +2,8 @@
 asked of it afterwards (the page's hovers, clicks, boxes, "everything", the semantic map).
 
 ``POST /v1/image`` runs the pass and keeps it under the image's id (the sha256 of its bytes); a
-later ``segment``, ``everything`` or composed ``semantic`` request that names ``image_id``
-instead of sending ``image`` runs only its head on it. Each worker holds the last ``size``
+later ``segment``, ``everything``, ``concepts`` or composed ``semantic`` request that names
+``image_id`` instead of sending ``image`` runs only its head on it. Each worker holds the last ``size``
 passes in memory (least recently used out first). With several workers (``--workers-per-device``,
 ``--devices``) a request may reach any of them, so each pass is also written to a folder the
 workers share (``shared``: created and removed by the server's main process, in ``/dev/shm``
